@@ -1,0 +1,1 @@
+"""One module per architecture, each with a training and an inference SAE."""

@@ -1,0 +1,317 @@
+"""What the three batch-level architectures share.
+
+Training SAEs build on SAELens's ``TopKTrainingSAE`` (decoder-norm rescaling, the aux-k
+loss, norm folding on export) and differ only in :meth:`BatchLevelTrainingSAE.select`.
+Inference SAEs are ``JumpReLUSAE``s (per-token ``encode`` with a per-feature
+``threshold``) that also offer the architecture's batch rule as :meth:`encode_batch`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.sae import TrainingSAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopKTrainingSAE
+from typing_extensions import override
+
+from sae_lens_sampled.thresholds import (
+    update_firing_rate,
+    update_global_threshold,
+    update_per_feature_threshold,
+)
+
+AuxLoss = Literal["aux_k", "aux_zipf", "none"]
+ThresholdMode = Literal["global", "per_feature"]
+
+AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
+THRESHOLD_MODES: tuple[str, ...] = ("global", "per_feature")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_range(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raise a ValueError naming ``name``, ``value`` and the allowed range."""
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high or value != value:  # value != value catches NaN
+        left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low}"
+        right = "inf)" if high is None else f"{high}" + ("]" if high_inclusive else ")")
+        raise ValueError(f"{name} must be in {left}, {right}, got {value!r}")
+
+
+def apply_to_last_dim(
+    rule: Callable[[torch.Tensor], torch.Tensor], acts: torch.Tensor
+) -> torch.Tensor:
+    """Run a ``[n, d_sae]`` rule on ``[..., d_sae]`` input, pooling all leading dims."""
+    return rule(acts.reshape(-1, acts.shape[-1])).reshape(acts.shape)
+
+
+@dataclass
+class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
+    """Fields shared by the plugin's training configs (see each subclass).
+
+    Args:
+        k (float): Mean number of active features per token; a batch of B tokens keeps
+            ``round(k * B)`` entries. Must be in (0, d_sae].
+        aux_loss (str): Auxiliary loss: ``"aux_k"`` (SAELens's aux-k loss on dead
+            features), ``"aux_zipf"`` (aux-k on underutilised features) or ``"none"``.
+        aux_loss_coefficient (float): Weight of the auxiliary loss (SAELens's name).
+        rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``, as
+            SAELens's TopK family does; folded into the weights on export.
+        topk_threshold_lr (float): EMA rate of the inference thresholds, in (0, 1]
+            (SAELens BatchTopK's name).
+        threshold_mode (str): ``"global"`` (one threshold shared by all features,
+            BatchTopK's convention) or ``"per_feature"``.
+        zipf_alpha (float): Exponent (> 0) of the Zipf law of target firing rates by
+            usage rank, ``p_r ~ r ** -zipf_alpha`` (used by ``aux_zipf`` and by
+            feature_choice's Zipf capacities).
+        zipf_tau (float): ``aux_zipf`` counts a feature as underutilised when its
+            firing rate is below ``zipf_tau`` times its Zipf target (>= 0; 0 leaves
+            only the dead features).
+        zipf_ema_tokens (int): Horizon, in tokens (> 0), of the per-feature firing-rate
+            EMA; until that many tokens are seen it is the plain running mean.
+    """
+
+    k: float = 100
+    aux_loss: AuxLoss = "aux_k"
+    aux_loss_coefficient: float = 1.0
+    rescale_acts_by_decoder_norm: bool = True
+    topk_threshold_lr: float = 0.01
+    threshold_mode: ThresholdMode = "per_feature"
+    zipf_alpha: float = 1.0
+    zipf_tau: float = 0.1
+    zipf_ema_tokens: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise a ValueError naming the field and allowed range."""
+        check_range("d_in", self.d_in, low=1)
+        check_range("d_sae", self.d_sae, low=1)
+        check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
+        check_choice("aux_loss", self.aux_loss, AUX_LOSSES)
+        check_range("aux_loss_coefficient", self.aux_loss_coefficient, low=0)
+        check_range(
+            "topk_threshold_lr",
+            self.topk_threshold_lr,
+            low=0,
+            high=1,
+            low_inclusive=False,
+        )
+        check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        check_range("zipf_alpha", self.zipf_alpha, low=0, low_inclusive=False)
+        check_range("zipf_tau", self.zipf_tau, low=0)
+        check_range("zipf_ema_tokens", self.zipf_ema_tokens, low=1)
+
+
+class BatchLevelTrainingSAE(TopKTrainingSAE):
+    """Training SAE whose activation is a batch-level selection rule.
+
+    In training mode, ``encode`` applies :meth:`select` over every token it is given.
+    In eval mode (SAELens evals, ``sae.eval()``), ``encode`` applies the learned
+    per-token thresholds, i.e. what the saved inference SAE will do; use
+    :meth:`encode_batch` for the batch rule in any mode. State is updated only in
+    :meth:`training_forward_pass`, never in ``encode``.
+    """
+
+    cfg: BatchLevelTrainingSAEConfig  # type: ignore[assignment]
+    running_threshold: torch.Tensor
+    firing_rate: torch.Tensor
+    n_tokens_seen: torch.Tensor
+
+    # Training-only buffers, dropped from the inference state dict.
+    training_buffers: tuple[str, ...] = ("firing_rate", "n_tokens_seen")
+
+    def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
+        # float64: the EMA moves by small steps that float32 would lose. A global
+        # threshold starts at 0 (BatchTopK's convention); per-feature ones at inf, so a
+        # feature that was never selected never fires at inference.
+        initial = 0.0 if cfg.threshold_mode == "global" else torch.inf
+        self.register_buffer(
+            "running_threshold",
+            torch.full(
+                (cfg.d_sae,), initial, dtype=torch.float64, device=self.W_dec.device
+            ),
+        )
+        # Fraction of tokens on which each feature is selected (EMA over
+        # zipf_ema_tokens tokens), and the token count that de-biases its warm-up.
+        device = self.W_dec.device
+        self.register_buffer(
+            "firing_rate", torch.zeros(cfg.d_sae, dtype=torch.float64, device=device)
+        )
+        self.register_buffer(
+            "n_tokens_seen", torch.zeros((), dtype=torch.float64, device=device)
+        )
+
+    @abstractmethod
+    def select(self, acts: torch.Tensor) -> torch.Tensor:
+        """The batch rule on post-ReLU activations ``[n_tokens, d_sae]``."""
+
+    @override
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda hidden_pre: apply_to_last_dim(self.select, hidden_pre.relu())
+
+    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations in the units the selection and thresholds use."""
+        sae_in = self.process_sae_in(x)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+        return hidden_pre
+
+    def threshold_acts(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        """Per-token JumpReLU rule with the learned thresholds (inference encode)."""
+        threshold = self.running_threshold.to(hidden_pre.dtype)
+        return hidden_pre.relu() * (hidden_pre > threshold)
+
+    @override
+    def encode_with_hidden_pre(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_pre = self.hidden_pre(x)
+        if self.training:
+            feature_acts = self.activation_fn(hidden_pre)
+        else:
+            feature_acts = self.threshold_acts(hidden_pre)
+        return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch rule over every token of ``x`` (any leading shape), in any mode."""
+        return self.hook_sae_acts_post(self.activation_fn(self.hidden_pre(x)))
+
+    @torch.no_grad()
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        self.running_threshold.copy_(thresholds.to(self.running_threshold))
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if self.cfg.aux_loss == "none":
+            return {}
+        if self.cfg.aux_loss == "aux_zipf":
+            raise NotImplementedError("aux_loss='aux_zipf' is not available yet")
+        return super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        self.update_state(output.feature_acts)
+        threshold = self.running_threshold
+        output.metrics["threshold_mean"] = lambda: threshold[
+            threshold.isfinite()
+        ].mean()
+        return output
+
+    @torch.no_grad()
+    def update_state(self, feature_acts: torch.Tensor) -> None:
+        """Update thresholds and firing rates (and subclass state) from a batch's codes."""
+        feature_acts = feature_acts.detach().flatten(end_dim=-2)
+        # autocast would run the EMAs in low precision
+        with torch.autocast(self.W_dec.device.type, enabled=False):
+            self.n_tokens_seen += feature_acts.shape[0]
+            self.firing_rate.copy_(
+                update_firing_rate(
+                    self.firing_rate,
+                    feature_acts,
+                    self.n_tokens_seen,
+                    self.cfg.zipf_ema_tokens,
+                )
+            )
+            update = (
+                update_global_threshold
+                if self.cfg.threshold_mode == "global"
+                else update_per_feature_threshold
+            )
+            self.running_threshold.copy_(
+                update(self.running_threshold, feature_acts, self.cfg.topk_threshold_lr)
+            )
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # Thresholds are in units of hidden_pre * ||W_dec||, and the fold just
+            # divided W_dec by the scaling factor.
+            self.running_threshold /= scaling_factor
+
+    @override
+    def process_state_dict_for_saving_inference(
+        self, state_dict: dict[str, Any]
+    ) -> None:
+        # TopK's version folds the decoder norms into W_enc and b_enc, which puts the
+        # inference hidden_pre in the units the thresholds were learned in.
+        super().process_state_dict_for_saving_inference(state_dict)
+        for name in self.training_buffers:
+            state_dict.pop(name)
+        state_dict["threshold"] = state_dict.pop("running_threshold").to(
+            state_dict["b_enc"].dtype
+        )
+
+
+@dataclass
+class BatchLevelSAEConfig(JumpReLUSAEConfig):
+    """Fields shared by the plugin's inference configs.
+
+    Args:
+        k (float): Mean active features per token of the batch rule (``encode_batch``).
+    """
+
+    k: float = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
+
+
+class BatchLevelSAE(JumpReLUSAE):
+    """Inference SAE: per-token JumpReLU ``encode`` plus the batch rule.
+
+    ``encode`` is a plain SAELens JumpReLU encode with the per-feature ``threshold``
+    learned during training, so any token is encoded alone, for any leading shape.
+    ``encode_batch`` applies the architecture's training rule over all tokens given.
+    """
+
+    cfg: BatchLevelSAEConfig  # type: ignore[assignment]
+
+    @abstractmethod
+    def select(self, acts: torch.Tensor) -> torch.Tensor:
+        """The batch rule on post-ReLU activations ``[n_tokens, d_sae]``."""
+
+    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations, in the units of ``threshold``."""
+        sae_in = self.process_sae_in(x)
+        return self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+
+    def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch rule over every token of ``x`` (any leading shape)."""
+        acts = apply_to_last_dim(self.select, self.hidden_pre(x).relu())
+        return self.hook_sae_acts_post(acts)
+
+    @torch.no_grad()
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        self.threshold.data.copy_(thresholds.to(self.threshold))

@@ -1,0 +1,92 @@
+"""Mutual Choice SAE (Ayonrinde, arXiv 2411.02124): unrestricted batch allocation.
+
+The batch keeps its ``round(k * B)`` largest activations over the whole token x feature
+matrix, which is SAELens's BatchTopK selection. What this architecture adds: its own
+registry key, the ``aux_zipf`` loss, a choice of global or per-feature inference
+thresholds, and a per-token inference SAE that also offers the batch rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from typing_extensions import override
+
+from sae_lens_sampled.saes.base import (
+    BatchLevelSAE,
+    BatchLevelSAEConfig,
+    BatchLevelTrainingSAE,
+    BatchLevelTrainingSAEConfig,
+    ThresholdMode,
+)
+from sae_lens_sampled.selection import batch_budget, batch_topk
+
+ARCHITECTURE = "mutual_choice"
+
+
+def mutual_choice_select(acts: torch.Tensor, k: float) -> torch.Tensor:
+    """Keep the ``round(k * n_tokens)`` largest entries of ``acts`` ``[n, d_sae]``."""
+    return batch_topk(acts, batch_budget(k, acts.shape[0]))
+
+
+@dataclass
+class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
+    """Configuration for training a Mutual Choice SAE.
+
+    Args:
+        k (float): Mean active features per token; a batch of B tokens keeps its
+            ``round(k * B)`` largest activations (SAELens BatchTopK truncates
+            ``k * B`` instead; they agree whenever ``k * B`` is whole).
+        threshold_mode (str): Inference threshold: ``"global"`` (default; one EMA of
+            the batch's smallest selected activation, BatchTopK's convention) or
+            ``"per_feature"`` (an EMA per feature).
+        aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``.
+        aux_loss_coefficient (float): Weight of the auxiliary loss.
+        rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``.
+        topk_threshold_lr (float): EMA rate of the thresholds, in (0, 1].
+        decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
+        d_in (int): Input dimension.
+        d_sae (int): Number of features.
+    """
+
+    threshold_mode: ThresholdMode = "global"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+
+class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
+    """Mutual Choice training SAE: global top-``k * B`` over the batch."""
+
+    cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def select(self, acts: torch.Tensor) -> torch.Tensor:
+        return mutual_choice_select(acts, self.cfg.k)
+
+
+@dataclass
+class MutualChoiceSAEConfig(BatchLevelSAEConfig):
+    """Configuration for a Mutual Choice inference SAE.
+
+    Args:
+        k (float): Mean active features per token of ``encode_batch``.
+    """
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+
+class MutualChoiceSAE(BatchLevelSAE):
+    """Mutual Choice inference SAE: per-token thresholds; ``encode_batch`` for the rule."""
+
+    cfg: MutualChoiceSAEConfig  # type: ignore[assignment]
+
+    @override
+    def select(self, acts: torch.Tensor) -> torch.Tensor:
+        return mutual_choice_select(acts, self.cfg.k)
