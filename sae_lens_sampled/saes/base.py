@@ -15,10 +15,23 @@ from typing import Any, Literal
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import TrainingSAEConfig, TrainStepInput, TrainStepOutput
-from sae_lens.saes.topk_sae import TopKTrainingSAE
+from sae_lens.saes.sae import (
+    TrainCoefficientConfig,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec
 from typing_extensions import override
 
+from sae_lens_sampled.losses import (
+    aux_k_budget,
+    aux_k_scale,
+    dead_by_rate,
+    fit_zipf_exponent,
+    masked_topk_aux_acts,
+    underutilised_mask,
+)
 from sae_lens_sampled.thresholds import (
     update_firing_rate,
     update_global_threshold,
@@ -72,6 +85,9 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
         aux_loss (str): Auxiliary loss: ``"aux_k"`` (SAELens's aux-k loss on dead
             features), ``"aux_zipf"`` (aux-k on underutilised features) or ``"none"``.
         aux_loss_coefficient (float): Weight of the auxiliary loss (SAELens's name).
+        aux_loss_warm_up_steps (int): Steps (>= 0) over which SAELens's trainer ramps
+            the auxiliary-loss weight linearly from 0 to ``aux_loss_coefficient``
+            (0: full weight from the first step, exactly as SAELens's aux-k loss).
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``, as
             SAELens's TopK family does; folded into the weights on export.
         topk_threshold_lr (float): EMA rate of the inference thresholds, in (0, 1]
@@ -91,6 +107,7 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     k: float = 100
     aux_loss: AuxLoss = "aux_k"
     aux_loss_coefficient: float = 1.0
+    aux_loss_warm_up_steps: int = 0
     rescale_acts_by_decoder_norm: bool = True
     topk_threshold_lr: float = 0.01
     threshold_mode: ThresholdMode = "per_feature"
@@ -109,6 +126,7 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
         check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
         check_choice("aux_loss", self.aux_loss, AUX_LOSSES)
         check_range("aux_loss_coefficient", self.aux_loss_coefficient, low=0)
+        check_range("aux_loss_warm_up_steps", self.aux_loss_warm_up_steps, low=0)
         check_range(
             "topk_threshold_lr",
             self.topk_threshold_lr,
@@ -203,6 +221,35 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         self.running_threshold.copy_(thresholds.to(self.running_threshold))
 
     @override
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        # `.to(dtype)` (which SAELens's load_from_disk ends with) would cast the
+        # float64 EMA buffers down; let them follow device moves but keep float64.
+        float64_buffers = {
+            name: buffer
+            for name, buffer in self._buffers.items()
+            if buffer is not None and buffer.dtype == torch.float64
+        }
+        result = super()._apply(fn, recurse)
+        for name, original in float64_buffers.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != torch.float64:
+                self._buffers[name] = original.to(moved.device)
+        return result
+
+    @override
+    def get_coefficients(self) -> dict[str, TrainCoefficientConfig | float]:
+        # SAELens's trainer schedules each entry and hands the current value back in
+        # step_input.coefficients (and logs it as details/aux_loss_coefficient_coefficient).
+        if self.cfg.aux_loss == "none":
+            return {}
+        return {
+            "aux_loss_coefficient": TrainCoefficientConfig(
+                value=self.cfg.aux_loss_coefficient,
+                warm_up_steps=self.cfg.aux_loss_warm_up_steps,
+            )
+        }
+
+    @override
     def calculate_aux_loss(
         self,
         step_input: TrainStepInput,
@@ -212,9 +259,84 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     ) -> dict[str, torch.Tensor]:
         if self.cfg.aux_loss == "none":
             return {}
+        # The trainer passes the scheduled weight; direct callers may pass none.
+        coefficient = step_input.coefficients.get(
+            "aux_loss_coefficient", self.cfg.aux_loss_coefficient
+        )
         if self.cfg.aux_loss == "aux_zipf":
-            raise NotImplementedError("aux_loss='aux_zipf' is not available yet")
-        return super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
+            loss = self.calculate_masked_aux_loss(
+                sae_in=step_input.sae_in,
+                sae_out=sae_out,
+                hidden_pre=hidden_pre,
+                mask=self.underutilised(step_input.dead_neuron_mask),
+                coefficient=coefficient,
+            )
+        else:
+            # SAELens's own aux-k loss, weighted by the configured value; swap in the
+            # scheduled one (nothing changes without warm-up, so it stays SAELens's).
+            loss = self.calculate_topk_aux_loss(
+                sae_in=step_input.sae_in,
+                sae_out=sae_out,
+                hidden_pre=hidden_pre,
+                dead_neuron_mask=step_input.dead_neuron_mask,
+            )
+            configured = self.cfg.aux_loss_coefficient
+            if coefficient != configured and configured > 0:
+                loss = loss * (coefficient / configured)
+        return {"auxiliary_reconstruction_loss": loss}
+
+    @torch.no_grad()
+    def underutilised(
+        self, dead_neuron_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """aux_zipf's set: features firing below ``zipf_tau`` times their Zipf target.
+
+        Targets follow the features' current usage ranks in ``firing_rate``; the
+        trainer's ``dead_neuron_mask``, if given, is joined in.
+        """
+        return underutilised_mask(
+            self.firing_rate,
+            self.cfg.k,
+            self.cfg.zipf_alpha,
+            self.cfg.zipf_tau,
+            dead_neuron_mask,
+        )
+
+    def calculate_masked_aux_loss(
+        self,
+        sae_in: torch.Tensor,
+        sae_out: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        mask: torch.Tensor,
+        coefficient: float,
+    ) -> torch.Tensor:
+        """SAELens's aux-k loss with ``mask`` in place of the dead set, without a sync.
+
+        Per token, the top ``d_in // 2`` pre-activations among ``mask`` reconstruct
+        the detached residual through ``W_dec`` (no ``b_dec``), scaled by
+        ``min(|mask| / (d_in // 2), 1)``; equal to ``calculate_topk_aux_loss`` with
+        ``dead_neuron_mask=mask`` when ``coefficient`` is the configured one. The
+        size of ``mask`` stays on the device: the top-k has a fixed size and picks
+        outside the mask are zeroed, and an empty mask gives a loss of 0.
+        """
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise ValueError(
+                "aux_zipf does not support normalize_activations="
+                f"{self.cfg.normalize_activations!r} (as SAELens's aux-k loss: the "
+                "reconstruction would be in normalized space, the residual is not)"
+            )
+        residual = (sae_in - sae_out).detach()
+        d_in = sae_in.shape[-1]
+        aux_acts = masked_topk_aux_acts(
+            hidden_pre, mask, aux_k_budget(d_in, hidden_pre.shape[-1])
+        )
+        recons = act_times_W_dec(
+            aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
+        )
+        recons = self.reshape_fn_out(recons, self.d_head)
+        aux_loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
+        return coefficient * scale * aux_loss
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
@@ -224,6 +346,17 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         output.metrics["threshold_mean"] = lambda: threshold[
             threshold.isfinite()
         ].mean()
+        # Callables: SAELens evaluates them on logging steps only, so other steps
+        # never sync. They read the state as updated by this batch.
+        firing_rate, n_tokens_seen = self.firing_rate, self.n_tokens_seen
+        dead_mask = step_input.dead_neuron_mask
+        output.metrics["underutilised_features"] = lambda: self.underutilised(
+            dead_mask
+        ).sum()
+        output.metrics["zipf_exponent"] = lambda: fit_zipf_exponent(firing_rate)
+        output.metrics["dead_features_by_rate"] = lambda: dead_by_rate(
+            firing_rate, n_tokens_seen, self.cfg.zipf_ema_tokens
+        ).sum()
         return output
 
     @torch.no_grad()
@@ -263,14 +396,49 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def process_state_dict_for_saving_inference(
         self, state_dict: dict[str, Any]
     ) -> None:
+        threshold = state_dict.pop("running_threshold")
+        for name in self.training_buffers:
+            state_dict.pop(name)
         # TopK's version folds the decoder norms into W_enc and b_enc, which puts the
         # inference hidden_pre in the units the thresholds were learned in.
         super().process_state_dict_for_saving_inference(state_dict)
-        for name in self.training_buffers:
-            state_dict.pop(name)
-        state_dict["threshold"] = state_dict.pop("running_threshold").to(
-            state_dict["b_enc"].dtype
-        )
+        state_dict["threshold"] = threshold.to(state_dict["b_enc"].dtype)
+
+    def _exact_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers that SAELens's loader would cast to the cfg dtype (losing bits)."""
+        return {
+            name: buffer
+            for name, buffer in self.named_buffers()
+            if buffer.dtype in (torch.float64, torch.int64)
+        }
+
+    @override
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving(state_dict)
+        # SAELens's loader casts every saved tensor to the cfg dtype. Bytes (0..255)
+        # survive a cast to any float dtype, bfloat16 included, so float64 EMAs and
+        # int64 counters are saved as their raw bytes and restored bit-exactly.
+        for name in self._exact_buffers():
+            if name in state_dict:
+                state_dict[name] = buffer_to_bytes(state_dict[name])
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)
+        for name, buffer in self._exact_buffers().items():
+            saved = state_dict.get(name)
+            if saved is not None and saved.shape != buffer.shape:
+                state_dict[name] = buffer_from_bytes(saved, buffer)
+
+
+def buffer_to_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of ``tensor`` as a flat uint8 tensor."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def buffer_from_bytes(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`buffer_to_bytes` (after any float cast) into ``like``'s dtype/shape."""
+    return saved.to(torch.uint8).view(like.dtype).reshape(like.shape)
 
 
 @dataclass
