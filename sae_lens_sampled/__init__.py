@@ -7,6 +7,12 @@ the training CLI exactly like SAELens's built-ins. Registration is idempotent.
 """
 
 from sae_lens_sampled._registry import register_architecture
+from sae_lens_sampled.saes.feature_choice_sae import (
+    FeatureChoiceSAE,
+    FeatureChoiceSAEConfig,
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+)
 from sae_lens_sampled.saes.mutual_choice_sae import (
     MutualChoiceSAE,
     MutualChoiceSAEConfig,
@@ -31,6 +37,13 @@ register_architecture(
     SampledTrainingSAEConfig,
 )
 register_architecture(
+    "feature_choice",
+    FeatureChoiceSAE,
+    FeatureChoiceSAEConfig,
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+)
+register_architecture(
     "mutual_choice",
     MutualChoiceSAE,
     MutualChoiceSAEConfig,
@@ -39,6 +52,10 @@ register_architecture(
 )
 
 __all__ = [
+    "FeatureChoiceSAE",
+    "FeatureChoiceSAEConfig",
+    "FeatureChoiceTrainingSAE",
+    "FeatureChoiceTrainingSAEConfig",
     "MutualChoiceSAE",
     "MutualChoiceSAEConfig",
     "MutualChoiceTrainingSAE",

@@ -6,8 +6,6 @@ Inference SAEs are ``JumpReLUSAE``s (per-token ``encode`` with a per-feature
 ``threshold``) that also offer the architecture's batch rule as :meth:`encode_batch`.
 """
 
-from __future__ import annotations
-
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +29,13 @@ from sae_lens_sampled.losses import (
     fit_zipf_exponent,
     masked_topk_aux_acts,
     underutilised_mask,
+)
+from sae_lens_sampled.sparse import (
+    SparseCodes,
+    attach_values,
+    column_stats,
+    gather_linear,
+    sparse_decode,
 )
 from sae_lens_sampled.thresholds import (
     update_firing_rate,
@@ -68,11 +73,46 @@ def check_range(
         raise ValueError(f"{name} must be in {left}, {right}, got {value!r}")
 
 
+def check_input_width(x: torch.Tensor, cfg: Any) -> None:
+    """Raise a ValueError unless ``x`` ends in ``cfg.d_in`` features.
+
+    With ``reshape_activations="hook_z"`` the input may also end in
+    ``[n_heads, d_head]`` with ``n_heads * d_head == d_in``.
+    """
+    if x.ndim >= 1 and x.shape[-1] == cfg.d_in:
+        return
+    hook_z = getattr(cfg, "reshape_activations", "none") == "hook_z"
+    if hook_z and x.ndim >= 2 and x.shape[-1] * x.shape[-2] == cfg.d_in:
+        return
+    raise ValueError(
+        f"expected activations of width d_in={cfg.d_in} in the last dimension, "
+        f"got a tensor of shape {tuple(x.shape)}"
+    )
+
+
+def check_finite(x: torch.Tensor) -> None:
+    """Raise a ValueError if ``x`` holds NaN or Inf (one device sync)."""
+    if not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"training batch contains non-finite activations ({n_nan} NaN, {n_inf} "
+            f"Inf, shape {tuple(x.shape)}); nothing was updated"
+        )
+
+
 def apply_to_last_dim(
     rule: Callable[[torch.Tensor], torch.Tensor], acts: torch.Tensor
 ) -> torch.Tensor:
     """Run a ``[n, d_sae]`` rule on ``[..., d_sae]`` input, pooling all leading dims."""
     return rule(acts.reshape(-1, acts.shape[-1])).reshape(acts.shape)
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether a hook point has hooks (which may edit what passes through it)."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+    )
 
 
 @dataclass
@@ -102,6 +142,9 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             only the dead features).
         zipf_ema_tokens (int): Horizon, in tokens (> 0), of the per-feature firing-rate
             EMA; until that many tokens are seen it is the plain running mean.
+        check_finite_inputs (bool): Raise on NaN/Inf in a training batch before any
+            state is updated. Costs one device sync per step; turn off for maximum GPU
+            throughput once the data pipeline is trusted.
     """
 
     k: float = 100
@@ -114,6 +157,7 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     zipf_alpha: float = 1.0
     zipf_tau: float = 0.1
     zipf_ema_tokens: int = 1_000_000
+    check_finite_inputs: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,6 +182,18 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
         check_range("zipf_alpha", self.zipf_alpha, low=0, low_inclusive=False)
         check_range("zipf_tau", self.zipf_tau, low=0)
         check_range("zipf_ema_tokens", self.zipf_ema_tokens, low=1)
+        if self.aux_loss != "none" and self.normalize_activations in (
+            "constant_norm_rescale",
+            "layer_norm",
+        ):
+            # SAELens's aux-k loss raises on these at the first step with dead
+            # features, possibly thousands of steps in; say so now.
+            raise ValueError(
+                f"aux_loss={self.aux_loss!r} cannot be combined with "
+                f"normalize_activations={self.normalize_activations!r}: the auxiliary "
+                "reconstruction would be in normalized space; use aux_loss='none' or "
+                "normalize_activations in ('none', 'expected_average_only_in')"
+            )
 
 
 class BatchLevelTrainingSAE(TopKTrainingSAE):
@@ -190,6 +246,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations in the units the selection and thresholds use."""
+        check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
         if self.cfg.rescale_acts_by_decoder_norm:
@@ -205,12 +262,62 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def encode_with_hidden_pre(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and not _has_hooks(self.hook_sae_acts_pre):
+            return self._encode_sparse(x)
         hidden_pre = self.hidden_pre(x)
         if self.training:
             feature_acts = self.activation_fn(hidden_pre)
         else:
             feature_acts = self.threshold_acts(hidden_pre)
         return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    def _encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training encode whose codes carry their selected entries for :meth:`decode`.
+
+        Same values as the dense path; the selection is made without grad, and the
+        selected values get their gradient through :func:`gather_linear`, so neither
+        the loss nor its backward touches the ``[n, d_sae]`` matrix. ``hidden_pre``
+        stays dense and differentiable (aux losses read it).
+        """
+        check_input_width(x, self.cfg)
+        sae_in = self.process_sae_in(x)
+        # In place: same values as `sae_in @ W_enc + b_enc`, one [n, d_sae] fewer.
+        pre = self.hook_sae_acts_pre((sae_in @ self.W_enc).add_(self.b_enc))
+        hidden_pre = pre
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = pre * self.W_dec.norm(dim=-1)
+        with torch.no_grad():
+            selected = self.activation_fn(hidden_pre.detach())
+        codes = SparseCodes.from_dense(selected.flatten(end_dim=-2))
+        values = gather_linear(
+            pre.flatten(end_dim=-2),
+            sae_in.flatten(end_dim=-2),
+            self.W_enc,
+            self.b_enc,
+            codes,
+        )
+        if self.cfg.rescale_acts_by_decoder_norm:
+            values = values * self.W_dec.norm(dim=-1)[codes.cols]
+        values = values.relu()
+        feature_acts = attach_values(values, selected, codes)
+        # decode() takes the sparse path only for this very tensor, unmodified (a
+        # hook returning another tensor, or an in-place edit, gets the dense path).
+        feature_acts.sparse_codes = (codes, values, feature_acts._version)
+        return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        sparse = getattr(feature_acts, "sparse_codes", None)
+        if sparse is None or sparse[2] != feature_acts._version:
+            return super().decode(feature_acts)
+        codes, values, _ = sparse
+        if self.cfg.rescale_acts_by_decoder_norm:
+            values = values * (1 / self.W_dec.norm(dim=-1))[codes.cols]
+        sae_out_pre = sparse_decode(values, self.W_dec, codes) + self.b_dec
+        sae_out_pre = sae_out_pre.reshape(*feature_acts.shape[:-1], -1)
+        sae_out_pre = self.hook_sae_recons(sae_out_pre)
+        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
+        return self.reshape_fn_out(sae_out_pre, self.d_head)
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The batch rule over every token of ``x`` (any leading shape), in any mode."""
@@ -340,6 +447,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        check_input_width(step_input.sae_in, self.cfg)
+        if self.cfg.check_finite_inputs:
+            check_finite(step_input.sae_in)
         output = super().training_forward_pass(step_input)
         self.update_state(output.feature_acts)
         threshold = self.running_threshold
@@ -362,6 +472,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     @torch.no_grad()
     def update_state(self, feature_acts: torch.Tensor) -> None:
         """Update thresholds and firing rates (and subclass state) from a batch's codes."""
+        sparse = getattr(feature_acts, "sparse_codes", None)
+        if sparse is not None and sparse[2] == feature_acts._version:
+            self._update_state_sparse(*sparse[:2])
+            return
         feature_acts = feature_acts.detach().flatten(end_dim=-2)
         # autocast would run the EMAs in low precision
         with torch.autocast(self.W_dec.device.type, enabled=False):
@@ -381,6 +495,33 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             )
             self.running_threshold.copy_(
                 update(self.running_threshold, feature_acts, self.cfg.topk_threshold_lr)
+            )
+
+    def _update_state_sparse(self, codes: SparseCodes, values: torch.Tensor) -> None:
+        """:meth:`update_state` from the selected entries, in O(selected) not O(n d_sae).
+
+        Same results as the dense branch (a test compares the buffers): the firing-rate
+        step of ``update_firing_rate`` on the column counts, and the threshold update
+        on a one-row stand-in holding each feature's smallest positive selection,
+        which is all of the codes that ``smallest_selected`` reads.
+        """
+        counts, smallest = column_stats(codes, values)
+        n_tokens = codes.n_rows
+        with torch.autocast(self.W_dec.device.type, enabled=False):
+            self.n_tokens_seen += n_tokens
+            rate = counts.to(self.firing_rate.dtype) / n_tokens
+            weight = n_tokens / self.n_tokens_seen.clamp(
+                min=n_tokens, max=self.cfg.zipf_ema_tokens
+            )
+            self.firing_rate += weight.clamp(max=1.0) * (rate - self.firing_rate)
+            update = (
+                update_global_threshold
+                if self.cfg.threshold_mode == "global"
+                else update_per_feature_threshold
+            )
+            stand_in = torch.where(smallest.isfinite(), smallest, 0.0)[None]
+            self.running_threshold.copy_(
+                update(self.running_threshold, stand_in, self.cfg.topk_threshold_lr)
             )
 
     @override
@@ -470,15 +611,27 @@ class BatchLevelSAE(JumpReLUSAE):
     def select(self, acts: torch.Tensor) -> torch.Tensor:
         """The batch rule on post-ReLU activations ``[n_tokens, d_sae]``."""
 
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_width(x, self.cfg)
+        return super().encode(x)
+
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations, in the units of ``threshold``."""
+        check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
         return self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """The batch rule over every token of ``x`` (any leading shape)."""
-        acts = apply_to_last_dim(self.select, self.hidden_pre(x).relu())
-        return self.hook_sae_acts_post(acts)
+        """The batch rule over every token of ``x`` (any leading shape).
+
+        The rule ranks ``relu(hidden_pre) * ||W_dec||``, the units training selected
+        in (saved SAEs have unit decoder rows, where the two agree), so that
+        ``fold_W_dec_norm`` keeps the selection; the codes are JumpReLU's units.
+        """
+        acts = self.hidden_pre(x).relu()
+        ranked = apply_to_last_dim(self.select, acts * self.W_dec.norm(dim=-1))
+        return self.hook_sae_acts_post(acts * (ranked != 0))
 
     @torch.no_grad()
     def set_thresholds(self, thresholds: torch.Tensor) -> None:

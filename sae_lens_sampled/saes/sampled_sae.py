@@ -8,7 +8,6 @@ proportion to the score by default, or the best scores), and keeps the batch's
 ``k * pool_factor >= d_sae`` the rule is exactly BatchTopK.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ from sae_lens_sampled.selection import (
 ARCHITECTURE = "sampled"
 
 
-def validate_pool_fields(cfg: SampledTrainingSAEConfig | SampledSAEConfig) -> None:
+def validate_pool_fields(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
     check_range("pool_factor", cfg.pool_factor, low=1)
     check_choice("score", cfg.score, SCORES)
     check_choice("pool_mode", cfg.pool_mode, POOL_MODES)

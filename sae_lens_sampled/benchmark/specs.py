@@ -1,0 +1,168 @@
+"""Run specifications for ``compare``: which architectures, with which settings.
+
+A spec is an architecture key from SAELens's training registry plus config fields,
+written ``sampled:pool_factor=4,score=entropy``. In a comma-separated list, an item
+holding ``=`` but no ``:`` continues the previous spec's settings, so
+``topk,sampled:pool_factor=4,score=entropy,mutual_choice`` is three runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import TrainingSAEConfig
+
+import sae_lens_sampled  # noqa: F401  (registers the plugin architectures)
+
+
+@dataclass
+class RunSpec:
+    """One run of the comparison.
+
+    Args:
+        architecture (str): Key in SAELens's training registry (``topk``,
+            ``batchtopk``, ``sampled``, ``feature_choice``, ``mutual_choice``, ...).
+        params (dict[str, Any]): Training-config fields for this run, on top of the
+            shared ``d_in``, ``d_sae`` and ``k``.
+    """
+
+    architecture: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.architecture
+        settings = ",".join(f"{name}={value}" for name, value in self.params.items())
+        return f"{self.architecture}:{settings}"
+
+
+# The default set: SAELens's per-token and batch top-k, Sampled-SAE at a narrow and a
+# wide pool with L2 scores plus the entropy score, Feature Choice and Mutual Choice.
+DEFAULT_RUNS: tuple[RunSpec, ...] = (
+    RunSpec("topk"),
+    RunSpec("batchtopk"),
+    RunSpec("sampled", {"pool_factor": 4.0, "score": "l2"}),
+    RunSpec("sampled", {"pool_factor": 16.0, "score": "l2"}),
+    RunSpec("sampled", {"pool_factor": 16.0, "score": "entropy"}),
+    RunSpec("feature_choice"),
+    RunSpec("mutual_choice"),
+)
+
+# Architectures of the default set that may be missing from the registry (built by
+# the plugin separately); they are skipped with a note instead of failing.
+OPTIONAL_ARCHITECTURES: tuple[str, ...] = ("feature_choice",)
+
+
+def parse_value(text: str) -> Any:
+    """``"4"`` -> 4, ``"1.5"`` -> 1.5, ``"true"`` -> True, ``"none"`` -> None."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_run_specs(text: str) -> list[RunSpec]:
+    """Parse ``"topk,sampled:pool_factor=4,score=entropy"`` into run specs.
+
+    ``default`` expands to :data:`DEFAULT_RUNS`.
+    """
+    specs: list[RunSpec] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        head, sep, settings = item.partition(":")
+        if not sep and "=" in item:
+            if not specs:
+                raise ValueError(
+                    f"architectures: setting {item!r} comes before any architecture"
+                )
+            settings, head = item, ""
+            spec = specs[-1]
+        elif head == "default" and not sep:
+            specs.extend(RunSpec(s.architecture, dict(s.params)) for s in DEFAULT_RUNS)
+            continue
+        else:
+            spec = RunSpec(head.strip())
+            specs.append(spec)
+        if not settings:
+            continue
+        name, eq, value = settings.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(
+                f"architectures: expected NAME=VALUE after {spec.architecture!r}, "
+                f"got {settings!r}"
+            )
+        spec.params[name.strip()] = parse_value(value)
+    if not specs:
+        raise ValueError(f"architectures: no architecture in {text!r}")
+    return specs
+
+
+def resolve_runs(specs: list[RunSpec]) -> tuple[list[RunSpec], list[str]]:
+    """Drop optional architectures that are not registered; reject unknown keys.
+
+    Returns the runs to do and a note for each skipped one.
+    """
+    runs: list[RunSpec] = []
+    notes: list[str] = []
+    for spec in specs:
+        if spec.architecture in SAE_TRAINING_CLASS_REGISTRY:
+            runs.append(spec)
+        elif spec.architecture in OPTIONAL_ARCHITECTURES:
+            notes.append(
+                f"skipped {spec.label}: architecture {spec.architecture!r} is not "
+                "registered in this installation"
+            )
+        else:
+            known = ", ".join(sorted(SAE_TRAINING_CLASS_REGISTRY))
+            raise ValueError(
+                f"architectures: unknown architecture {spec.architecture!r}; "
+                f"registered: {known}"
+            )
+    if not runs:
+        raise ValueError("architectures: nothing left to run")
+    return runs, notes
+
+
+def _field_is_int(cfg_class: type, name: str) -> bool:
+    hints = typing.get_type_hints(cfg_class)
+    return hints.get(name) is int
+
+
+def build_sae_config(
+    spec: RunSpec, *, d_in: int, d_sae: int, k: float
+) -> TrainingSAEConfig:
+    """The training config of ``spec`` at the shared ``d_in``, ``d_sae`` and ``k``."""
+    cfg_class = SAE_TRAINING_CLASS_REGISTRY[spec.architecture][1]
+    names = {f.name for f in dataclasses.fields(cfg_class)}
+    unknown = sorted(set(spec.params) - names)
+    if unknown:
+        raise ValueError(
+            f"architectures: {spec.architecture!r} has no setting {unknown[0]!r}; "
+            f"allowed: {', '.join(sorted(names - {'metadata'}))}"
+        )
+    settings: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae}
+    if "k" in names:
+        if _field_is_int(cfg_class, "k"):
+            if k != int(k):
+                raise ValueError(
+                    f"k must be a whole number for {spec.architecture!r}, got {k!r}"
+                )
+            settings["k"] = int(k)
+        else:
+            settings["k"] = float(k)
+    settings.update(spec.params)
+    return cfg_class(**settings)

@@ -1,0 +1,369 @@
+"""Training-step speed and peak memory of each architecture next to SAELens's.
+
+``sae-lens-sampled bench`` times ``training_forward_pass`` plus ``loss.backward()`` of
+every plugin architecture and of SAELens's ``batchtopk`` and ``topk`` at the same
+shapes, plus the *encoder floor* (encoder forward and the encoder weight gradient, the
+two dense matmuls no architecture can skip). Steps are interleaved (every round times
+each architecture once, in a rotating order) and medians are reported, so load from
+other processes hits every architecture alike; on a CPU only ratios are printed.
+
+Peak memory of one steady-state step (the second one, gradients cleared in between):
+on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory allocated before the
+step. On CPU, where ``tracemalloc`` does not see torch's allocations, the rise of the
+process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``
+just before the step) over its resident size (``VmRSS``) before it. Large tensors are
+``mmap``-ed and returned to the system when freed, so this follows the peak of the
+live tensors, plus allocator slack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+BASELINE = "batchtopk"
+SAELENS_ARCHITECTURES = ("batchtopk", "topk")
+PLUGIN_ARCHITECTURES = ("mutual_choice", "sampled", "feature_choice")
+FLOOR = "encoder_floor"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark shape: tokens per step, input width, features and mean L0."""
+
+    batch: int
+    d_in: int
+    d_sae: int
+    k: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """``"B,d_in,d_sae,k"``, e.g. ``"4096,256,8192,32"``."""
+        parts = text.split(",")
+        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(
+                f"shape must be 4 positive integers 'B,d_in,d_sae,k', got {text!r}"
+            )
+        shape = cls(*(int(p) for p in parts))
+        if min(asdict(shape).values()) < 1 or shape.k > shape.d_sae:
+            raise ValueError(
+                f"shape needs all values >= 1 and k <= d_sae, got {text!r}"
+            )
+        return shape
+
+    def __str__(self) -> str:
+        return f"B={self.batch} d_in={self.d_in} d_sae={self.d_sae} k={self.k}"
+
+
+DEFAULT_SHAPES = (Shape(4096, 256, 8192, 32), Shape(4096, 768, 16384, 64))
+
+
+@dataclass
+class ArchResult:
+    """Timing of one architecture at one shape (seconds; ratios to the baseline)."""
+
+    name: str
+    median_s: float
+    times_s: list[float]
+    vs_batchtopk: float = float("nan")
+    vs_encoder_floor: float = float("nan")
+    peak_bytes: int | None = None
+    mem_vs_batchtopk: float | None = None
+    tokens_per_s: float | None = None
+
+
+@dataclass
+class ShapeResult:
+    shape: Shape
+    device: str
+    dtype: str
+    repeats: int
+    results: dict[str, ArchResult] = field(default_factory=dict)
+
+
+def available_architectures() -> list[str]:
+    """SAELens's two plus every plugin architecture that is registered."""
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    import sae_lens_sampled  # noqa: F401  (registers the plugin's architectures)
+
+    plugins = [a for a in PLUGIN_ARCHITECTURES if a in SAE_TRAINING_CLASS_REGISTRY]
+    return [*SAELENS_ARCHITECTURES, *plugins]
+
+
+def build_sae(name: str, shape: Shape, device: str, seed: int = 0) -> Any:
+    """A training SAE of architecture ``name`` with the same initial weights for all."""
+    from sae_lens.registry import get_sae_training_class
+
+    import sae_lens_sampled  # noqa: F401
+
+    sae_class, cfg_class = get_sae_training_class(name)
+    cfg = cfg_class(d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k, device=device)
+    torch.manual_seed(seed)
+    sae = sae_class(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            tensor = getattr(sae, param)
+            values = torch.randn(tensor.shape, generator=generator) * 0.05
+            tensor.copy_(values.to(tensor))
+    sae.train()
+    return sae
+
+
+def _coefficients(sae: Any) -> dict[str, float]:
+    return {
+        name: float(getattr(value, "value", value))
+        for name, value in sae.get_coefficients().items()
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_step(sae: Any, x: torch.Tensor, bf16: bool) -> Any:
+    """One training step as SAELens's trainer runs it (autocast around the forward)."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    device_type = x.device.type
+    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
+    coefficients = _coefficients(sae)
+    step_count = [0]
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            output = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients=coefficients,
+                    dead_neuron_mask=dead,
+                    n_training_steps=step_count[0],
+                    is_logging_step=False,
+                )
+            )
+        output.loss.backward()
+        step_count[0] += 1
+        for param in sae.parameters():
+            param.grad = None
+
+    return step
+
+
+def make_floor_step(shape: Shape, x: torch.Tensor, bf16: bool) -> Any:
+    """Encoder forward ``x @ W_enc + b_enc`` and its weight (and bias) gradient."""
+    generator = torch.Generator().manual_seed(1)
+    w_enc = (torch.randn(shape.d_in, shape.d_sae, generator=generator) * 0.05).to(
+        x.device
+    )
+    w_enc.requires_grad_(True)
+    b_enc = torch.zeros(shape.d_sae, device=x.device, requires_grad=True)
+    grad = torch.randn(shape.batch, shape.d_sae, generator=generator).to(x.device)
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pre = torch.addmm(b_enc, x, w_enc)
+        pre.backward(grad.to(pre.dtype))
+        w_enc.grad = b_enc.grad = None
+
+    return step
+
+
+def _timed(step: Any, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_steps(
+    steps: dict[str, Any], repeats: int, device: str, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Interleaved timings: each round runs every step once, in a rotating order."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(steps[name], device))
+    return times
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak resident size (Linux >= 4.0); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak_bytes(name: str, shape: Shape, device: str, bf16: bool) -> int | None:
+    """Extra memory one steady-state training step needs (see the module docstring).
+
+    ``None`` where it cannot be measured (CPU without ``/proc/self/clear_refs``).
+    """
+    x = torch.randn(shape.batch, shape.d_in, device=device)
+    if name == FLOOR:
+        step = make_floor_step(shape, x, bf16)
+    else:
+        step = make_step(build_sae(name, shape, device), x, bf16)
+    step()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    if not _reset_peak_rss():
+        return None
+    before = _proc_status_bytes("VmRSS")
+    step()
+    return max(0, _proc_status_bytes("VmHWM") - before)
+
+
+def run_benchmark(
+    shapes: Sequence[Shape] = DEFAULT_SHAPES,
+    repeats: int = 5,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    architectures: Sequence[str] | None = None,
+    memory: bool = True,
+) -> list[ShapeResult]:
+    """Time every architecture at every shape; see the module docstring."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be one of ('fp32', 'bf16'), got {dtype!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be in [1, inf), got {repeats!r}")
+    names = list(architectures or available_architectures())
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    bf16 = dtype == "bf16"
+    results = []
+    for shape in shapes:
+        x = torch.randn(
+            shape.batch, shape.d_in, generator=torch.Generator().manual_seed(2)
+        )
+        x = x.to(device)
+        steps = {
+            name: make_step(build_sae(name, shape, device), x, bf16) for name in names
+        }
+        steps[FLOOR] = make_floor_step(shape, x, bf16)
+        times = time_steps(steps, repeats, device)
+        del steps
+        shape_result = ShapeResult(shape, device, dtype, repeats)
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        for name, ts in times.items():
+            result = ArchResult(name, medians[name], ts)
+            result.vs_batchtopk = medians[name] / medians[BASELINE]
+            result.vs_encoder_floor = medians[name] / medians[FLOOR]
+            if device.startswith("cuda"):
+                result.tokens_per_s = shape.batch / medians[name]
+            shape_result.results[name] = result
+        if memory:
+            for name in shape_result.results:
+                shape_result.results[name].peak_bytes = measure_peak_bytes(
+                    name, shape, device, bf16
+                )
+            base = shape_result.results[BASELINE].peak_bytes
+            for result in shape_result.results.values():
+                if base and result.peak_bytes is not None:
+                    result.mem_vs_batchtopk = result.peak_bytes / base
+        results.append(shape_result)
+    return results
+
+
+def format_results(results: Sequence[ShapeResult]) -> str:
+    """Markdown tables of the ratios (and tokens/s on a GPU)."""
+    lines = []
+    for shape_result in results:
+        on_gpu = shape_result.device.startswith("cuda")
+        lines.append(
+            f"\n{shape_result.shape}, {shape_result.dtype}, {shape_result.device}, "
+            f"median of {shape_result.repeats} interleaved steps"
+        )
+        header = "| step | vs batchtopk | vs encoder floor | peak mem vs batchtopk |"
+        rule = "|---|---|---|---|"
+        if on_gpu:
+            header += " tokens/s |"
+            rule += "---|"
+        lines += [header, rule]
+        for name, r in shape_result.results.items():
+            mem = "-" if r.mem_vs_batchtopk is None else f"{r.mem_vs_batchtopk:.2f}"
+            row = (
+                f"| {name} | {r.vs_batchtopk:.2f} | {r.vs_encoder_floor:.2f} | {mem} |"
+            )
+            if on_gpu:
+                row += f" {r.tokens_per_s:,.0f} |"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-sampled bench",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=Shape.parse,
+        help="B,d_in,d_sae,k (repeatable); default: "
+        + " and ".join(f"{s.batch},{s.d_in},{s.d_sae},{s.k}" for s in DEFAULT_SHAPES),
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--arch", action="append", help="architectures (repeatable); default: all"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    parser.add_argument("--json", help="also write the full results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_benchmark(
+        shapes=args.shape or DEFAULT_SHAPES,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+        architectures=args.arch,
+        memory=not args.no_memory,
+    )
+    print(format_results(results))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump([asdict(r) for r in results], out, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

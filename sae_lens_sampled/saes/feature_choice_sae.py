@@ -1,0 +1,295 @@
+"""Feature Choice SAE (Ayonrinde, arXiv 2411.02124): each feature picks its tokens.
+
+In a batch of B tokens, feature j keeps its ``m_j`` largest activations over the
+tokens. The capacities sum to the batch budget ``round(k * B)`` and each is at least
+one token, so every feature whose pre-activation is positive somewhere in the batch
+fires: no feature can die. Capacities follow a Zipf law over the features' usage
+ranks (re-ranked every ``rerank_every`` steps from the firing-rate EMA), a Zipf law
+over feature indices, or are uniform. They are stored as fractions of the batch, so
+any number of tokens (evals on ``[batch, seq]``) gets capacities in proportion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from typing_extensions import override
+
+from sae_lens_sampled.saes.base import (
+    BatchLevelSAE,
+    BatchLevelSAEConfig,
+    BatchLevelTrainingSAE,
+    BatchLevelTrainingSAEConfig,
+    check_choice,
+    check_range,
+)
+from sae_lens_sampled.selection import (
+    CAPACITY_SCHEDULES,
+    CapacitySchedule,
+    batch_budget,
+    batch_topk,
+    capacities_for_batch,
+    feature_choice_select,
+    uniform_capacity_fractions,
+    usage_ranks,
+    zipf_capacity_fractions,
+)
+from sae_lens_sampled.thresholds import update_firing_rate
+
+ARCHITECTURE = "feature_choice"
+
+RankBy = Literal["firing_rate", "demand"]
+RANK_BY: tuple[str, ...] = ("firing_rate", "demand")
+
+
+def validate_capacity_fields(
+    cfg: FeatureChoiceTrainingSAEConfig | FeatureChoiceSAEConfig,
+) -> None:
+    check_choice("capacity_schedule", cfg.capacity_schedule, CAPACITY_SCHEDULES)
+    check_range("zipf_alpha", cfg.zipf_alpha, low=0, low_inclusive=False)
+
+
+def storable_fractions(fractions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fractions`` rounded to ``dtype`` and back to float64.
+
+    ``load_from_disk`` casts every buffer to the SAE's dtype. Rounding once here means
+    the training SAE and any reloaded copy derive bit-identical capacities, instead
+    of largest-remainder ties flipping on float32 noise.
+    """
+    if dtype.is_floating_point and dtype.itemsize < 8:
+        fractions = fractions.to(dtype)
+    return fractions.to(torch.float64)
+
+
+def initial_capacity_fractions(
+    schedule: str, d_sae: int, k: float, alpha: float, device: torch.device
+) -> torch.Tensor:
+    """Capacities before any usage is known: uniform, or Zipf by feature index."""
+    if schedule == "uniform":
+        return uniform_capacity_fractions(d_sae, k, device)
+    ranks = torch.arange(1, d_sae + 1, device=device)
+    return zipf_capacity_fractions(ranks, k, alpha)
+
+
+def capacities_from_fractions(
+    fractions: torch.Tensor, k: float, n_tokens: int
+) -> torch.Tensor:
+    """Capacities ``m_j`` of a batch of ``n_tokens``, summing to ``round(k * n)``."""
+    return capacities_for_batch(fractions, n_tokens, batch_budget(k, n_tokens))
+
+
+@dataclass
+class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
+    """Configuration for training a Feature Choice SAE.
+
+    Args:
+        k (float): Mean active features per token, in (0, d_sae]; a batch of B tokens
+            has the budget ``round(k * B)``, shared out as per-feature capacities.
+        capacity_schedule (str): How the budget is shared out: ``"zipf"`` (default;
+            ``m_j ~ rank_j ** -zipf_alpha`` with rank 1 the feature with the highest
+            firing-rate EMA, re-ranked every ``rerank_every`` steps), ``"uniform"``
+            (``budget / d_sae`` each) or ``"zipf_fixed"`` (Zipf by feature index,
+            never re-ranked). Every capacity is kept within ``[1, B]``.
+        zipf_alpha (float): Zipf exponent (> 0) of the capacities (and of the
+            ``aux_zipf`` targets).
+        rerank_every (int): Training steps (>= 1) between usage re-rankings under
+            ``"zipf"``.
+        rank_by (str): Usage measure of the ``"zipf"`` ranking: ``"firing_rate"``
+            (default; the firing-rate EMA ``firing_rate``, fraction of tokens on which
+            the feature is active) or ``"demand"`` (EMA of the fraction of tokens on
+            which the feature would be selected by the unrestricted rule, the batch's
+            global top ``round(k * B)`` entries). A feature's firing rate cannot exceed
+            its own capacity, so ``"firing_rate"`` ranks tend to stay where they
+            started; ``"demand"`` does not depend on the current capacities.
+        threshold_mode (str): Inference thresholds: ``"per_feature"`` (default; EMA of
+            each feature's smallest selected activation) or ``"global"``.
+        aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``. With every
+            capacity >= 1 SAELens's dead mask stays empty and aux-k adds nothing.
+        aux_loss_coefficient (float): Weight of the auxiliary loss.
+        rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``
+            (a per-feature scale: it changes the thresholds' units, not which tokens
+            a feature picks).
+        topk_threshold_lr (float): EMA rate of the thresholds, in (0, 1].
+        zipf_tau (float): ``aux_zipf`` underutilisation factor (>= 0).
+        zipf_ema_tokens (int): Horizon in tokens of the firing-rate EMA used for the
+            usage ranks.
+        decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
+        d_in (int): Input dimension.
+        d_sae (int): Number of features.
+    """
+
+    capacity_schedule: CapacitySchedule = "zipf"
+    rerank_every: int = 100
+    rank_by: RankBy = "firing_rate"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @override
+    def validate(self) -> None:
+        super().validate()
+        validate_capacity_fields(self)
+        check_range("rerank_every", self.rerank_every, low=1)
+        check_choice("rank_by", self.rank_by, RANK_BY)
+
+
+class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
+    """Feature Choice training SAE: feature j keeps its top-``m_j`` tokens."""
+
+    cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
+    capacity_fractions: torch.Tensor
+    n_selection_steps: torch.Tensor
+    demand_rate: torch.Tensor
+    training_buffers = (
+        *BatchLevelTrainingSAE.training_buffers,
+        "n_selection_steps",
+        "demand_rate",
+    )
+
+    def __init__(
+        self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False
+    ):
+        super().__init__(cfg, use_error_term)
+        device = self.W_dec.device
+        fractions = initial_capacity_fractions(
+            cfg.capacity_schedule, cfg.d_sae, cfg.k, cfg.zipf_alpha, device
+        )
+        # Capacities as fractions of the batch (sum k); kept by the inference SAE.
+        self.register_buffer(
+            "capacity_fractions", storable_fractions(fractions, self.dtype)
+        )
+        # Training steps taken, which schedules the re-ranking across resumes.
+        self.register_buffer(
+            "n_selection_steps", torch.zeros((), dtype=torch.long, device=device)
+        )
+        # rank_by="demand": EMA of the rate at which the unrestricted rule would
+        # select each feature (kept for every setting, so state dicts always match).
+        self.register_buffer(
+            "demand_rate", torch.zeros(cfg.d_sae, dtype=torch.float64, device=device)
+        )
+
+    def capacities(self, n_tokens: int) -> torch.Tensor:
+        """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens``."""
+        return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
+
+    @override
+    def select(self, acts: torch.Tensor) -> torch.Tensor:
+        return feature_choice_select(acts, self.capacities(acts.shape[0]))
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)
+        # SAELens's loader casts every tensor to the SAE dtype; keep the count whole.
+        steps = state_dict.get("n_selection_steps")
+        if steps is not None and steps.is_floating_point():
+            state_dict["n_selection_steps"] = steps.round().long()
+
+    @override
+    def process_state_dict_for_saving_inference(
+        self, state_dict: dict[str, Any]
+    ) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        # The inference SAE holds the fractions in its own dtype; storable_fractions
+        # made them exact in it, so this cast loses nothing.
+        state_dict["capacity_fractions"] = (
+            self.capacity_fractions.detach().to(state_dict["b_enc"].dtype).clone()
+        )
+
+    def usage(self) -> torch.Tensor:
+        """The per-feature usage that the ``"zipf"`` schedule ranks by."""
+        return self.demand_rate if self.cfg.rank_by == "demand" else self.firing_rate
+
+    @torch.no_grad()
+    def rerank(self) -> None:
+        """Give the largest Zipf capacities to the features with the highest usage."""
+        ranks = usage_ranks(self.usage())
+        fractions = zipf_capacity_fractions(ranks, self.cfg.k, self.cfg.zipf_alpha)
+        self.capacity_fractions.copy_(storable_fractions(fractions, self.dtype))
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        self.update_capacities(output.hidden_pre)
+        return output
+
+    @torch.no_grad()
+    def update_capacities(self, hidden_pre: torch.Tensor) -> None:
+        """Count the step, update the demand EMA, and re-rank when one is due.
+
+        Runs after :meth:`update_state`, so the batch is already in ``firing_rate``
+        and ``n_tokens_seen``.
+        """
+        self.n_selection_steps += 1
+        if self.cfg.capacity_schedule != "zipf":
+            return
+        if self.cfg.rank_by == "demand":
+            acts = hidden_pre.detach().flatten(end_dim=-2).relu()
+            wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
+            with torch.autocast(self.W_dec.device.type, enabled=False):
+                self.demand_rate.copy_(
+                    update_firing_rate(
+                        self.demand_rate,
+                        wanted,
+                        self.n_tokens_seen,
+                        self.cfg.zipf_ema_tokens,
+                    )
+                )
+        # One host sync per step; feature_choice_select already takes one.
+        if int(self.n_selection_steps) % self.cfg.rerank_every == 0:
+            self.rerank()
+
+
+@dataclass
+class FeatureChoiceSAEConfig(BatchLevelSAEConfig):
+    """Configuration for a Feature Choice inference SAE.
+
+    The capacities themselves travel in the ``capacity_fractions`` buffer; the fields
+    below only set the capacities of a freshly built (not loaded) SAE.
+
+    Args:
+        k (float): Mean active features per token of ``encode_batch``.
+        capacity_schedule (str): ``"zipf"``, ``"uniform"`` or ``"zipf_fixed"``; a new
+            SAE starts uniform or Zipf by feature index.
+        zipf_alpha (float): Zipf exponent (> 0) of a new SAE's capacities.
+    """
+
+    capacity_schedule: CapacitySchedule = "zipf"
+    zipf_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_capacity_fields(self)
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+
+class FeatureChoiceSAE(BatchLevelSAE):
+    """Feature Choice inference SAE: per-token thresholds; ``encode_batch`` for the rule."""
+
+    cfg: FeatureChoiceSAEConfig  # type: ignore[assignment]
+    capacity_fractions: torch.Tensor
+
+    def __init__(self, cfg: FeatureChoiceSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        fractions = initial_capacity_fractions(
+            cfg.capacity_schedule, cfg.d_sae, cfg.k, cfg.zipf_alpha, self.W_dec.device
+        )
+        self.register_buffer(
+            "capacity_fractions", storable_fractions(fractions, self.dtype)
+        )
+
+    def capacities(self, n_tokens: int) -> torch.Tensor:
+        """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens``."""
+        return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
+
+    @override
+    def select(self, acts: torch.Tensor) -> torch.Tensor:
+        return feature_choice_select(acts, self.capacities(acts.shape[0]))
