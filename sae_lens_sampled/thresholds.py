@@ -29,12 +29,16 @@ def update_global_threshold(
 ) -> torch.Tensor:
     """BatchTopK's rule: EMA of the smallest positive selected activation of the batch.
 
-    ``threshold`` is a ``[d_sae]`` vector holding one shared value; a batch with no
+    ``threshold`` is a ``[d_sae]`` vector holding one shared value. It starts at ``inf``
+    and the first batch with a positive activation sets it outright (BatchTopK starts
+    from 0, which makes early per-token encodes fire far too often); a batch with no
     positive activation leaves it unchanged. Returns the new threshold.
     """
     batch_min = smallest_selected(feature_acts.flatten(end_dim=-2)).amin()
     batch_min = batch_min.to(threshold.dtype)
-    updated = (1 - lr) * threshold + lr * batch_min
+    updated = torch.where(
+        torch.isfinite(threshold), (1 - lr) * threshold + lr * batch_min, batch_min
+    )
     return torch.where(torch.isfinite(batch_min), updated, threshold)
 
 

@@ -31,6 +31,9 @@ def test_global_update_uses_smallest_positive_entry():
     assert torch.allclose(out, torch.full((3,), 0.05, dtype=torch.float64))
     # a batch with nothing selected leaves it alone
     assert torch.equal(update_global_threshold(out, torch.zeros(2, 3), 0.1), out)
+    # the first sighting sets an unset (inf) threshold outright
+    unset = torch.full((3,), INF, dtype=torch.float64)
+    assert update_global_threshold(unset, ACTS, lr=0.1).tolist() == [0.5] * 3
 
 
 def test_per_feature_update_first_sighting_then_ema():

@@ -216,14 +216,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
-        # float64: the EMA moves by small steps that float32 would lose. A global
-        # threshold starts at 0 (BatchTopK's convention); per-feature ones at inf, so a
-        # feature that was never selected never fires at inference.
-        initial = 0.0 if cfg.threshold_mode == "global" else torch.inf
+        # float64: the EMA moves by small steps that float32 would lose. Thresholds
+        # start at inf: the first selection sets them outright, and a feature that was
+        # never selected never fires at inference.
         self.register_buffer(
             "running_threshold",
             torch.full(
-                (cfg.d_sae,), initial, dtype=torch.float64, device=self.W_dec.device
+                (cfg.d_sae,), torch.inf, dtype=torch.float64, device=self.W_dec.device
             ),
         )
         # Fraction of tokens on which each feature is selected (EMA over
