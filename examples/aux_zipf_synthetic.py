@@ -37,7 +37,11 @@ from sae_lens_sampled.losses import dead_by_rate, fit_zipf_exponent, usage_ranks
 
 @dataclass
 class Variant:
-    """One auxiliary-loss setting: ``aux_k``, ``none`` or ``aux_zipf:TAU:COEF``."""
+    """One auxiliary-loss setting, written ``NAME[:TAU[:COEF]]``.
+
+    ``NAME`` is ``aux_k``, ``aux_zipf`` or ``none``; ``TAU`` (default 0.1) only
+    matters for ``aux_zipf``; ``COEF`` is ``aux_loss_coefficient`` (default 1).
+    """
 
     aux_loss: str
     tau: float = 0.1

@@ -302,7 +302,8 @@ def capacities_for_batch(
     weights = fractions.to(torch.float64)
     order = torch.sort(weights, descending=True, stable=True).indices
     capacities = torch.zeros(d_sae, dtype=torch.long, device=device)
-    if budget < d_sae:
+    if budget <= d_sae:
+        # exactly d_sae: one token each (the only way to give everyone >= 1)
         capacities[order[:budget]] = 1
         return capacities
     if budget == n_tokens * d_sae:  # includes n_tokens == 1

@@ -17,25 +17,33 @@ import torch
 
 
 @torch.no_grad()
-def smallest_selected(feature_acts: torch.Tensor) -> torch.Tensor:
-    """Per-feature minimum positive selected activation of ``[n, d_sae]``; inf if none."""
-    positive = torch.where(feature_acts > 0, feature_acts, torch.inf)
-    return positive.amin(dim=0)
+def column_stats_dense(feature_acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per feature of ``[n, d_sae]`` codes: positive count, smallest positive value.
+
+    The smallest is ``inf`` for a feature with no positive entry. These two vectors are
+    all the threshold and firing-rate updates read (``sparse.column_stats`` computes
+    them from the selected entries alone).
+    """
+    counts = (feature_acts > 0).sum(dim=0)
+    if feature_acts.shape[0] == 0:  # amin has no identity for an empty dim
+        return counts, feature_acts.new_full(counts.shape, torch.inf)
+    smallest = torch.where(feature_acts > 0, feature_acts, torch.inf).amin(dim=0)
+    return counts, smallest
 
 
 @torch.no_grad()
 def update_global_threshold(
-    threshold: torch.Tensor, feature_acts: torch.Tensor, lr: float
+    threshold: torch.Tensor, smallest: torch.Tensor, lr: float
 ) -> torch.Tensor:
     """BatchTopK's rule: EMA of the smallest positive selected activation of the batch.
 
-    ``threshold`` is a ``[d_sae]`` vector holding one shared value. It starts at ``inf``
-    and the first batch with a positive activation sets it outright (BatchTopK starts
-    from 0, which makes early per-token encodes fire far too often); a batch with no
-    positive activation leaves it unchanged. Returns the new threshold.
+    ``threshold`` is a ``[d_sae]`` vector holding one shared value, ``smallest`` each
+    feature's smallest positive selection in the batch (``inf`` if none). The threshold
+    starts at ``inf`` and the first batch with a positive activation sets it outright
+    (BatchTopK starts from 0, which makes early per-token encodes fire far too often);
+    a batch with no positive activation leaves it unchanged.
     """
-    batch_min = smallest_selected(feature_acts.flatten(end_dim=-2)).amin()
-    batch_min = batch_min.to(threshold.dtype)
+    batch_min = smallest.amin().to(threshold.dtype)
     updated = torch.where(
         torch.isfinite(threshold), (1 - lr) * threshold + lr * batch_min, batch_min
     )
@@ -44,15 +52,15 @@ def update_global_threshold(
 
 @torch.no_grad()
 def update_per_feature_threshold(
-    threshold: torch.Tensor, feature_acts: torch.Tensor, lr: float
+    threshold: torch.Tensor, smallest: torch.Tensor, lr: float
 ) -> torch.Tensor:
     """Per-feature EMA of each feature's smallest positive selected activation.
 
-    Only features selected in this batch move. A feature's first selection sets its
-    threshold outright (its threshold starts at ``inf``: never selected, never fires).
+    Only features selected in this batch (finite ``smallest``) move. A feature's first
+    selection sets its threshold outright (it starts at ``inf``: never selected, never
+    fires).
     """
-    batch_min = smallest_selected(feature_acts.flatten(end_dim=-2))
-    batch_min = batch_min.to(threshold.dtype)
+    batch_min = smallest.to(threshold.dtype)
     seen = torch.isfinite(threshold)
     updated = torch.where(seen, (1 - lr) * threshold + lr * batch_min, batch_min)
     return torch.where(torch.isfinite(batch_min), updated, threshold)
@@ -61,22 +69,24 @@ def update_per_feature_threshold(
 @torch.no_grad()
 def update_firing_rate(
     firing_rate: torch.Tensor,
-    feature_acts: torch.Tensor,
+    counts: torch.Tensor,
+    n_tokens: int,
     n_tokens_seen: torch.Tensor,
     horizon_tokens: int,
 ) -> torch.Tensor:
     """EMA of the fraction of tokens on which each feature is selected.
 
+    ``counts`` are this batch's per-feature selection counts over ``n_tokens`` tokens;
     ``n_tokens_seen`` counts tokens including this batch. The batch's weight is
-    ``n / min(n_tokens_seen, horizon_tokens)``: the plain running mean until the horizon
-    is reached, an EMA with that horizon after, so early estimates carry no zero bias.
-    Runs on device without a host sync.
+    ``n_tokens / min(n_tokens_seen, horizon_tokens)``: the plain running mean until the
+    horizon is reached, an EMA with that horizon after, so early estimates carry no
+    zero bias. Runs on device without a host sync.
     """
-    n_tokens = feature_acts.shape[0]
-    batch_rate = (feature_acts > 0).sum(dim=0).to(firing_rate.dtype) / n_tokens
+    if n_tokens == 0:
+        return firing_rate
+    batch_rate = counts.to(firing_rate.dtype) / n_tokens
     weight = n_tokens / n_tokens_seen.clamp(min=n_tokens, max=horizon_tokens)
-    weight = weight.clamp(max=1.0)
-    return firing_rate + weight * (batch_rate - firing_rate)
+    return firing_rate + weight.clamp(max=1.0) * (batch_rate - firing_rate)
 
 
 @torch.no_grad()

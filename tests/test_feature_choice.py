@@ -520,3 +520,11 @@ def test_no_dead_features_in_offline_run_unlike_batchtopk(tmp_path, single_threa
     )
     assert bt_sae.cfg.metadata.num_dead_features > 0
     assert sum(bt_silent) > 0
+
+
+def test_budget_equal_to_d_sae_gives_one_token_each():
+    # regression: equal weights and budget == d_sae once divided by zero
+    fractions = torch.tensor([0.0625, 0.0625], dtype=torch.float64)
+    assert capacities_for_batch(fractions, 16, 2).tolist() == [1, 1]
+    zipf = torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64)
+    assert capacities_for_batch(zipf, 10, 3).tolist() == [1, 1, 1]

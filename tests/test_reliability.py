@@ -262,3 +262,16 @@ def test_resume_from_checkpoint_matches_uninterrupted_training(name, tmp_path):
     trainer.fit()
     for n, t in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[n], t), n
+
+
+def test_deepcopy_selects_with_its_own_state():
+    import copy
+
+    sae = trained("sampled", pool_seed=3, pool_factor=1.5)
+    twin = copy.deepcopy(sae)
+    assert twin.activation_fn.__self__ is twin
+    x = torch.randn(32, D_IN)
+    with torch.no_grad():
+        twin.n_selection_steps += 1  # the copy moves on, the original does not
+    assert torch.equal(twin.encode_batch(x), copy.deepcopy(twin).encode_batch(x))
+    assert not torch.equal(twin.encode_batch(x), sae.encode_batch(x))

@@ -15,6 +15,7 @@ from sae_lens_sampled import (
     export_jumprelu,
 )
 from sae_lens_sampled.thresholds import (
+    column_stats_dense,
     thresholds_matching_counts,
     update_firing_rate,
     update_global_threshold,
@@ -25,35 +26,46 @@ ACTS = torch.tensor([[0.0, 2.0, 0.0], [0.5, 3.0, 0.0]])
 INF = math.inf
 
 
+def test_column_stats_dense():
+    counts, smallest = column_stats_dense(ACTS)
+    assert counts.tolist() == [1, 2, 0]
+    assert smallest.tolist() == [0.5, 2.0, INF]
+
+
 def test_global_update_uses_smallest_positive_entry():
+    _, smallest = column_stats_dense(ACTS)
     threshold = torch.zeros(3, dtype=torch.float64)
-    out = update_global_threshold(threshold, ACTS, lr=0.1)
+    out = update_global_threshold(threshold, smallest, lr=0.1)
     assert torch.allclose(out, torch.full((3,), 0.05, dtype=torch.float64))
     # a batch with nothing selected leaves it alone
-    assert torch.equal(update_global_threshold(out, torch.zeros(2, 3), 0.1), out)
+    nothing = torch.full((3,), INF)
+    assert torch.equal(update_global_threshold(out, nothing, 0.1), out)
     # the first sighting sets an unset (inf) threshold outright
     unset = torch.full((3,), INF, dtype=torch.float64)
-    assert update_global_threshold(unset, ACTS, lr=0.1).tolist() == [0.5] * 3
+    assert update_global_threshold(unset, smallest, lr=0.1).tolist() == [0.5] * 3
 
 
 def test_per_feature_update_first_sighting_then_ema():
+    _, smallest = column_stats_dense(ACTS)
     threshold = torch.tensor([INF, 1.0, 7.0], dtype=torch.float64)
-    out = update_per_feature_threshold(threshold, ACTS, lr=0.5)
+    out = update_per_feature_threshold(threshold, smallest, lr=0.5)
     # feature 0 first seen -> set to 0.5; feature 1 EMA of 1.0 and 2.0; 2 untouched
     assert out.tolist() == [0.5, 1.5, 7.0]
 
 
 def test_firing_rate_is_running_mean_then_ema():
-    rate = torch.zeros(3, dtype=torch.float64)
-    seen = torch.tensor(2.0, dtype=torch.float64)
-    rate = update_firing_rate(rate, ACTS, seen, horizon_tokens=4)
+    def step(rate, acts, seen):
+        counts, _ = column_stats_dense(acts)
+        seen = torch.tensor(float(seen), dtype=torch.float64)
+        return update_firing_rate(rate, counts, acts.shape[0], seen, horizon_tokens=4)
+
+    rate = step(torch.zeros(3, dtype=torch.float64), ACTS, 2)
     assert rate.tolist() == [0.5, 1.0, 0.0]
-    seen = torch.tensor(4.0, dtype=torch.float64)
-    rate = update_firing_rate(rate, torch.zeros(2, 3), seen, horizon_tokens=4)
+    rate = step(rate, torch.zeros(2, 3), 4)
     assert rate.tolist() == [0.25, 0.5, 0.0]  # running mean over 4 tokens
-    seen = torch.tensor(6.0, dtype=torch.float64)
-    rate = update_firing_rate(rate, torch.ones(2, 3), seen, horizon_tokens=4)
+    rate = step(rate, torch.ones(2, 3), 6)
     assert rate.tolist() == [0.625, 0.75, 0.5]  # EMA weight 2/4 past the horizon
+    assert torch.equal(step(rate, torch.zeros(0, 3), 6), rate)  # empty batch
 
 
 def test_thresholds_matching_counts():

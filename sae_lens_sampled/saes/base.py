@@ -38,6 +38,7 @@ from sae_lens_sampled.sparse import (
     sparse_decode,
 )
 from sae_lens_sampled.thresholds import (
+    column_stats_dense,
     update_firing_rate,
     update_global_threshold,
     update_per_feature_threshold,
@@ -241,7 +242,12 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda hidden_pre: apply_to_last_dim(self.select, hidden_pre.relu())
+        # A bound method, not a closure, so that copy.deepcopy rebinds it to the copy.
+        return self.batch_rule
+
+    def batch_rule(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        """:meth:`select` on ``relu(hidden_pre)`` of any leading shape."""
+        return apply_to_last_dim(self.select, hidden_pre.relu())
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations in the units the selection and thresholds use."""
@@ -470,19 +476,29 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     @torch.no_grad()
     def update_state(self, feature_acts: torch.Tensor) -> None:
-        """Update thresholds and firing rates (and subclass state) from a batch's codes."""
+        """Update thresholds and firing rates (and subclass state) from a batch's codes.
+
+        Reads only per-feature counts and smallest positive selections: from the
+        selected entries when the codes carry them (the training fast path, O(selected)),
+        else from the dense codes.
+        """
         sparse = getattr(feature_acts, "sparse_codes", None)
         if sparse is not None and sparse[2] == feature_acts._version:
-            self._update_state_sparse(*sparse[:2])
-            return
-        feature_acts = feature_acts.detach().flatten(end_dim=-2)
+            codes, values, _ = sparse
+            counts, smallest = column_stats(codes, values)
+            n_tokens = codes.n_rows
+        else:
+            dense = feature_acts.detach().flatten(end_dim=-2)
+            counts, smallest = column_stats_dense(dense)
+            n_tokens = dense.shape[0]
         # autocast would run the EMAs in low precision
         with torch.autocast(self.W_dec.device.type, enabled=False):
-            self.n_tokens_seen += feature_acts.shape[0]
+            self.n_tokens_seen += n_tokens
             self.firing_rate.copy_(
                 update_firing_rate(
                     self.firing_rate,
-                    feature_acts,
+                    counts,
+                    n_tokens,
                     self.n_tokens_seen,
                     self.cfg.zipf_ema_tokens,
                 )
@@ -493,34 +509,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 else update_per_feature_threshold
             )
             self.running_threshold.copy_(
-                update(self.running_threshold, feature_acts, self.cfg.topk_threshold_lr)
-            )
-
-    def _update_state_sparse(self, codes: SparseCodes, values: torch.Tensor) -> None:
-        """:meth:`update_state` from the selected entries, in O(selected) not O(n d_sae).
-
-        Same results as the dense branch (a test compares the buffers): the firing-rate
-        step of ``update_firing_rate`` on the column counts, and the threshold update
-        on a one-row stand-in holding each feature's smallest positive selection,
-        which is all of the codes that ``smallest_selected`` reads.
-        """
-        counts, smallest = column_stats(codes, values)
-        n_tokens = codes.n_rows
-        with torch.autocast(self.W_dec.device.type, enabled=False):
-            self.n_tokens_seen += n_tokens
-            rate = counts.to(self.firing_rate.dtype) / n_tokens
-            weight = n_tokens / self.n_tokens_seen.clamp(
-                min=n_tokens, max=self.cfg.zipf_ema_tokens
-            )
-            self.firing_rate += weight.clamp(max=1.0) * (rate - self.firing_rate)
-            update = (
-                update_global_threshold
-                if self.cfg.threshold_mode == "global"
-                else update_per_feature_threshold
-            )
-            stand_in = torch.where(smallest.isfinite(), smallest, 0.0)[None]
-            self.running_threshold.copy_(
-                update(self.running_threshold, stand_in, self.cfg.topk_threshold_lr)
+                update(self.running_threshold, smallest, self.cfg.topk_threshold_lr)
             )
 
     @override

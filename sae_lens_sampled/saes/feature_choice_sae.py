@@ -234,7 +234,8 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
                 self.demand_rate.copy_(
                     update_firing_rate(
                         self.demand_rate,
-                        wanted,
+                        (wanted > 0).sum(dim=0),
+                        acts.shape[0],
                         self.n_tokens_seen,
                         self.cfg.zipf_ema_tokens,
                     )

@@ -6,7 +6,6 @@ registry key, the ``aux_zipf`` loss, a choice of global or per-feature inference
 thresholds, and a per-token inference SAE that also offers the batch rule.
 """
 
-
 from dataclasses import dataclass
 
 import torch

@@ -8,7 +8,6 @@ proportion to the score by default, or the best scores), and keeps the batch's
 ``k * pool_factor >= d_sae`` the rule is exactly BatchTopK.
 """
 
-
 from dataclasses import dataclass
 
 import torch
