@@ -2,7 +2,9 @@
 
 A smoke-sized version of the real thing: SAELens's runner, activations store and trainer,
 with a random-weight HookedTransformer and an in-memory token dataset. Prints L0 and
-explained variance of `sampled`, `mutual_choice` and SAELens `batchtopk` at equal k.
+explained variance of `sampled`, `mutual_choice` and SAELens `batchtopk` at equal k, on
+held-out tokens: under the batch rule, per token with the thresholds learned in training
+(the saved SAE's `encode`), and per token after `calibrate_thresholds`.
 
     python examples/train_sampled_tiny_offline.py
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from sae_lens import (
+    SAE,
     BatchTopKTrainingSAEConfig,
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
@@ -20,7 +23,11 @@ from sae_lens import (
 )
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_lens_sampled import MutualChoiceTrainingSAEConfig, SampledTrainingSAEConfig
+from sae_lens_sampled import (
+    MutualChoiceTrainingSAEConfig,
+    SampledTrainingSAEConfig,
+    calibrate_thresholds,
+)
 
 D_MODEL, CONTEXT, VOCAB, K, D_SAE, STEPS, BATCH = 64, 32, 512, 8, 512, 400, 512
 
@@ -39,8 +46,14 @@ def main() -> None:
     dataset = Dataset.from_dict({"tokens": tokens.view(-1, CONTEXT).tolist()})
     eval_tokens = torch.multinomial(weights, 64 * CONTEXT, replacement=True)
     eval_tokens = eval_tokens.view(-1, CONTEXT)
-    _, cache = model.run_with_cache(eval_tokens, names_filter="blocks.1.hook_resid_pre")
-    x = cache["blocks.1.hook_resid_pre"].reshape(-1, D_MODEL)
+    hook = "blocks.1.hook_resid_pre"
+    x = model.run_with_cache(eval_tokens, names_filter=hook)[1][hook].reshape(
+        -1, D_MODEL
+    )
+    held_out = torch.multinomial(weights, 64 * CONTEXT, replacement=True)
+    calibration = model.run_with_cache(held_out.view(-1, CONTEXT), names_filter=hook)[
+        1
+    ][hook]
 
     configs = {
         "sampled": SampledTrainingSAEConfig(
@@ -49,11 +62,12 @@ def main() -> None:
         "mutual_choice": MutualChoiceTrainingSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K),
         "batchtopk": BatchTopKTrainingSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K),
     }
-    print(f"{'architecture':15s} {'L0':>6s} {'expl. var.':>10s}")
+    print(f"{'architecture':15s} {'L0 batch':>9s} {'EV batch':>9s} {'L0 token':>9s} "
+          f"{'EV token':>9s} {'L0 calib':>9s} {'EV calib':>9s}")  # fmt: skip
     for name, sae_cfg in configs.items():
         with tempfile.TemporaryDirectory() as tmp:
             cfg = LanguageModelSAERunnerConfig(
-                sae=sae_cfg, hook_name="blocks.1.hook_resid_pre", dataset_path="",
+                sae=sae_cfg, hook_name=hook, dataset_path="",
                 streaming=False, context_size=CONTEXT, prepend_bos=False,
                 training_tokens=STEPS * BATCH, train_batch_size_tokens=BATCH,
                 store_batch_size_prompts=16, n_batches_in_buffer=32, lr=3e-4,
@@ -62,16 +76,28 @@ def main() -> None:
                 output_path=str(Path(tmp) / "out"), verbose=False,
                 exclude_special_tokens=False,
             )  # fmt: skip
-            sae = LanguageModelSAETrainingRunner(
+            LanguageModelSAETrainingRunner(
                 cfg, override_model=model, override_dataset=dataset
             ).run()
-        sae.eval()  # per-token inference encode (thresholds) for the plugin SAEs
-        with torch.no_grad():
-            acts = sae.encode(x)
-            recon = sae.decode(acts)
-        l0 = (acts != 0).sum(-1).float().mean().item()
-        explained = 1 - (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        print(f"{name:15s} {l0:6.2f} {explained.item():10.3f}")
+            saved = SAE.load_from_disk(Path(tmp) / "out")  # what a user gets
+        nan = (float("nan"), float("nan"))
+        # SAELens saves batchtopk as a plain per-token JumpReLU SAE: no batch rule
+        plugin = hasattr(saved, "encode_batch")
+        row = [*(measure(saved.encode_batch, saved, x) if plugin else nan)]
+        row += measure(saved.encode, saved, x)
+        if plugin:
+            calibrate_thresholds(saved, [calibration.reshape(-1, D_MODEL)])
+        row += measure(saved.encode, saved, x) if plugin else nan
+        print(f"{name:15s} " + " ".join(f"{v:9.3f}" for v in row))
+
+
+@torch.no_grad()
+def measure(encode, sae, x: torch.Tensor) -> tuple[float, float]:
+    """Mean L0 and explained variance of ``sae.decode(encode(x))`` on ``x``."""
+    acts = encode(x)
+    recon = sae.decode(acts)
+    explained = 1 - (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    return (acts != 0).sum(-1).float().mean().item(), explained.item()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens.saes.sae import TrainStepInput
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 D_MODEL = 32
@@ -79,3 +80,18 @@ def runner_config(
     }
     settings.update(overrides)
     return LanguageModelSAERunnerConfig(**settings)
+
+
+def step_input(
+    x: torch.Tensor,
+    dead: torch.Tensor | None = None,
+    coefficients: dict[str, float] | None = None,
+) -> TrainStepInput:
+    """A training step's input as SAELens's trainer builds it (not a logging step)."""
+    return TrainStepInput(
+        sae_in=x,
+        coefficients={} if coefficients is None else coefficients,
+        dead_neuron_mask=dead,
+        n_training_steps=0,
+        is_logging_step=False,
+    )

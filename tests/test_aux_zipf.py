@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TrainingSAE
-from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
+from sae_lens.saes.sae import TrainCoefficientConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, calculate_topk_aux_acts
 
 import sae_lens_sampled
@@ -24,6 +24,7 @@ from sae_lens_sampled.losses import (
     usage_ranks,
     zipf_targets,
 )
+from tests.helpers import step_input
 
 D_IN, D_SAE, K = 16, 64, 4.0
 K_AUX = D_IN // 2
@@ -40,20 +41,6 @@ if hasattr(sae_lens_sampled, "FeatureChoiceTrainingSAE"):
         )
     )
 ARCH_IDS = [cls.__name__ for cls, _ in ARCHITECTURES]
-
-
-def step_input(
-    x: torch.Tensor,
-    dead: torch.Tensor | None = None,
-    coefficients: dict[str, float] | None = None,
-) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={} if coefficients is None else coefficients,
-        dead_neuron_mask=dead,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
 
 
 def make_sae(arch, **overrides):

@@ -13,7 +13,6 @@ from sae_lens import (
     TrainingSAE,
 )
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
-from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_sampled import (
     FeatureChoiceSAE,
@@ -29,19 +28,9 @@ from sae_lens_sampled.selection import (
     usage_ranks,
     zipf_capacity_fractions,
 )
-from tests.helpers import D_MODEL, runner_config, tiny_model, token_dataset
+from tests.helpers import D_MODEL, runner_config, step_input, tiny_model, token_dataset
 
 D_IN, D_SAE = 8, 16
-
-
-def step_input(x: torch.Tensor) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=torch.zeros(D_SAE, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
 
 
 def make_sae(**overrides) -> FeatureChoiceTrainingSAE:

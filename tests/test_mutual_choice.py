@@ -3,27 +3,15 @@
 import pytest
 import torch
 from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_sampled import (
     MutualChoiceSAE,
     MutualChoiceTrainingSAE,
     MutualChoiceTrainingSAEConfig,
 )
+from tests.helpers import step_input
 
 D_IN, D_SAE = 16, 64
-
-
-def step_input(x: torch.Tensor, dead: torch.Tensor | None = None) -> TrainStepInput:
-    if dead is None:
-        dead = torch.zeros(D_SAE, dtype=torch.bool)
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=dead,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
 
 
 def twin_saes(k: float = 4.0) -> tuple[MutualChoiceTrainingSAE, BatchTopKTrainingSAE]:

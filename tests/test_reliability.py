@@ -3,7 +3,6 @@
 import pytest
 import torch
 from sae_lens import SAE, TrainingSAE
-from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_sampled import (
     MutualChoiceTrainingSAE,
@@ -11,22 +10,13 @@ from sae_lens_sampled import (
     SampledTrainingSAE,
     SampledTrainingSAEConfig,
 )
+from tests.helpers import step_input
 
 D_IN, D_SAE = 8, 32
 ARCHITECTURES = {
     "sampled": (SampledTrainingSAE, SampledTrainingSAEConfig, {"pool_factor": 2}),
     "mutual_choice": (MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, {}),
 }
-
-
-def step_input(x: torch.Tensor, d_sae: int = D_SAE) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=torch.zeros(d_sae, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
 
 
 def make(name: str, **fields):

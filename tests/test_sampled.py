@@ -3,7 +3,6 @@
 import pytest
 import torch
 from sae_lens import SAE, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TrainingSAE
-from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_sampled import (
     SampledSAE,
@@ -11,18 +10,9 @@ from sae_lens_sampled import (
     SampledTrainingSAE,
     SampledTrainingSAEConfig,
 )
+from tests.helpers import step_input
 
 D_IN, D_SAE = 16, 64
-
-
-def step_input(x: torch.Tensor) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=torch.zeros(D_SAE, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
 
 
 def make_sae(**fields) -> SampledTrainingSAE:

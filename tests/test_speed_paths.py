@@ -10,7 +10,6 @@ import pytest
 import torch
 from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.registry import get_sae_training_class
-from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_sampled.benchmark.speed import (
     FLOOR,
@@ -30,6 +29,7 @@ from sae_lens_sampled.sparse import (
     gather_linear,
     sparse_decode,
 )
+from tests.helpers import step_input
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -172,19 +172,9 @@ def test_sparse_functions_match_dense_reference() -> None:
 # --- the training step --------------------------------------------------------------
 
 
-def _step_input(x: torch.Tensor, dead: torch.Tensor) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=dead,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
-
-
 def _grads_after_step(sae, x: torch.Tensor, dead: torch.Tensor):
     sae.train()
-    output = sae.training_forward_pass(_step_input(x, dead))
+    output = sae.training_forward_pass(step_input(x, dead))
     output.loss.backward()
     return output, {name: getattr(sae, name).grad.clone() for name in PARAMS}
 
