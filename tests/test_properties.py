@@ -97,3 +97,30 @@ def test_sampled_top_mode_does_not_depend_on_token_order(batch, seed):
     out = sampled_topk(acts, k, 2.0, "l2", "top")
     out_permuted = sampled_topk(acts[order], k, 2.0, "l2", "top")
     assert torch.equal(out[order], out_permuted)
+
+
+@SETTINGS
+@given(activation_batches(), st.integers(0, 2**31 - 1))
+def test_feature_choice_select_properties(batch, seed):
+    from sae_lens_sampled.selection import capacities_for_batch, feature_choice_select
+
+    acts, k = batch
+    n_tokens, d_sae = acts.shape
+    generator = torch.Generator().manual_seed(seed)
+    fractions = torch.rand(d_sae, generator=generator, dtype=torch.float64) + 0.01
+    fractions = fractions / fractions.sum() * k
+    budget = batch_budget(k, n_tokens)
+    capacities = capacities_for_batch(fractions, n_tokens, budget)
+    out = feature_choice_select(acts, capacities)
+    assert_is_selection_of(out, acts)
+    kept = out != 0
+    assert kept.sum() <= budget
+    assert (kept.sum(dim=0) <= capacities).all()
+    # per feature: every positive entry up to its capacity is kept, and nothing
+    # dropped from a column is larger than what that column kept
+    positives = (acts > 0).sum(dim=0)
+    assert torch.equal(kept.sum(dim=0), torch.minimum(positives, capacities))
+    for j in range(d_sae):
+        column_kept, column = out[:, j][kept[:, j]], acts[:, j][~kept[:, j]]
+        if column_kept.numel() and column.numel():
+            assert column.max() <= column_kept.min()

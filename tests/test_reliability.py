@@ -265,3 +265,24 @@ def test_deepcopy_selects_with_its_own_state():
         twin.n_selection_steps += 1  # the copy moves on, the original does not
     assert torch.equal(twin.encode_batch(x), copy.deepcopy(twin).encode_batch(x))
     assert not torch.equal(twin.encode_batch(x), sae.encode_batch(x))
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_fold_activation_whitening_keeps_codes_and_outputs(name):
+    sae = trained(name, pool_seed=0) if name == "sampled" else trained(name)
+    sae.eval()
+    generator = torch.Generator().manual_seed(1)
+    mean = torch.randn(D_IN, generator=generator)
+    whitening = torch.randn(D_IN, D_IN, generator=generator) / D_IN**0.5
+    whitening += torch.eye(D_IN)
+    unwhitening = torch.linalg.inv(whitening)
+    x = torch.randn(20, D_IN, generator=generator) * 2 + 1
+    z = (x - mean) @ whitening  # what the SAE saw in training
+    codes, batch = sae.encode(z), sae.encode_batch(z)
+    output = sae(z) @ unwhitening + mean
+    assert (codes != 0).any()
+    sae.fold_activation_whitening(mean, whitening, unwhitening)
+    # the folded SAE takes raw activations and gives the same codes and outputs
+    torch.testing.assert_close(sae.encode(x), codes, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae.encode_batch(x), batch, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae(x), output, rtol=1e-4, atol=1e-4)
