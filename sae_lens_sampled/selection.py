@@ -6,6 +6,12 @@ are zero. Selected entries are gathered from ``acts`` so gradients flow through 
 nothing else, as in SAELens's TopK and BatchTopK. Scores, pools and capacities are
 computed without gradient.
 
+Ties: every rule keeps the entries above its cut-off value, and of the entries equal to
+the cut-off, the first ones in token order (row-major: lower token index first, then
+lower feature index; within one feature column, lower token index first) until the
+budget or capacity is met. The selection is therefore a function of the values alone,
+the same on every device and on every path.
+
 Nothing in this module imports SAELens, so the rules can be tested and optimised alone.
 """
 
@@ -33,60 +39,91 @@ def batch_budget(k: float, n_tokens: int) -> int:
     return int(round(k * n_tokens))
 
 
-def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
-    """Keep the ``budget`` largest entries of ``acts`` over the whole matrix.
+def keep_top(
+    acts: torch.Tensor, cutoffs: torch.Tensor, capacities: torch.Tensor
+) -> torch.Tensor:
+    """Keep, in each column j of ``acts`` ``[n, c]``, its ``capacities[j]`` largest
+    positive entries, given ``cutoffs[j]``, the column's ``capacities[j]``-th largest
+    value (``inf`` where the capacity is 0).
 
-    This is SAELens's ``BatchTopK`` selection with an explicit budget. Entries that are
-    selected but zero stay zero, so the realised L0 can fall below the budget.
+    Entries above the cut-off are kept; of those equal to it, the first ones along the
+    column until the capacity is met (the module's tie rule). A column whose cut-off is
+    not positive keeps all its positive entries (fewer than its capacity). Returns
+    ``acts`` where kept and 0 elsewhere, so gradients reach the kept entries only.
+    """
+    with torch.no_grad():
+        positive = torch.nextafter(acts.new_zeros(()), acts.new_ones(()))
+        floor = torch.maximum(cutoffs, positive)
+        keep = acts >= floor
+        # Host sync: only a tie at some cut-off needs the ordered count below.
+        if bool((keep.sum(dim=0) > capacities).any()):
+            above = acts > floor
+            at = (acts == floor) & (cutoffs > 0)
+            room = capacities - above.sum(dim=0)
+            order_dtype = torch.int32 if acts.shape[0] < 2**31 else torch.int64
+            keep = above | (at & (at.cumsum(dim=0, dtype=order_dtype) <= room))
+    return torch.where(keep, acts, acts.new_zeros(()))
+
+
+@torch.no_grad()
+def batch_topk_cutoff(acts: torch.Tensor, budget: int) -> torch.Tensor:
+    """The ``budget``-th largest entry of ``acts`` (0-d; ``inf`` for a budget of 0).
 
     A flat top-k over ``n * d_sae`` entries costs several times more per entry than a
     per-row one, so on a 2-D ``acts`` this takes each row's ``c = 2 * ceil(budget / n)``
-    largest entries as candidates and runs the global top-``budget`` over those. That
-    is exact unless some row's smallest candidate is above the resulting threshold
-    (the row may hide more winners). The search then also covers every entry of those
-    rows at or above that threshold (a lower bound of the true one), or falls back to
-    the flat top-k if that pool is large. The selected set can differ from a flat
-    top-k's only among equal values.
+    largest entries as candidates and runs the global top-``budget`` over those. Its
+    smallest value is the answer unless some row's smallest candidate is above it (the
+    row may hide larger entries); the search then also covers every entry of those rows
+    at or above that value (a lower bound of the true one), or falls back to the flat
+    top-k if that pool is large. Every entry above the answer is in the search, and at
+    least ``budget`` entries at or above it, so the value is exact.
     """
     flat = acts.flatten()
     budget = min(max(budget, 0), flat.numel())
+    if budget == 0:
+        return flat.new_full((), torch.inf)
     n_rows, n_cols = (acts.shape[0], acts.shape[-1]) if acts.dim() == 2 else (1, 0)
     n_candidates = 2 * -(-budget // max(n_rows, 1))
-    with torch.no_grad():
-        if acts.dim() != 2 or budget == 0 or 2 * n_candidates > n_cols:
-            indices = torch.topk(flat, budget, sorted=False).indices
-        else:
-            cand_values, cand_cols = torch.topk(acts, n_candidates, dim=1, sorted=False)
-            top = torch.topk(cand_values.flatten(), budget, sorted=False)
-            threshold = top.values.min()
-            rows = torch.arange(n_rows, device=acts.device)[:, None]
-            cand_indices = rows * n_cols + cand_cols
-            # A row's other entries are <= its smallest candidate, so only rows whose
-            # smallest candidate is above the threshold can hide more winners.
-            saturated = cand_values.amin(dim=1) > threshold
-            if not bool(saturated.any()):  # host sync on accelerators
-                indices = cand_indices.flatten()[top.indices]
-            else:
-                full_rows = saturated.nonzero().squeeze(1)
-                sub_rows, cols = (acts[full_rows] >= threshold).nonzero().unbind(1)
-                pool = torch.cat(
-                    [
-                        cand_indices[~saturated].flatten(),
-                        full_rows[sub_rows] * n_cols + cols,
-                    ]
-                )
-                if 2 * pool.numel() > flat.numel():
-                    indices = torch.topk(flat, budget, sorted=False).indices
-                else:
-                    top = torch.topk(flat[pool], budget, sorted=False)
-                    indices = pool[top.indices]
-    # Gathered from acts, so gradients reach the selected entries only.
-    return torch.zeros_like(flat).scatter_(0, indices, flat[indices]).view_as(acts)
+    if acts.dim() != 2 or 2 * n_candidates > n_cols:
+        return torch.topk(flat, budget, sorted=False).values.min()
+    cand_values, cand_cols = torch.topk(acts, n_candidates, dim=1, sorted=False)
+    cutoff = torch.topk(cand_values.flatten(), budget, sorted=False).values.min()
+    # A row's other entries are <= its smallest candidate, so only rows whose
+    # smallest candidate is above the cut-off can hide larger entries.
+    saturated = cand_values.amin(dim=1) > cutoff
+    if not bool(saturated.any()):  # host sync on accelerators
+        return cutoff
+    full_rows = saturated.nonzero().squeeze(1)
+    rows = torch.arange(n_rows, device=acts.device)[:, None]
+    cand_indices = rows * n_cols + cand_cols
+    sub_rows, cols = (acts[full_rows] >= cutoff).nonzero().unbind(1)
+    pool = torch.cat(
+        [cand_indices[~saturated].flatten(), full_rows[sub_rows] * n_cols + cols]
+    )
+    if 2 * pool.numel() > flat.numel():
+        return torch.topk(flat, budget, sorted=False).values.min()
+    return torch.topk(flat[pool], budget, sorted=False).values.min()
+
+
+def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
+    """Keep the ``budget`` largest entries of ``acts`` over the whole matrix.
+
+    This is SAELens's ``BatchTopK`` selection with an explicit budget and a fixed tie
+    rule: of the entries equal to the smallest kept value, the first in row-major order
+    are kept. Entries that would be selected but are zero stay zero, so the realised
+    L0 can fall below the budget. The cut-off comes from
+    :func:`batch_topk_cutoff`; the selection is then one pass over ``acts``.
+    """
+    budget = min(max(budget, 0), acts.numel())
+    cutoff = batch_topk_cutoff(acts, budget)
+    capacity = torch.tensor([budget], device=acts.device)
+    # One column of n * d_sae entries: "along the column" is row-major order.
+    return keep_top(acts.reshape(-1, 1), cutoff.reshape(1), capacity).view_as(acts)
 
 
 @torch.no_grad()
 def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
-    """Score each feature column of ``acts`` over the batch, shape ``[d_sae]``.
+    """Score each feature column of ``acts`` over the batch: float64 ``[d_sae]``.
 
     - ``l2``: ``||acts[:, j]||_2``;
     - ``squared_l2``: ``||acts[:, j]||_2 ** 2``;
@@ -94,18 +131,23 @@ def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
       tokens; an all-zero column scores 0. High entropy means the feature is spread
       over many tokens, which is what the pool keeps;
     - ``uniform``: every feature scores 1.
+
+    Computed in float32 at least and returned in float64: a float16 column's squared
+    norm overflows float16 (above 65504) on ordinary activations, and a score of
+    ``inf`` would make every draw the same.
     """
-    if score == "l2":
-        return torch.linalg.vector_norm(acts, dim=0)
-    if score == "squared_l2":
-        return acts.square().sum(dim=0)
-    if score == "entropy":
-        totals = acts.sum(dim=0, keepdim=True)
-        probs = acts / totals.clamp_min(torch.finfo(acts.dtype).tiny)
-        return -torch.special.xlogy(probs, probs).sum(dim=0)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if score == "uniform":
-        return torch.ones(acts.shape[-1], dtype=acts.dtype, device=acts.device)
-    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        return torch.ones(acts.shape[-1], dtype=torch.float64, device=acts.device)
+    wide = torch.promote_types(acts.dtype, torch.float32)
+    if score == "entropy":
+        acts = acts.to(wide)
+        totals = acts.sum(dim=0, keepdim=True)
+        probs = acts / totals.clamp_min(torch.finfo(wide).tiny)
+        return -torch.special.xlogy(probs, probs).sum(dim=0).to(torch.float64)
+    norms = torch.linalg.vector_norm(acts, dim=0, dtype=wide).to(torch.float64)
+    return norms if score == "l2" else norms.square()
 
 
 def pool_size(k: float, pool_factor: float, d_sae: int) -> int:
@@ -122,12 +164,15 @@ def select_pool(
 ) -> torch.Tensor:
     """Indices of the ``size`` features that form the pool.
 
-    ``mode="top"`` takes the best scores. ``mode="sample"`` draws without replacement
-    with probability proportional to the score (Gumbel-top-k on the log score); features
-    scoring 0 are drawn only once every positive-score feature is in the pool.
+    ``mode="top"`` takes the best scores (of equal scores, the lower feature index).
+    ``mode="sample"`` draws without replacement with probability proportional to the
+    score (Gumbel-top-k on the log score); features scoring 0 are drawn only once every
+    positive-score feature is in the pool. The indices come in ascending order, so the
+    pool's columns keep the features' order.
     """
     if mode == "top":
-        return torch.topk(scores, size).indices
+        order = torch.sort(scores, descending=True, stable=True).indices
+        return order[:size].sort().values
     if mode != "sample":
         raise ValueError(f"pool_mode must be one of {POOL_MODES}, got {mode!r}")
     # float64 keys keep the Gumbel noise resolvable next to the zero-score offset.
@@ -142,7 +187,7 @@ def select_pool(
         torch.log(torch.where(positive, scores64, 1.0)),
         -_ZERO_SCORE_KEY_OFFSET,
     )
-    return torch.topk(log_scores + gumbel, size).indices
+    return torch.topk(log_scores + gumbel, size).indices.sort().values
 
 
 def sampled_topk(
@@ -158,8 +203,9 @@ def sampled_topk(
     The pool holds ``pool_size(k, pool_factor, d_sae)`` features chosen by
     :func:`select_pool` from :func:`feature_scores`; the batch keeps its
     ``batch_budget(k, n_tokens)`` largest entries among the pool columns (all of them
-    if the pool holds fewer). A pool covering every feature is exactly
-    :func:`batch_topk`.
+    if the pool holds fewer). The pool's columns keep the features' order, so ties
+    follow the module's rule as if the other columns were zero. A pool covering every
+    feature is exactly :func:`batch_topk`.
     """
     n_tokens, d_sae = acts.shape
     budget = batch_budget(k, n_tokens)
@@ -316,65 +362,55 @@ def capacities_for_batch(
     return capacities
 
 
-def _ranked_entries(
-    acts: torch.Tensor,
-    capacities: torch.Tensor,
-    columns: torch.Tensor | None,
-    first_rank: int,
-    depth: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices and values of ranks ``first_rank <= r < min(depth, m_j)``."""
-    d_sae = acts.shape[1]
-    if columns is None:
-        columns = torch.arange(d_sae, device=acts.device)
-    else:
-        acts, capacities = acts.index_select(1, columns), capacities[columns]
-    top = torch.topk(acts, depth, dim=0)
-    rank = torch.arange(depth, device=acts.device)[:, None]
-    keep = (rank >= first_rank) & (rank < capacities[None, :])
-    flat = top.indices * d_sae + columns[None, :]
-    return flat[first_rank:].flatten(), (top.values * keep)[first_rank:].flatten()
+def _column_cutoffs(
+    acts: torch.Tensor, capacities: torch.Tensor, depth: int
+) -> torch.Tensor:
+    """Each column's ``capacities[j]``-th largest entry, for capacities in
+    ``[1, depth]`` (``[n, c]`` acts, one ``topk`` along the token axis)."""
+    top = torch.topk(acts, depth, dim=0).values  # sorted: row r holds rank r
+    return top.gather(0, (capacities - 1).clamp(0, depth - 1)[None]).squeeze(0)
 
 
 def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
     """Each feature j keeps its ``capacities[j]`` largest entries over the tokens.
 
     ``acts`` is ``[n_tokens, d_sae]`` (post-ReLU), ``capacities`` a long ``[d_sae]``.
-    A selected entry that is 0 stays 0 (not active). Ties follow ``torch.topk``.
+    A selected entry that is 0 stays 0 (not active). Of tokens tied at a feature's
+    cut-off, the lower token indices are kept.
 
-    One ``topk`` along the token axis (no transposed copy) takes every feature's
-    first ``D`` ranks, with ``D`` the power of two at or above twice the mean
-    capacity (at least 8); then a rank mask keeps ``rank < m_j``. A Zipf head of a
-    few features can hold capacities up to the whole batch, so features deeper than
-    ``D`` are handled in buckets of power-of-two depth, each a ``topk`` over its own
-    columns only: at most ``log2(n_tokens)`` buckets, never a loop over features.
-    Everything ends in one scatter, through which gradients reach the selected
-    entries only.
+    Only each feature's cut-off (its ``m_j``-th largest value) comes from a ``topk``;
+    the selection is then one pass over ``acts`` (:func:`keep_top`), so every entry is
+    kept or not exactly once, whatever the ties. One ``topk`` along the token axis (no
+    transposed copy) covers every feature's first ``D`` ranks, with ``D`` the power of
+    two at or above twice the mean capacity (at least 8). A Zipf head of a few features
+    can hold capacities up to the whole batch, so features deeper than ``D`` are
+    handled in buckets of power-of-two depth, each a ``topk`` over its own columns
+    only: at most ``log2(n_tokens)`` buckets, never a loop over features.
     """
     n_tokens, d_sae = acts.shape
     if d_sae == 0 or n_tokens == 0:
         return torch.zeros_like(acts)
     capacities = capacities.clamp(0, n_tokens)
-    # Host syncs: topk depths must be Python ints.
-    depth = int(capacities.max())
-    if depth == 0:
-        return torch.zeros_like(acts)
-    mean = float(capacities.sum()) / d_sae
-    shallow = max(8, 1 << max(0, math.ceil(math.log2(max(2 * mean, 1.0)))))
-    if depth <= 2 * shallow:
-        shallow = depth
-    parts = [_ranked_entries(acts, capacities, None, 0, shallow)]
-    if depth > shallow:
-        # bucket b holds capacities in (shallow * 2**(b-1), shallow * 2**b]
-        levels = torch.ceil(torch.log2(capacities.double() / shallow)).long()
-        deep = levels > 0
-        for level in levels[deep].unique().tolist():
-            columns = (levels == level).nonzero().squeeze(1)
-            bucket_depth = min(n_tokens, shallow << level)
-            parts.append(
-                _ranked_entries(acts, capacities, columns, shallow, bucket_depth)
+    with torch.no_grad():
+        cutoffs = acts.new_full((d_sae,), torch.inf)
+        # Host syncs: topk depths must be Python ints.
+        depth = int(capacities.max())
+        if depth > 0:
+            mean = float(capacities.sum()) / d_sae
+            shallow = max(8, 1 << max(0, math.ceil(math.log2(max(2 * mean, 1.0)))))
+            shallow = min(depth if depth <= 2 * shallow else shallow, n_tokens)
+            in_shallow = (capacities >= 1) & (capacities <= shallow)
+            cutoffs = torch.where(
+                in_shallow, _column_cutoffs(acts, capacities, shallow), cutoffs
             )
-    indices = torch.cat([part[0] for part in parts])
-    values = torch.cat([part[1] for part in parts])
-    out = torch.zeros_like(acts).flatten().scatter(0, indices, values)
-    return out.view_as(acts)
+            if depth > shallow:
+                # bucket b holds capacities in (shallow * 2**(b-1), shallow * 2**b]
+                levels = torch.ceil(torch.log2(capacities.double() / shallow)).long()
+                for level in levels[levels > 0].unique().tolist():
+                    columns = (levels == level).nonzero().squeeze(1)
+                    cutoffs[columns] = _column_cutoffs(
+                        acts.index_select(1, columns),
+                        capacities[columns],
+                        min(n_tokens, shallow << level),
+                    )
+    return keep_top(acts, cutoffs, capacities)
