@@ -18,6 +18,7 @@ Nothing in this module imports SAELens, so the rules can be tested and optimised
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -65,44 +66,97 @@ def keep_top(
     return torch.where(keep, acts, acts.new_zeros(()))
 
 
+@dataclass
+class _TopSearch:
+    """A search for the ``budget`` largest entries of ``acts``.
+
+    ``searched`` holds the flat indices of the entries it looked at (``None``: all of
+    them, in order) and ``values`` their values, ``top`` the positions among them of a
+    top-``budget`` set and ``cutoff`` that set's smallest value. Every entry above the
+    cut-off was searched; an unsearched entry equal to it can only sit in a row
+    flagged in ``unsearched_rows`` (``None`` when every entry was searched).
+    """
+
+    searched: torch.Tensor | None
+    values: torch.Tensor
+    top: torch.Tensor
+    cutoff: torch.Tensor
+    unsearched_rows: torch.Tensor | None
+
+
 @torch.no_grad()
-def batch_topk_cutoff(acts: torch.Tensor, budget: int) -> torch.Tensor:
-    """The ``budget``-th largest entry of ``acts`` (0-d; ``inf`` for a budget of 0).
+def _search_top(acts: torch.Tensor, budget: int) -> _TopSearch:
+    """Find the ``budget`` largest entries of ``acts`` (``0 < budget <= acts.numel()``).
 
     A flat top-k over ``n * d_sae`` entries costs several times more per entry than a
     per-row one, so on a 2-D ``acts`` this takes each row's ``c = 2 * ceil(budget / n)``
-    largest entries as candidates and runs the global top-``budget`` over those. Its
-    smallest value is the answer unless some row's smallest candidate is above it (the
-    row may hide larger entries); the search then also covers every entry of those rows
-    at or above that value (a lower bound of the true one), or falls back to the flat
-    top-k if that pool is large. Every entry above the answer is in the search, and at
-    least ``budget`` entries at or above it, so the value is exact.
+    largest entries as candidates and runs the global top-``budget`` over those. That
+    is exact unless some row's smallest candidate is above the resulting cut-off (the
+    row may hide more winners); the search then also covers every entry of those rows
+    at or above that cut-off (a lower bound of the true one), or falls back to the flat
+    top-k if that pool is large.
     """
     flat = acts.flatten()
-    budget = min(max(budget, 0), flat.numel())
-    if budget == 0:
-        return flat.new_full((), torch.inf)
     n_rows, n_cols = (acts.shape[0], acts.shape[-1]) if acts.dim() == 2 else (1, 0)
     n_candidates = 2 * -(-budget // max(n_rows, 1))
+
+    def flat_search() -> _TopSearch:
+        top = torch.topk(flat, budget, sorted=False)
+        return _TopSearch(None, flat, top.indices, top.values.min(), None)
+
     if acts.dim() != 2 or 2 * n_candidates > n_cols:
-        return torch.topk(flat, budget, sorted=False).values.min()
+        return flat_search()
     cand_values, cand_cols = torch.topk(acts, n_candidates, dim=1, sorted=False)
-    cutoff = torch.topk(cand_values.flatten(), budget, sorted=False).values.min()
-    # A row's other entries are <= its smallest candidate, so only rows whose
-    # smallest candidate is above the cut-off can hide larger entries.
-    saturated = cand_values.amin(dim=1) > cutoff
-    if not bool(saturated.any()):  # host sync on accelerators
-        return cutoff
-    full_rows = saturated.nonzero().squeeze(1)
+    top = torch.topk(cand_values.flatten(), budget, sorted=False)
+    cutoff = top.values.min()
     rows = torch.arange(n_rows, device=acts.device)[:, None]
-    cand_indices = rows * n_cols + cand_cols
+    cand_indices = (rows * n_cols + cand_cols).flatten()
+    # A row's other entries are <= its smallest candidate, so only rows whose
+    # smallest candidate is above the cut-off can hide larger entries, and only rows
+    # whose smallest candidate equals it can hide equal ones.
+    cand_min = cand_values.amin(dim=1)
+    saturated = cand_min > cutoff
+    if not bool(saturated.any()):  # host sync on accelerators
+        return _TopSearch(
+            cand_indices, cand_values.flatten(), top.indices, cutoff, cand_min == cutoff
+        )
+    full_rows = saturated.nonzero().squeeze(1)
     sub_rows, cols = (acts[full_rows] >= cutoff).nonzero().unbind(1)
-    pool = torch.cat(
-        [cand_indices[~saturated].flatten(), full_rows[sub_rows] * n_cols + cols]
-    )
+    kept_rows = ~saturated[:, None].expand(n_rows, n_candidates).flatten()
+    pool = torch.cat([cand_indices[kept_rows], full_rows[sub_rows] * n_cols + cols])
     if 2 * pool.numel() > flat.numel():
-        return torch.topk(flat, budget, sorted=False).values.min()
-    return torch.topk(flat[pool], budget, sorted=False).values.min()
+        return flat_search()
+    values = flat[pool]
+    top = torch.topk(values, budget, sorted=False)
+    cutoff = top.values.min()
+    # Saturated rows were searched down to a lower bound of the cut-off.
+    return _TopSearch(
+        pool, values, top.indices, cutoff, ~saturated & (cand_min == cutoff)
+    )
+
+
+def _searched_where(search: _TopSearch, mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the searched entries where ``mask`` (over ``search.values``)."""
+    positions = mask.nonzero().squeeze(1)
+    return positions if search.searched is None else search.searched[positions]
+
+
+def _tie_rule_selection(
+    acts: torch.Tensor, search: _TopSearch, budget: int
+) -> torch.Tensor:
+    """Flat indices of the top ``budget`` entries under the tie rule: those above the
+    cut-off, then the entries equal to it in row-major order (host syncs)."""
+    cutoff = search.cutoff
+    above = _searched_where(search, search.values > cutoff)
+    if not bool(cutoff > 0):
+        return above  # fewer positive entries than the budget; zeros are not kept
+    equal = [_searched_where(search, search.values == cutoff)]
+    if search.unsearched_rows is not None:
+        rows = search.unsearched_rows.nonzero().squeeze(1)
+        sub_rows, cols = (acts[rows] == cutoff).nonzero().unbind(1)
+        equal.append(rows[sub_rows] * acts.shape[-1] + cols)
+    in_order = torch.cat(equal).unique()  # sorted, so in row-major order
+    return torch.cat([above, in_order[: budget - above.numel()]])
 
 
 def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
@@ -111,14 +165,26 @@ def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
     This is SAELens's ``BatchTopK`` selection with an explicit budget and a fixed tie
     rule: of the entries equal to the smallest kept value, the first in row-major order
     are kept. Entries that would be selected but are zero stay zero, so the realised
-    L0 can fall below the budget. The cut-off comes from
-    :func:`batch_topk_cutoff`; the selection is then one pass over ``acts``.
+    L0 can fall below the budget. When no entry left out equals the cut-off (the
+    common case), the top-``budget`` set is unique and comes straight from the search;
+    otherwise the entries equal to the cut-off are found (in the searched set and in
+    the few rows that can hide more) and taken in row-major order.
     """
-    budget = min(max(budget, 0), acts.numel())
-    cutoff = batch_topk_cutoff(acts, budget)
-    capacity = torch.tensor([budget], device=acts.device)
-    # One column of n * d_sae entries: "along the column" is row-major order.
-    return keep_top(acts.reshape(-1, 1), cutoff.reshape(1), capacity).view_as(acts)
+    flat = acts.flatten()
+    budget = min(max(budget, 0), flat.numel())
+    indices = torch.zeros(0, dtype=torch.long, device=acts.device)
+    if budget > 0:
+        search = _search_top(acts, budget)
+        indices = search.top if search.searched is None else search.searched[search.top]
+        with torch.no_grad():
+            equal = search.values == search.cutoff
+            ties = equal.sum() > equal[search.top].sum()
+            if search.unsearched_rows is not None:
+                ties = ties | search.unsearched_rows.any()
+        if bool(ties):  # host sync on accelerators
+            indices = _tie_rule_selection(acts, search, budget)
+    # Gathered from acts, so gradients reach the selected entries only.
+    return torch.zeros_like(flat).scatter_(0, indices, flat[indices]).view_as(acts)
 
 
 @torch.no_grad()
@@ -362,13 +428,71 @@ def capacities_for_batch(
     return capacities
 
 
-def _column_cutoffs(
-    acts: torch.Tensor, capacities: torch.Tensor, depth: int
-) -> torch.Tensor:
-    """Each column's ``capacities[j]``-th largest entry, for capacities in
-    ``[1, depth]`` (``[n, c]`` acts, one ``topk`` along the token axis)."""
-    top = torch.topk(acts, depth, dim=0).values  # sorted: row r holds rank r
-    return top.gather(0, (capacities - 1).clamp(0, depth - 1)[None]).squeeze(0)
+class _ColumnTop:
+    """The first ``depth`` ranks of some columns of ``acts`` ``[n, d_sae]`` along the
+    tokens (one sorted ``topk``), for capacities below ``depth`` (or equal to ``n``),
+    so that the entry after each column's cut-off shows whether it ties with it."""
+
+    def __init__(
+        self,
+        acts: torch.Tensor,
+        capacities: torch.Tensor,
+        columns: torch.Tensor | None,
+        depth: int,
+    ):
+        n_tokens = acts.shape[0]
+        if columns is not None:
+            acts, capacities = acts.index_select(1, columns), capacities[columns]
+        self.columns, self.capacities, self.n_tokens = columns, capacities, n_tokens
+        self.top = torch.topk(acts, depth, dim=0)  # sorted
+        with torch.no_grad():
+            values = self.top.values.detach()
+            self.cutoffs = values.gather(0, (capacities - 1).clamp(0, depth - 1)[None])[
+                0
+            ]
+            after = values.gather(0, capacities.clamp(0, depth - 1)[None])[0]
+            # ties among zeros do not matter: zeros are never active
+            self.ties = (
+                (capacities >= 1)
+                & (capacities < min(depth, n_tokens))
+                & (after == self.cutoffs)
+                & (self.cutoffs > 0)
+            )
+
+    def put_ties_in_token_order(self) -> torch.Tensor:
+        """Reorder the ranks by (value descending, token ascending), the tie rule.
+
+        Returns, per column, whether entries equal to its cut-off may lie beyond the
+        ranks taken (the last one taken equals the cut-off and tokens remain), where
+        the reordering cannot settle the tie.
+        """
+        values, indices = self.top.values, self.top.indices
+        by_token = indices.argsort(dim=0)
+        values, indices = values.gather(0, by_token), indices.gather(0, by_token)
+        by_value = values.detach().sort(dim=0, descending=True, stable=True).indices
+        self.top = torch.return_types.topk(
+            (values.gather(0, by_value), indices.gather(0, by_value))
+        )
+        window = values.shape[0]
+        with torch.no_grad():
+            last = self.top.values[-1].detach()
+            return self.ties & (last == self.cutoffs) & (window < self.n_tokens)
+
+    def kept_entries(
+        self, d_sae: int, dropped: int, wanted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of ranks ``< m_j`` in the ``wanted`` (bool ``[d_sae]``)
+        columns, the others sent to index ``dropped``; and their values."""
+        indices, values = self.top.indices, self.top.values
+        columns = (
+            torch.arange(d_sae, device=indices.device)
+            if self.columns is None
+            else self.columns
+        )
+        rank = torch.arange(indices.shape[0], device=indices.device)[:, None]
+        keep = (rank < self.capacities[None, :]) & wanted[columns][None, :]
+        flat = torch.where(keep, indices * d_sae + columns[None, :], dropped)
+        return flat.flatten(), values.flatten()
 
 
 def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
@@ -378,39 +502,69 @@ def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch
     A selected entry that is 0 stays 0 (not active). Of tokens tied at a feature's
     cut-off, the lower token indices are kept.
 
-    Only each feature's cut-off (its ``m_j``-th largest value) comes from a ``topk``;
-    the selection is then one pass over ``acts`` (:func:`keep_top`), so every entry is
-    kept or not exactly once, whatever the ties. One ``topk`` along the token axis (no
-    transposed copy) covers every feature's first ``D`` ranks, with ``D`` the power of
-    two at or above twice the mean capacity (at least 8). A Zipf head of a few features
-    can hold capacities up to the whole batch, so features deeper than ``D`` are
-    handled in buckets of power-of-two depth, each a ``topk`` over its own columns
-    only: at most ``log2(n_tokens)`` buckets, never a loop over features.
+    One ``topk`` along the token axis (no transposed copy) takes the first ``D`` ranks
+    of every feature with a capacity below ``D``, the power of two at or above twice
+    the mean capacity (at least 8). A Zipf head of a few features can hold capacities
+    up to the whole batch, so deeper features are handled in buckets of power-of-two
+    depth, each a ``topk`` over its own columns only: at most ``log2(n_tokens)``
+    buckets, never a loop over features. Every column takes its entries from exactly one of these calls, and
+    they end in one scatter, through which gradients reach the selected entries only.
+    Where an entry beyond some feature's capacity ties with its cut-off (the order
+    ``topk`` gives equal values is unspecified), the ranks are re-sorted by token
+    index among equal values; only the columns whose tie group runs past the ranks
+    taken (e.g. all-equal columns) go through :func:`keep_top`, one pass over them.
     """
     n_tokens, d_sae = acts.shape
-    if d_sae == 0 or n_tokens == 0:
-        return torch.zeros_like(acts)
     capacities = capacities.clamp(0, n_tokens)
-    with torch.no_grad():
+    # Host syncs: topk depths must be Python ints.
+    depth = int(capacities.max()) if acts.numel() > 0 else 0
+    if depth == 0:
         cutoffs = acts.new_full((d_sae,), torch.inf)
-        # Host syncs: topk depths must be Python ints.
-        depth = int(capacities.max())
-        if depth > 0:
-            mean = float(capacities.sum()) / d_sae
-            shallow = max(8, 1 << max(0, math.ceil(math.log2(max(2 * mean, 1.0)))))
-            shallow = min(depth if depth <= 2 * shallow else shallow, n_tokens)
-            in_shallow = (capacities >= 1) & (capacities <= shallow)
-            cutoffs = torch.where(
-                in_shallow, _column_cutoffs(acts, capacities, shallow), cutoffs
-            )
-            if depth > shallow:
-                # bucket b holds capacities in (shallow * 2**(b-1), shallow * 2**b]
-                levels = torch.ceil(torch.log2(capacities.double() / shallow)).long()
-                for level in levels[levels > 0].unique().tolist():
-                    columns = (levels == level).nonzero().squeeze(1)
-                    cutoffs[columns] = _column_cutoffs(
-                        acts.index_select(1, columns),
-                        capacities[columns],
-                        min(n_tokens, shallow << level),
-                    )
-    return keep_top(acts, cutoffs, capacities)
+        return keep_top(acts, cutoffs, capacities)
+    mean = float(capacities.sum()) / d_sae
+    window = max(8, 1 << max(0, math.ceil(math.log2(max(2 * mean, 1.0)))))
+    if depth < 2 * window:
+        window = depth + 1  # one call covers every feature
+    window = min(window, n_tokens)
+    # A window one rank deeper than a capacity shows the entry after its cut-off.
+    in_head = (capacities < window) | (window == n_tokens)
+    head = _ColumnTop(acts, capacities, None, window)
+    buckets = []
+    if not bool(in_head.all()):
+        # bucket b holds capacities in [window * 2**(b-1), window * 2**b)
+        levels = torch.floor(torch.log2(capacities.double() / window)).long() + 1
+        for level in levels[~in_head].unique().tolist():
+            columns = ((levels == level) & ~in_head).nonzero().squeeze(1)
+            bucket_depth = min(n_tokens, window << level)
+            buckets.append(_ColumnTop(acts, capacities, columns, bucket_depth))
+    with torch.no_grad():
+        cutoffs = torch.where(in_head & (capacities > 0), head.cutoffs, torch.inf)
+        ties = in_head & head.ties
+        for bucket in buckets:
+            cutoffs[bucket.columns] = bucket.cutoffs
+            ties[bucket.columns] = bucket.ties
+    unresolved = torch.zeros_like(ties)
+    to_settle = None
+    if bool(ties.any()):  # host sync
+        # topk orders equal values arbitrarily: put them in token order.
+        unresolved = in_head & head.put_ties_in_token_order()
+        for bucket in buckets:
+            unresolved[bucket.columns] = bucket.put_ties_in_token_order()
+        # A tie group running past the ranks taken (e.g. an all-equal column) is
+        # settled by one pass over those columns.
+        to_settle = unresolved.nonzero().squeeze(1)  # host sync
+    # Each column's kept set is now its first capacity ranks. Entries beyond a
+    # capacity go to one extra slot that is dropped, so they overwrite nothing.
+    dropped = n_tokens * d_sae
+    parts = [head.kept_entries(d_sae, dropped, in_head & ~unresolved)]
+    parts += [bucket.kept_entries(d_sae, dropped, ~unresolved) for bucket in buckets]
+    indices = torch.cat([part[0] for part in parts])
+    values = torch.cat([part[1] for part in parts])
+    out = acts.new_zeros(dropped + 1).scatter_(0, indices, values)
+    out = out[:dropped].view_as(acts)
+    if to_settle is not None and to_settle.numel() > 0:
+        settled = keep_top(
+            acts.index_select(1, to_settle), cutoffs[to_settle], capacities[to_settle]
+        )
+        out.index_copy_(1, to_settle, settled)
+    return out

@@ -183,7 +183,11 @@ def training_loss(
     norms = W_dec.norm(dim=-1)
     acts = (sae_in @ W_enc + b_enc).relu()
     codes = (acts * norms if rescale else acts) * mask
-    recons = (codes / norms if rescale else codes) @ W_dec + b_dec
+    if rescale:
+        # a zero decoder row has zero codes, and contributes nothing
+        live = norms > 0
+        codes = torch.where(live, codes / torch.where(live, norms, 1.0), 0.0)
+    recons = codes @ W_dec + b_dec
     if normalize == "constant_norm_rescale":
         recons = recons / coeff
     elif normalize == "layer_norm":

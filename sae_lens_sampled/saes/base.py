@@ -358,14 +358,24 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        # Codes are in units of hidden_pre * ||W_dec||. A zero decoder row ranks 0, so
+        # its codes are 0; the clamp keeps 0 * (1 / 0) from turning them into NaN.
+        inverse_norms = 1 / self.W_dec.norm(dim=-1).clamp_min(
+            torch.finfo(self.W_dec.dtype).tiny
+        )
         sparse = getattr(feature_acts, "sparse_codes", None)
         if sparse is None or sparse[2] != feature_acts._version:
-            return super().decode(feature_acts)
-        codes, values, _ = sparse
-        if self.cfg.rescale_acts_by_decoder_norm:
-            values = values * (1 / self.W_dec.norm(dim=-1))[codes.cols]
-        sae_out_pre = sparse_decode(values, self.W_dec, codes) + self.b_dec
-        sae_out_pre = sae_out_pre.reshape(*feature_acts.shape[:-1], self.W_dec.shape[1])
+            if self.cfg.rescale_acts_by_decoder_norm:
+                feature_acts = feature_acts * inverse_norms
+            sae_out_pre = act_times_W_dec(feature_acts, self.W_dec, False) + self.b_dec
+        else:
+            codes, values, _ = sparse
+            if self.cfg.rescale_acts_by_decoder_norm:
+                values = values * inverse_norms[codes.cols]
+            sae_out_pre = sparse_decode(values, self.W_dec, codes) + self.b_dec
+            sae_out_pre = sae_out_pre.reshape(
+                *feature_acts.shape[:-1], self.W_dec.shape[1]
+            )
         sae_out_pre = self.hook_sae_recons(sae_out_pre)
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
