@@ -200,19 +200,21 @@ def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
 
     Computed in float32 at least and returned in float64: a float16 column's squared
     norm overflows float16 (above 65504) on ordinary activations, and a score of
-    ``inf`` would make every draw the same.
+    ``inf`` would make every draw the same. Each column is reduced as a contiguous
+    row of a ``[d_sae, n_tokens]`` copy: a reduction along dim 0 can round identical
+    columns differently (vector lanes and tail), which would break score ties.
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if score == "uniform":
         return torch.ones(acts.shape[-1], dtype=torch.float64, device=acts.device)
     wide = torch.promote_types(acts.dtype, torch.float32)
+    columns = acts.new_empty(acts.t().shape, dtype=wide).copy_(acts.t())
     if score == "entropy":
-        acts = acts.to(wide)
-        totals = acts.sum(dim=0, keepdim=True)
-        probs = acts / totals.clamp_min(torch.finfo(wide).tiny)
-        return -torch.special.xlogy(probs, probs).sum(dim=0).to(torch.float64)
-    norms = torch.linalg.vector_norm(acts, dim=0, dtype=wide).to(torch.float64)
+        totals = columns.sum(dim=-1, keepdim=True)
+        probs = columns / totals.clamp_min(torch.finfo(wide).tiny)
+        return -torch.special.xlogy(probs, probs).sum(dim=-1).to(torch.float64)
+    norms = torch.linalg.vector_norm(columns, dim=-1).to(torch.float64)
     return norms if score == "l2" else norms.square()
 
 

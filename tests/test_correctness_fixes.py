@@ -352,3 +352,32 @@ def test_seeded_inference_draws_advance_and_replay(tmp_path):
         for step, codes in enumerate(first):
             sae.n_selection_steps.fill_(step)
             assert torch.equal(sae.encode(x) != 0, codes != 0)
+
+
+# --- found by the differential tests --------------------------------------------------
+
+
+@pytest.mark.parametrize("score", ["l2", "squared_l2", "entropy"])
+@pytest.mark.parametrize(
+    ("n", "d", "dtype"), [(18, 17, torch.float64), (1000, 333, torch.float32)]
+)
+def test_identical_columns_score_equal_and_top_pool_takes_lower_indices(
+    score, n, d, dtype
+):
+    # a reduction along dim 0 rounded some of these identical columns differently
+    acts = torch.full((n, d), 0.5, dtype=dtype)
+    scores = feature_scores(acts, score)
+    assert scores.unique().numel() == 1
+    assert torch.equal(select_pool(scores, 10, "top"), torch.arange(10))
+
+
+def test_zero_decoder_row_gives_finite_dense_training_output():
+    sae = build("mutual_choice", aux_loss="none")
+    with torch.no_grad():
+        sae.W_dec[5] = 0.0
+    sae.hook_sae_acts_pre.add_hook(lambda tensor, hook: tensor)  # the dense path
+    sae.train()
+    output = sae.training_forward_pass(step_input(torch.randn(16, 8)))
+    assert bool(output.sae_out.isfinite().all())
+    output.loss.backward()
+    assert all(bool(getattr(sae, p).grad.isfinite().all()) for p in PARAMS)
