@@ -18,7 +18,6 @@ Nothing in this module imports SAELens, so the rules can be tested and optimised
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -66,97 +65,29 @@ def keep_top(
     return torch.where(keep, acts, acts.new_zeros(()))
 
 
-@dataclass
-class _TopSearch:
-    """A search for the ``budget`` largest entries of ``acts``.
-
-    ``searched`` holds the flat indices of the entries it looked at (``None``: all of
-    them, in order) and ``values`` their values, ``top`` the positions among them of a
-    top-``budget`` set and ``cutoff`` that set's smallest value. Every entry above the
-    cut-off was searched; an unsearched entry equal to it can only sit in a row
-    flagged in ``unsearched_rows`` (``None`` when every entry was searched).
-    """
-
-    searched: torch.Tensor | None
-    values: torch.Tensor
-    top: torch.Tensor
-    cutoff: torch.Tensor
-    unsearched_rows: torch.Tensor | None
-
-
-@torch.no_grad()
-def _search_top(acts: torch.Tensor, budget: int) -> _TopSearch:
-    """Find the ``budget`` largest entries of ``acts`` (``0 < budget <= acts.numel()``).
-
-    A flat top-k over ``n * d_sae`` entries costs several times more per entry than a
-    per-row one, so on a 2-D ``acts`` this takes each row's ``c = 2 * ceil(budget / n)``
-    largest entries as candidates and runs the global top-``budget`` over those. That
-    is exact unless some row's smallest candidate is above the resulting cut-off (the
-    row may hide more winners); the search then also covers every entry of those rows
-    at or above that cut-off (a lower bound of the true one), or falls back to the flat
-    top-k if that pool is large.
-    """
-    flat = acts.flatten()
-    n_rows, n_cols = (acts.shape[0], acts.shape[-1]) if acts.dim() == 2 else (1, 0)
-    n_candidates = 2 * -(-budget // max(n_rows, 1))
-
-    def flat_search() -> _TopSearch:
-        top = torch.topk(flat, budget, sorted=False)
-        return _TopSearch(None, flat, top.indices, top.values.min(), None)
-
-    if acts.dim() != 2 or 2 * n_candidates > n_cols:
-        return flat_search()
-    cand_values, cand_cols = torch.topk(acts, n_candidates, dim=1, sorted=False)
-    top = torch.topk(cand_values.flatten(), budget, sorted=False)
-    cutoff = top.values.min()
-    rows = torch.arange(n_rows, device=acts.device)[:, None]
-    cand_indices = (rows * n_cols + cand_cols).flatten()
-    # A row's other entries are <= its smallest candidate, so only rows whose
-    # smallest candidate is above the cut-off can hide larger entries, and only rows
-    # whose smallest candidate equals it can hide equal ones.
-    cand_min = cand_values.amin(dim=1)
-    saturated = cand_min > cutoff
-    if not bool(saturated.any()):  # host sync on accelerators
-        return _TopSearch(
-            cand_indices, cand_values.flatten(), top.indices, cutoff, cand_min == cutoff
-        )
-    full_rows = saturated.nonzero().squeeze(1)
-    sub_rows, cols = (acts[full_rows] >= cutoff).nonzero().unbind(1)
-    kept_rows = ~saturated[:, None].expand(n_rows, n_candidates).flatten()
-    pool = torch.cat([cand_indices[kept_rows], full_rows[sub_rows] * n_cols + cols])
-    if 2 * pool.numel() > flat.numel():
-        return flat_search()
-    values = flat[pool]
-    top = torch.topk(values, budget, sorted=False)
-    cutoff = top.values.min()
-    # Saturated rows were searched down to a lower bound of the cut-off.
-    return _TopSearch(
-        pool, values, top.indices, cutoff, ~saturated & (cand_min == cutoff)
-    )
-
-
-def _searched_where(search: _TopSearch, mask: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the searched entries where ``mask`` (over ``search.values``)."""
-    positions = mask.nonzero().squeeze(1)
-    return positions if search.searched is None else search.searched[positions]
-
-
-def _tie_rule_selection(
-    acts: torch.Tensor, search: _TopSearch, budget: int
+def _first_in_order(
+    values: torch.Tensor, cutoff: torch.Tensor, budget: int
 ) -> torch.Tensor:
-    """Flat indices of the top ``budget`` entries under the tie rule: those above the
-    cut-off, then the entries equal to it in row-major order (host syncs)."""
-    cutoff = search.cutoff
-    above = _searched_where(search, search.values > cutoff)
-    if not bool(cutoff > 0):
-        return above  # fewer positive entries than the budget; zeros are not kept
-    equal = [_searched_where(search, search.values == cutoff)]
-    if search.unsearched_rows is not None:
-        rows = search.unsearched_rows.nonzero().squeeze(1)
-        sub_rows, cols = (acts[rows] == cutoff).nonzero().unbind(1)
-        equal.append(rows[sub_rows] * acts.shape[-1] + cols)
-    in_order = torch.cat(equal).unique()  # sorted, so in row-major order
-    return torch.cat([above, in_order[: budget - above.numel()]])
+    """Which of ``values`` (in row-major order) the tie rule keeps, given the cut-off:
+    those above it, then those equal to it in order until ``budget`` are kept. Zeros
+    are never kept. No host sync."""
+    above = values > cutoff
+    at = (values == cutoff) & (cutoff > 0)
+    room = budget - above.sum()
+    return above | (at & (at.cumsum(dim=0) <= room))
+
+
+def _batch_topk_dense(acts: torch.Tensor, budget: int) -> torch.Tensor:
+    """:func:`batch_topk` by a flat top-k for the cut-off and one pass over ``acts``."""
+    flat = acts.flatten()
+    with torch.no_grad():
+        if budget > 0:
+            cutoff = torch.topk(flat, budget, sorted=False).values.min()
+        else:
+            cutoff = flat.new_full((), torch.inf)
+    capacity = torch.tensor([budget], device=acts.device)
+    # One column of n * d_sae entries: "along the column" is row-major order.
+    return keep_top(flat.view(-1, 1), cutoff.view(1), capacity).view_as(acts)
 
 
 def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
@@ -165,26 +96,83 @@ def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
     This is SAELens's ``BatchTopK`` selection with an explicit budget and a fixed tie
     rule: of the entries equal to the smallest kept value, the first in row-major order
     are kept. Entries that would be selected but are zero stay zero, so the realised
-    L0 can fall below the budget. When no entry left out equals the cut-off (the
-    common case), the top-``budget`` set is unique and comes straight from the search;
-    otherwise the entries equal to the cut-off are found (in the searched set and in
-    the few rows that can hide more) and taken in row-major order.
+    L0 can fall below the budget.
+
+    A flat top-k over ``n * d_sae`` entries costs several times more per entry than a
+    per-row one, so on a 2-D ``acts`` this takes each row's ``c = 2 * ceil(budget / n)``
+    largest entries as candidates and runs the global top-``budget`` over those. A
+    row's other entries are at most its smallest candidate, so unless some row's
+    smallest candidate is at or above the resulting cut-off, every entry above or
+    equal to the true cut-off is a candidate; and unless a candidate equal to the
+    cut-off was left out, the top set is the only one and is kept as found (one host
+    sync, the common case). Otherwise :func:`_batch_topk_settled` applies the tie rule.
     """
     flat = acts.flatten()
     budget = min(max(budget, 0), flat.numel())
-    indices = torch.zeros(0, dtype=torch.long, device=acts.device)
-    if budget > 0:
-        search = _search_top(acts, budget)
-        indices = search.top if search.searched is None else search.searched[search.top]
-        with torch.no_grad():
-            equal = search.values == search.cutoff
-            ties = equal.sum() > equal[search.top].sum()
-            if search.unsearched_rows is not None:
-                ties = ties | search.unsearched_rows.any()
-        if bool(ties):  # host sync on accelerators
-            indices = _tie_rule_selection(acts, search, budget)
+    n_rows, n_cols = (acts.shape[0], acts.shape[-1]) if acts.dim() == 2 else (1, 0)
+    n_candidates = 2 * -(-budget // max(n_rows, 1))
+    if budget == 0 or acts.dim() != 2 or 2 * n_candidates > n_cols:
+        return _batch_topk_dense(acts, budget)
+    with torch.no_grad():
+        cand_values, cand_cols = torch.topk(acts, n_candidates, dim=1, sorted=False)
+        top = torch.topk(cand_values.flatten(), budget, sorted=False)
+        cutoff = top.values.min()
+        open_rows = cand_values.amin(dim=1) >= cutoff
+        left_out = (cand_values == cutoff).sum() > (top.values == cutoff).sum()
+        any_open, any_left_out = torch.stack([open_rows.any(), left_out]).tolist()
+    if any_open or any_left_out:  # the one host sync above
+        return _batch_topk_settled(acts, budget, cand_values, cand_cols, open_rows)
+    rows = torch.arange(n_rows, device=acts.device)[:, None]
+    indices = (rows * n_cols + cand_cols).flatten()[top.indices]
     # Gathered from acts, so gradients reach the selected entries only.
     return torch.zeros_like(flat).scatter_(0, indices, flat[indices]).view_as(acts)
+
+
+def _batch_topk_settled(
+    acts: torch.Tensor,
+    budget: int,
+    cand_values: torch.Tensor,
+    cand_cols: torch.Tensor,
+    open_rows: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`batch_topk` when ties or rows with many winners need more than the
+    candidates' top set: a search pool in row-major order, then the tie rule."""
+    flat = acts.flatten()
+    n_rows, n_cols = acts.shape
+    with torch.no_grad():
+        cutoff = torch.topk(cand_values.flatten(), budget, sorted=False).values.min()
+        rows = torch.arange(n_rows, device=acts.device)[:, None]
+        if bool(open_rows.any()):  # host sync
+            # Open rows are searched down to the cut-off found, a lower bound of the
+            # true one: then the pool holds every entry above or equal to it.
+            closed = ~open_rows[:, None].expand_as(cand_cols).flatten()
+            full_rows = open_rows.nonzero().squeeze(1)
+            sub_rows, cols = (acts[full_rows] >= cutoff).nonzero().unbind(1)
+            pool = torch.cat(
+                [
+                    (rows * n_cols + cand_cols).flatten()[closed],
+                    full_rows[sub_rows] * n_cols + cols,
+                ]
+            )
+            if 2 * pool.numel() > flat.numel():
+                pool = None
+            else:
+                pool = pool.sort().values
+                values = flat[pool]
+                cutoff = torch.topk(values, budget, sorted=False).values.min()
+        else:
+            cand_cols, order = cand_cols.sort(dim=1)
+            pool = (rows * n_cols + cand_cols).flatten()
+            values = cand_values.gather(1, order).flatten()
+        if pool is not None:
+            keep = _first_in_order(values, cutoff, budget)
+            # Entries not kept go to one extra slot that is dropped.
+            target = torch.where(keep, pool, flat.numel())
+    if pool is None:  # the pool would be large
+        return _batch_topk_dense(acts, budget)
+    kept_values = torch.where(keep, flat[pool], flat.new_zeros(()))
+    out = flat.new_zeros(flat.numel() + 1).scatter_(0, target, kept_values)
+    return out[:-1].view_as(acts)
 
 
 @torch.no_grad()
@@ -200,21 +188,25 @@ def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
 
     Computed in float32 at least and returned in float64: a float16 column's squared
     norm overflows float16 (above 65504) on ordinary activations, and a score of
-    ``inf`` would make every draw the same. Each column is reduced as a contiguous
-    row of a ``[d_sae, n_tokens]`` copy: a reduction along dim 0 can round identical
-    columns differently (vector lanes and tail), which would break score ties.
+    ``inf`` would make every draw the same.
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if score == "uniform":
         return torch.ones(acts.shape[-1], dtype=torch.float64, device=acts.device)
     wide = torch.promote_types(acts.dtype, torch.float32)
-    columns = acts.new_empty(acts.t().shape, dtype=wide).copy_(acts.t())
     if score == "entropy":
+        # Reduced as rows of a [d_sae, n_tokens] copy, each padded with zeros to the
+        # same alignment: a sum along dim 0, or over rows that start at different
+        # alignments, can round identical columns differently (vector lanes and
+        # tails), which would break score ties.
+        n_tokens = acts.shape[0]
+        columns = acts.new_zeros((acts.shape[1], -(-n_tokens // 64) * 64), dtype=wide)
+        columns[:, :n_tokens].copy_(acts.t())
         totals = columns.sum(dim=-1, keepdim=True)
         probs = columns / totals.clamp_min(torch.finfo(wide).tiny)
         return -torch.special.xlogy(probs, probs).sum(dim=-1).to(torch.float64)
-    norms = torch.linalg.vector_norm(columns, dim=-1).to(torch.float64)
+    norms = torch.linalg.vector_norm(acts, dim=0, dtype=wide).to(torch.float64)
     return norms if score == "l2" else norms.square()
 
 
@@ -432,8 +424,9 @@ def capacities_for_batch(
 
 class _ColumnTop:
     """The first ``depth`` ranks of some columns of ``acts`` ``[n, d_sae]`` along the
-    tokens (one sorted ``topk``), for capacities below ``depth`` (or equal to ``n``),
-    so that the entry after each column's cut-off shows whether it ties with it."""
+    tokens (one sorted ``topk``), for capacities below ``depth`` (or a window of all
+    ``n`` tokens), so that the entry after each column's cut-off shows whether it ties
+    with it. A capacity of 0 leaves a column to another call."""
 
     def __init__(
         self,
@@ -448,17 +441,16 @@ class _ColumnTop:
         self.columns, self.capacities, self.n_tokens = columns, capacities, n_tokens
         self.top = torch.topk(acts, depth, dim=0)  # sorted
         with torch.no_grad():
-            values = self.top.values.detach()
-            self.cutoffs = values.gather(0, (capacities - 1).clamp(0, depth - 1)[None])[
-                0
-            ]
-            after = values.gather(0, capacities.clamp(0, depth - 1)[None])[0]
-            # ties among zeros do not matter: zeros are never active
+            ranks = torch.stack([capacities - 1, capacities]).clamp_(0, depth - 1)
+            cutoff, after = self.top.values.gather(0, ranks)
+            self.cutoffs = cutoff
+            # Ties among zeros do not matter (zeros are never active), and a column
+            # that keeps no token or every token has none.
             self.ties = (
-                (capacities >= 1)
-                & (capacities < min(depth, n_tokens))
-                & (after == self.cutoffs)
-                & (self.cutoffs > 0)
+                (after == cutoff)
+                & (cutoff > 0)
+                & (capacities >= 1)
+                & (capacities < n_tokens)
             )
 
     def put_ties_in_token_order(self) -> torch.Tensor:
@@ -466,35 +458,38 @@ class _ColumnTop:
 
         Returns, per column, whether entries equal to its cut-off may lie beyond the
         ranks taken (the last one taken equals the cut-off and tokens remain), where
-        the reordering cannot settle the tie.
+        the reordering cannot settle the tie; those columns are dropped from this call.
         """
         values, indices = self.top.values, self.top.indices
-        by_token = indices.argsort(dim=0)
-        values, indices = values.gather(0, by_token), indices.gather(0, by_token)
-        by_value = values.detach().sort(dim=0, descending=True, stable=True).indices
-        self.top = torch.return_types.topk(
-            (values.gather(0, by_value), indices.gather(0, by_value))
-        )
-        window = values.shape[0]
         with torch.no_grad():
-            last = self.top.values[-1].detach()
-            return self.ties & (last == self.cutoffs) & (window < self.n_tokens)
+            by_token = indices.argsort(dim=0)
+            indices = indices.gather(0, by_token)
+            by_value = values.detach().gather(0, by_token)
+            by_value = by_value.sort(dim=0, descending=True, stable=True).indices
+        values = values.gather(0, by_token).gather(0, by_value)
+        self.top = torch.return_types.topk((values, indices.gather(0, by_value)))
+        with torch.no_grad():
+            window = values.shape[0]
+            unsettled = (
+                self.ties & (values[-1] == self.cutoffs) & (window < self.n_tokens)
+            )
+            self.capacities = torch.where(unsettled, 0, self.capacities)
+        return unsettled
 
-    def kept_entries(
-        self, d_sae: int, dropped: int, wanted: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat indices of ranks ``< m_j`` in the ``wanted`` (bool ``[d_sae]``)
-        columns, the others sent to index ``dropped``; and their values."""
-        indices, values = self.top.indices, self.top.values
+    def kept_entries(self, d_sae: int, dropped: int) -> tuple[torch.Tensor, ...]:
+        """Flat indices of the ranks ``< m_j`` (the others sent to index ``dropped``),
+        and the values at all ranks."""
+        indices = self.top.indices
+        rank = torch.arange(indices.shape[0], device=indices.device)[:, None]
         columns = (
             torch.arange(d_sae, device=indices.device)
             if self.columns is None
             else self.columns
         )
-        rank = torch.arange(indices.shape[0], device=indices.device)[:, None]
-        keep = (rank < self.capacities[None, :]) & wanted[columns][None, :]
-        flat = torch.where(keep, indices * d_sae + columns[None, :], dropped)
-        return flat.flatten(), values.flatten()
+        flat = torch.where(
+            rank < self.capacities, indices * d_sae + columns, dropped
+        ).flatten()
+        return flat, self.top.values.flatten()
 
 
 def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
@@ -509,64 +504,65 @@ def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch
     the mean capacity (at least 8). A Zipf head of a few features can hold capacities
     up to the whole batch, so deeper features are handled in buckets of power-of-two
     depth, each a ``topk`` over its own columns only: at most ``log2(n_tokens)``
-    buckets, never a loop over features. Every column takes its entries from exactly one of these calls, and
-    they end in one scatter, through which gradients reach the selected entries only.
-    Where an entry beyond some feature's capacity ties with its cut-off (the order
-    ``topk`` gives equal values is unspecified), the ranks are re-sorted by token
-    index among equal values; only the columns whose tie group runs past the ranks
-    taken (e.g. all-equal columns) go through :func:`keep_top`, one pass over them.
+    buckets, never a loop over features. Every column takes its entries from exactly
+    one of these calls, and they end in one scatter, through which gradients reach the
+    selected entries only. Where an entry beyond some feature's capacity ties with its
+    cut-off (the order ``topk`` gives equal values is unspecified), the ranks are
+    re-sorted by token index among equal values; only the columns whose tie group runs
+    past the ranks taken (e.g. all-equal columns) go through :func:`keep_top`, one
+    pass over them.
     """
     n_tokens, d_sae = acts.shape
     capacities = capacities.clamp(0, n_tokens)
-    # Host syncs: topk depths must be Python ints.
-    depth = int(capacities.max()) if acts.numel() > 0 else 0
+    depth, total = 0, 0
+    if acts.numel() > 0:
+        # One host sync: topk depths must be Python ints.
+        depth, total = torch.stack([capacities.max(), capacities.sum()]).tolist()
     if depth == 0:
-        cutoffs = acts.new_full((d_sae,), torch.inf)
-        return keep_top(acts, cutoffs, capacities)
-    mean = float(capacities.sum()) / d_sae
-    window = max(8, 1 << max(0, math.ceil(math.log2(max(2 * mean, 1.0)))))
+        return keep_top(acts, acts.new_full((d_sae,), torch.inf), capacities)
+    window = max(8, 1 << max(0, math.ceil(math.log2(max(2 * total / d_sae, 1.0)))))
     if depth < 2 * window:
         window = depth + 1  # one call covers every feature
     window = min(window, n_tokens)
     # A window one rank deeper than a capacity shows the entry after its cut-off.
-    in_head = (capacities < window) | (window == n_tokens)
-    head = _ColumnTop(acts, capacities, None, window)
-    buckets = []
-    if not bool(in_head.all()):
+    deep = (capacities >= window) & (window < n_tokens)
+    parts = [_ColumnTop(acts, torch.where(deep, 0, capacities), None, window)]
+    if depth >= window and window < n_tokens:
         # bucket b holds capacities in [window * 2**(b-1), window * 2**b)
         levels = torch.floor(torch.log2(capacities.double() / window)).long() + 1
-        for level in levels[~in_head].unique().tolist():
-            columns = ((levels == level) & ~in_head).nonzero().squeeze(1)
-            bucket_depth = min(n_tokens, window << level)
-            buckets.append(_ColumnTop(acts, capacities, columns, bucket_depth))
-    with torch.no_grad():
-        cutoffs = torch.where(in_head & (capacities > 0), head.cutoffs, torch.inf)
-        ties = in_head & head.ties
-        for bucket in buckets:
-            cutoffs[bucket.columns] = bucket.cutoffs
-            ties[bucket.columns] = bucket.ties
-    unresolved = torch.zeros_like(ties)
-    to_settle = None
-    if bool(ties.any()):  # host sync
+        for level in levels[deep].unique().tolist():  # host sync
+            columns = ((levels == level) & deep).nonzero().squeeze(1)
+            depth_b = min(n_tokens, window << level)
+            parts.append(_ColumnTop(acts, capacities, columns, depth_b))
+    unsettled = []
+    if bool(torch.stack([part.ties.any() for part in parts]).any()):  # host sync
         # topk orders equal values arbitrarily: put them in token order.
-        unresolved = in_head & head.put_ties_in_token_order()
-        for bucket in buckets:
-            unresolved[bucket.columns] = bucket.put_ties_in_token_order()
-        # A tie group running past the ranks taken (e.g. an all-equal column) is
-        # settled by one pass over those columns.
-        to_settle = unresolved.nonzero().squeeze(1)  # host sync
-    # Each column's kept set is now its first capacity ranks. Entries beyond a
-    # capacity go to one extra slot that is dropped, so they overwrite nothing.
+        unsettled = [part.put_ties_in_token_order() for part in parts]
+    # Entries beyond a capacity go to one extra slot that is dropped.
     dropped = n_tokens * d_sae
-    parts = [head.kept_entries(d_sae, dropped, in_head & ~unresolved)]
-    parts += [bucket.kept_entries(d_sae, dropped, ~unresolved) for bucket in buckets]
-    indices = torch.cat([part[0] for part in parts])
-    values = torch.cat([part[1] for part in parts])
+    kept = [part.kept_entries(d_sae, dropped) for part in parts]
+    indices = torch.cat([part[0] for part in kept])
+    values = torch.cat([part[1] for part in kept])
     out = acts.new_zeros(dropped + 1).scatter_(0, indices, values)
     out = out[:dropped].view_as(acts)
-    if to_settle is not None and to_settle.numel() > 0:
-        settled = keep_top(
-            acts.index_select(1, to_settle), cutoffs[to_settle], capacities[to_settle]
-        )
-        out.index_copy_(1, to_settle, settled)
+    if unsettled:
+        # A tie group running past the ranks taken (e.g. an all-equal column) is
+        # settled by one pass over those columns.
+        with torch.no_grad():
+            cutoffs = acts.new_full((d_sae,), torch.inf)
+            settle = torch.zeros(d_sae, dtype=torch.bool, device=acts.device)
+            for part, flags in zip(parts, unsettled, strict=True):
+                columns = (
+                    torch.arange(d_sae, device=acts.device)
+                    if part.columns is None
+                    else part.columns
+                )
+                cutoffs[columns] = torch.where(flags, part.cutoffs, cutoffs[columns])
+                settle[columns] |= flags
+            columns = settle.nonzero().squeeze(1)  # host sync
+        if columns.numel() > 0:
+            settled = keep_top(
+                acts.index_select(1, columns), cutoffs[columns], capacities[columns]
+            )
+            out.index_copy_(1, columns, settled)
     return out
