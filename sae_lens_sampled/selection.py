@@ -40,7 +40,10 @@ def batch_budget(k: float, n_tokens: int) -> int:
 
 
 def keep_top(
-    acts: torch.Tensor, cutoffs: torch.Tensor, capacities: torch.Tensor
+    acts: torch.Tensor,
+    cutoffs: torch.Tensor,
+    capacities: torch.Tensor,
+    ties: bool | None = None,
 ) -> torch.Tensor:
     """Keep, in each column j of ``acts`` ``[n, c]``, its ``capacities[j]`` largest
     positive entries, given ``cutoffs[j]``, the column's ``capacities[j]``-th largest
@@ -50,18 +53,24 @@ def keep_top(
     column until the capacity is met (the module's tie rule). A column whose cut-off is
     not positive keeps all its positive entries (fewer than its capacity). Returns
     ``acts`` where kept and 0 elsewhere, so gradients reach the kept entries only.
+    ``ties`` says whether some column has more entries equal to its cut-off than it
+    keeps (``None``: find out, one host sync); only then are they counted in order.
     """
     with torch.no_grad():
         positive = torch.nextafter(acts.new_zeros(()), acts.new_ones(()))
         floor = torch.maximum(cutoffs, positive)
-        keep = acts >= floor
-        # Host sync: only a tie at some cut-off needs the ordered count below.
-        if bool((keep.sum(dim=0) > capacities).any()):
+        if ties is None:
+            keep = acts >= floor
+            ties = bool((keep.sum(dim=0) > capacities).any())
+        if ties:
             above = acts > floor
             at = (acts == floor) & (cutoffs > 0)
             room = capacities - above.sum(dim=0)
+            # Counted along each column as a contiguous row: a scan along the inner
+            # dimension is much faster than along the outer one.
             order_dtype = torch.int32 if acts.shape[0] < 2**31 else torch.int64
-            keep = above | (at & (at.cumsum(dim=0, dtype=order_dtype) <= room))
+            rank = at.t().contiguous().cumsum(dim=1, dtype=order_dtype).t()
+            keep = above | (at & (rank <= room))
     return torch.where(keep, acts, acts.new_zeros(()))
 
 
@@ -121,7 +130,14 @@ def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
         left_out = (cand_values == cutoff).sum() > (top.values == cutoff).sum()
         any_open, any_left_out = torch.stack([open_rows.any(), left_out]).tolist()
     if any_open or any_left_out:  # the one host sync above
-        return _batch_topk_settled(acts, budget, cand_values, cand_cols, open_rows)
+        return _batch_topk_settled(
+            acts,
+            budget,
+            cand_values,
+            cand_cols,
+            cutoff,
+            open_rows if any_open else None,
+        )
     rows = torch.arange(n_rows, device=acts.device)[:, None]
     indices = (rows * n_cols + cand_cols).flatten()[top.indices]
     # Gathered from acts, so gradients reach the selected entries only.
@@ -133,16 +149,20 @@ def _batch_topk_settled(
     budget: int,
     cand_values: torch.Tensor,
     cand_cols: torch.Tensor,
-    open_rows: torch.Tensor,
+    cutoff: torch.Tensor,
+    open_rows: torch.Tensor | None,
 ) -> torch.Tensor:
     """:func:`batch_topk` when ties or rows with many winners need more than the
-    candidates' top set: a search pool in row-major order, then the tie rule."""
+    candidates' top set: a search pool in row-major order, then the tie rule.
+
+    ``cutoff`` is the candidates' ``budget``-th largest value; ``open_rows`` flags
+    the rows whose smallest candidate is at or above it (``None``: no such row).
+    """
     flat = acts.flatten()
     n_rows, n_cols = acts.shape
     with torch.no_grad():
-        cutoff = torch.topk(cand_values.flatten(), budget, sorted=False).values.min()
         rows = torch.arange(n_rows, device=acts.device)[:, None]
-        if bool(open_rows.any()):  # host sync
+        if open_rows is not None:
             # Open rows are searched down to the cut-off found, a lower bound of the
             # true one: then the pool holds every entry above or equal to it.
             closed = ~open_rows[:, None].expand_as(cand_cols).flatten()
@@ -438,7 +458,7 @@ class _ColumnTop:
         n_tokens = acts.shape[0]
         if columns is not None:
             acts, capacities = acts.index_select(1, columns), capacities[columns]
-        self.columns, self.capacities, self.n_tokens = columns, capacities, n_tokens
+        self.columns, self.capacities = columns, capacities
         self.top = torch.topk(acts, depth, dim=0)  # sorted
         with torch.no_grad():
             ranks = torch.stack([capacities - 1, capacities]).clamp_(0, depth - 1)
@@ -452,29 +472,6 @@ class _ColumnTop:
                 & (capacities >= 1)
                 & (capacities < n_tokens)
             )
-
-    def put_ties_in_token_order(self) -> torch.Tensor:
-        """Reorder the ranks by (value descending, token ascending), the tie rule.
-
-        Returns, per column, whether entries equal to its cut-off may lie beyond the
-        ranks taken (the last one taken equals the cut-off and tokens remain), where
-        the reordering cannot settle the tie; those columns are dropped from this call.
-        """
-        values, indices = self.top.values, self.top.indices
-        with torch.no_grad():
-            by_token = indices.argsort(dim=0)
-            indices = indices.gather(0, by_token)
-            by_value = values.detach().gather(0, by_token)
-            by_value = by_value.sort(dim=0, descending=True, stable=True).indices
-        values = values.gather(0, by_token).gather(0, by_value)
-        self.top = torch.return_types.topk((values, indices.gather(0, by_value)))
-        with torch.no_grad():
-            window = values.shape[0]
-            unsettled = (
-                self.ties & (values[-1] == self.cutoffs) & (window < self.n_tokens)
-            )
-            self.capacities = torch.where(unsettled, 0, self.capacities)
-        return unsettled
 
     def kept_entries(self, d_sae: int, dropped: int) -> tuple[torch.Tensor, ...]:
         """Flat indices of the ranks ``< m_j`` (the others sent to index ``dropped``),
@@ -507,10 +504,9 @@ def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch
     buckets, never a loop over features. Every column takes its entries from exactly
     one of these calls, and they end in one scatter, through which gradients reach the
     selected entries only. Where an entry beyond some feature's capacity ties with its
-    cut-off (the order ``topk`` gives equal values is unspecified), the ranks are
-    re-sorted by token index among equal values; only the columns whose tie group runs
-    past the ranks taken (e.g. all-equal columns) go through :func:`keep_top`, one
-    pass over them.
+    cut-off (the order ``topk`` gives equal values is unspecified), the cut-offs go to
+    :func:`keep_top` instead, which applies the tie rule in a few passes over
+    ``acts``.
     """
     n_tokens, d_sae = acts.shape
     capacities = capacities.clamp(0, n_tokens)
@@ -534,35 +530,19 @@ def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch
             columns = ((levels == level) & deep).nonzero().squeeze(1)
             depth_b = min(n_tokens, window << level)
             parts.append(_ColumnTop(acts, capacities, columns, depth_b))
-    unsettled = []
-    if bool(torch.stack([part.ties.any() for part in parts]).any()):  # host sync
-        # topk orders equal values arbitrarily: put them in token order.
-        unsettled = [part.put_ties_in_token_order() for part in parts]
-    # Entries beyond a capacity go to one extra slot that is dropped.
+    ties = torch.stack([part.ties.any() for part in parts]).any()
+    if bool(ties):  # host sync
+        # topk orders equal values arbitrarily: the tie rule takes a few passes.
+        with torch.no_grad():
+            cutoffs = parts[0].cutoffs.masked_fill(deep | (capacities == 0), torch.inf)
+            for part in parts[1:]:
+                cutoffs[part.columns] = part.cutoffs
+        return keep_top(acts, cutoffs, capacities, ties=True)
+    # Without ties each column's kept set is its first ranks. Entries beyond a
+    # capacity go to one extra slot that is dropped, so they overwrite nothing.
     dropped = n_tokens * d_sae
     kept = [part.kept_entries(d_sae, dropped) for part in parts]
     indices = torch.cat([part[0] for part in kept])
     values = torch.cat([part[1] for part in kept])
     out = acts.new_zeros(dropped + 1).scatter_(0, indices, values)
-    out = out[:dropped].view_as(acts)
-    if unsettled:
-        # A tie group running past the ranks taken (e.g. an all-equal column) is
-        # settled by one pass over those columns.
-        with torch.no_grad():
-            cutoffs = acts.new_full((d_sae,), torch.inf)
-            settle = torch.zeros(d_sae, dtype=torch.bool, device=acts.device)
-            for part, flags in zip(parts, unsettled, strict=True):
-                columns = (
-                    torch.arange(d_sae, device=acts.device)
-                    if part.columns is None
-                    else part.columns
-                )
-                cutoffs[columns] = torch.where(flags, part.cutoffs, cutoffs[columns])
-                settle[columns] |= flags
-            columns = settle.nonzero().squeeze(1)  # host sync
-        if columns.numel() > 0:
-            settled = keep_top(
-                acts.index_select(1, columns), cutoffs[columns], capacities[columns]
-            )
-            out.index_copy_(1, columns, settled)
-    return out
+    return out[:dropped].view_as(acts)
