@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ def test_flat_config_round_trips_through_dicts(architecture, tmp_path):
     restored = LanguageModelSAERunnerConfig.from_dict(flat.to_dict())
     assert restored == flat
     assert restored.sae.to_dict() == flat.sae.to_dict()
+    assert pickle.loads(pickle.dumps(flat)) == flat
 
 
 def test_flat_and_nested_configs_train_the_same_sae(tmp_path):
