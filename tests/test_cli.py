@@ -207,3 +207,16 @@ def test_mutual_choice_cli_defaults():
     assert isinstance(cfg.sae, MutualChoiceTrainingSAEConfig)
     assert cfg.sae.threshold_mode == "global"
     assert cfg.sae.k == 8
+
+
+def test_cli_timing_benchmark_reports_median_min_max():
+    from sae_lens_sampled.benchmark import cli_timing
+
+    table = cli_timing.report({"sae-lens-sampled --help": ([0.3, 0.1, 0.2], {0})})
+    header, row = table.splitlines()
+    assert header.split() == ["command", "median", "s", "min", "s", "max", "s", "n",
+                              "exit"]  # fmt: skip
+    assert row.split() == ["sae-lens-sampled", "--help", "0.200", "0.100", "0.300",
+                           "3", "0"]  # fmt: skip
+    names = [name for name, _ in cli_timing.commands(train=False)]
+    assert names[1:3] == ["sae-lens-sampled --help", "sae-lens-sampled --version"]
