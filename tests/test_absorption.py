@@ -337,6 +337,44 @@ def test_without_the_margin_the_absorbing_latent_would_join_the_parent_set():
     assert result.absorption == 0.0
 
 
+def family_result(family_fires_with_child_2: bool):
+    """A latent e0 + 0.9 e1 + 0.8 e2 (cosine 0.64 with the parent, 0.58 with child
+    1: inside the margin), firing with child 1, and with child 2 or not."""
+    decoder = torch.stack(
+        [torch.eye(4)[3], E[0] + 0.9 * E[1] + 0.8 * E[2], E[2], torch.eye(4)[3]]
+    )
+    on_b = 1.0 if family_fires_with_child_2 else 0.0
+    codes = [
+        [0.0, 1.0, 0.0, 0.0],  # A: child 1
+        [0.0, on_b, 1.0, 0.0],  # B: child 2
+        [0.0, 1.0, 0.0, 0.0],  # C: child 1
+        [0.0, 0.0, 1.0, 0.0],  # D: child 2
+    ]
+    acts = [[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+    return hand_result(codes, acts, decoder=decoder)
+
+
+def test_a_family_latent_firing_across_children_is_the_parent_latent():
+    # It fires on every child-1 token and on half the parent tokens without child
+    # 1 (0.5 >= 0.25 x 1): not child-specific, so it stands for the parent.
+    result = family_result(family_fires_with_child_2=True)
+    row = result.per_parent[0]
+    assert row.parent_latents == [1]
+    assert row.absorbed_tokens == 0
+    assert row.uncompensated_tokens == 1  # D: latent 2 carries no parent
+
+
+def test_a_latent_firing_only_with_one_child_absorbs_it():
+    # The same decoder firing only with child 1 is child 1's absorber.
+    result = family_result(family_fires_with_child_2=False)
+    row = result.per_parent[0]
+    assert row.parent_latents == []
+    assert row.no_parent_latent
+    assert row.child_latents[1] == 1
+    assert row.absorbed_tokens == 2  # A and C: 1 x <w, e0> = 1 >= 0.4
+    assert row.uncompensated_tokens == 2
+
+
 def test_two_children_sharing_one_latent_count_it_once_in_the_fraction():
     # Children 1 and 2 both best matched by latent 2 (decoder (e1+e2)/2 + e0/4):
     # A counts latent 2 once.
@@ -515,3 +553,23 @@ def test_result_to_dict_is_json_ready():
     assert back["per_parent"][0]["best_f1"] == pytest.approx(2 / 3)
     assert back["per_parent"][0]["best_f1_in_parent_set"] is False
     assert not math.isnan(back["absorption_fraction"])
+
+
+def test_batches_can_be_split_any_way_and_few_latents_are_kept():
+    model = SyntheticModel(default_synthetic_model_config(0))
+    hidden, acts = sample(model, 4096)
+    vectors = model.feature_dict.feature_vectors.detach()
+    parents = hierarchy_parents(model.hierarchy)
+    decoder = vectors.clone()
+    codes = acts.clone()
+    for parent in parents[:4]:
+        decoder[list(parent.children)] += vectors[parent.feature]
+        codes[(acts[:, list(parent.children)] > 0).any(dim=1), parent.feature] = 0
+    whole = AbsorptionCounter(decoder, vectors, parents)
+    whole.add(codes, acts)
+    split = AbsorptionCounter(decoder, vectors, parents)
+    for start in range(0, 4096, 1000):
+        split.add(codes[start : start + 1000], acts[start : start + 1000])
+    assert split.result().to_dict() == whole.result().to_dict()
+    assert 0.3 < whole.result().absorption < 0.7
+    assert len(whole.kept_latents) < vectors.shape[0] / 2

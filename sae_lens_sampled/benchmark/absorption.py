@@ -104,6 +104,12 @@ class AbsorptionThresholds:
         parent_margin (float): How much closer to the parent than to any
             descendant that latent must be; it keeps out a child latent that
             carries the parent (cosine ~0.71 with both when fully absorbing).
+        child_specificity (float): A latent that fails the margin still joins the
+            parent set unless it is child-specific: its firing rate on parent
+            tokens without its closest descendant is below this times its rate on
+            parent tokens with it. This keeps merged "family" latents (parent plus
+            a little of every child, firing across the parent's tokens) in the
+            parent set and leaves out latents that fire only with one child.
         absorber_cos (float): Least cosine between an absorbing latent's decoder
             row and the parent direction (SAEBench's filter for absorbing latents).
         absorber_share (float): Least share of the parent's true contribution
@@ -114,6 +120,7 @@ class AbsorptionThresholds:
 
     parent_cos: float = 0.5
     parent_margin: float = 0.1
+    child_specificity: float = 0.25
     absorber_cos: float = 0.1
     absorber_share: float = 0.4
     min_tokens: int = 50
@@ -121,6 +128,7 @@ class AbsorptionThresholds:
     def __post_init__(self) -> None:
         check_range("parent_cos", self.parent_cos, low=0, high=1, low_inclusive=False)
         check_range("parent_margin", self.parent_margin, low=0, high=2)
+        check_range("child_specificity", self.child_specificity, low=0, high=1)
         check_range("absorber_cos", self.absorber_cos, low=0, high=1)
         check_range(
             "absorber_share", self.absorber_share, low=0, high=1, low_inclusive=False
@@ -256,27 +264,66 @@ class AbsorptionResult:
 
 
 # ---------------------------------------------------------------------------
-# Latent assignment (decoder only)
+# Latent assignment
 
 
 def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
     return matrix / matrix.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def parent_latent_set(
-    cos: torch.Tensor, parent: HierarchyParent, thresholds: AbsorptionThresholds
-) -> torch.Tensor:
-    """Latents close to the parent and clearly closer to it than to any descendant.
+@dataclass
+class ParentCandidates:
+    """Latents whose decoder points at a parent, and what the decoder says of each.
 
     Args:
-        cos: ``[d_sae, num_features]`` cosines between decoder rows and features.
+        latents: ``[m]`` latents with cosine >= ``parent_cos`` to the parent.
+        clear: ``[m]`` whether each is also ``parent_margin`` closer to the parent
+            than to any descendant (then it is a parent latent outright).
+        closest: ``[m]`` position in ``descendants`` of each one's closest
+            descendant (the child it would be absorbing).
     """
+
+    latents: torch.Tensor
+    clear: torch.Tensor
+    closest: torch.Tensor
+
+
+def parent_candidates(
+    cos: torch.Tensor, parent: HierarchyParent, thresholds: AbsorptionThresholds
+) -> ParentCandidates:
+    """Candidates for the parent latent set, from ``[d_sae, F]`` decoder cosines."""
     to_parent = cos[:, parent.feature]
-    to_descendants = cos[:, list(parent.descendants)].max(dim=1).values
-    chosen = (to_parent >= thresholds.parent_cos) & (
-        to_parent - to_descendants >= thresholds.parent_margin
-    )
-    return chosen.nonzero().flatten()
+    latents = (to_parent >= thresholds.parent_cos).nonzero().flatten()
+    to_descendants = cos[latents][:, list(parent.descendants)]
+    nearest = to_descendants.max(dim=1)
+    clear = to_parent[latents] - nearest.values >= thresholds.parent_margin
+    return ParentCandidates(latents, clear, nearest.indices)
+
+
+def child_specific(
+    fires: torch.Tensor,
+    parent_active: torch.Tensor,
+    child_active: torch.Tensor,
+    specificity: float,
+) -> torch.Tensor:
+    """Whether each latent fires on the parent mostly when one child is active.
+
+    Args:
+        fires: ``[n, m]`` whether each candidate latent fires.
+        parent_active: ``[n]`` whether the parent is active.
+        child_active: ``[n, m]`` whether each candidate's closest descendant is.
+        specificity: A latent is child-specific when its firing rate on parent
+            tokens without that child is below ``specificity`` times its rate on
+            parent tokens with it. With no parent token lacking the child, the
+            two cannot be told apart and the latent counts as child-specific.
+    """
+    with_child = parent_active[:, None] & child_active
+    without_child = parent_active[:, None] & ~child_active
+    n_with = with_child.sum(dim=0).clamp(min=1)
+    n_without = without_child.sum(dim=0)
+    rate_with = (fires & with_child).sum(dim=0) / n_with
+    rate_without = (fires & without_child).sum(dim=0) / n_without.clamp(min=1)
+    return (n_without == 0) | (rate_without < specificity * rate_with)
 
 
 def child_latents(
@@ -285,10 +332,8 @@ def child_latents(
     """Per descendant, the latent outside the parent set closest to it (-1: none)."""
     candidates = cos[:, list(parent.descendants)].clone()
     candidates[parent_set] = -math.inf
-    best = candidates.argmax(dim=0)
-    if len(parent_set) == cos.shape[0]:
-        best = torch.full_like(best, -1)
-    return best
+    best = candidates.max(dim=0)
+    return torch.where(best.values > -math.inf, best.indices, -1)
 
 
 def absorbed_fraction(
@@ -315,23 +360,12 @@ def absorbed_fraction(
 # Token counts
 
 
-@dataclass
-class _ParentState:
-    parent: HierarchyParent
-    parent_set: torch.Tensor  # [m] latent indices
-    child_best: torch.Tensor  # [n_desc] latent per descendant, -1 for none
-    absorber_ok: torch.Tensor  # [n_desc] bool: child latent close enough to parent
-    eligible: int = 0
-    absorbed: int = 0
-    uncompensated: int = 0
-    fraction_sum: float = 0.0
-    parent_only: int = 0
-    parent_only_misses: int = 0
-    parent_fired: bool = False
-
-
 class AbsorptionCounter:
-    """Accumulates absorption counts over batches of codes; :meth:`result` reads them.
+    """Collects batches of codes (:meth:`add`) and scores them (:meth:`result`).
+
+    Only the codes of latents that can enter a parent set or be a descendant's
+    best latent are kept (plus firing counts of every latent for the best-F1
+    cross-check), so memory grows with tokens x those latents, not x ``d_sae``.
 
     Args:
         W_dec: ``[d_sae, d_in]`` decoder rows in the units of the ground-truth
@@ -367,9 +401,10 @@ class AbsorptionCounter:
             for index in (parent.feature, *parent.descendants):
                 check_range("feature index", index, low=0, high=num_features - 1)
         self.thresholds = thresholds or AbsorptionThresholds()
+        self.parents = list(parents)
         device = W_dec.device
         W_dec = W_dec.detach().float()
-        vectors = feature_vectors.detach().float().to(W_dec.device)
+        vectors = feature_vectors.detach().float().to(device)
         self.feature_norms = vectors.norm(dim=1)
         directions = unit_rows(vectors)
         # cos[j, i] = <w_j / |w_j|, d_i>; projection[j, i] = <w_j, d_i>, the
@@ -378,28 +413,47 @@ class AbsorptionCounter:
         self.projection = W_dec @ directions.T
         self.d_sae = W_dec.shape[0]
         self.num_features = num_features
+        self.candidates = [
+            parent_candidates(self.cos, parent, self.thresholds)
+            for parent in self.parents
+        ]
+        # Latents worth keeping codes for: parent candidates, and per descendant
+        # enough of its closest latents to skip every candidate.
+        kept: set[int] = set()
+        for parent, found in zip(self.parents, self.candidates, strict=True):
+            kept.update(found.latents.tolist())
+            depth = min(len(found.latents) + 1, self.d_sae)
+            for child in parent.descendants:
+                kept.update(self.cos[:, child].topk(depth).indices.tolist())
+        self.kept_latents = torch.tensor(sorted(kept), dtype=torch.long, device=device)
+        self.kept_features = torch.tensor(
+            sorted({f for p in self.parents for f in (p.feature, *p.descendants)}),
+            dtype=torch.long,
+            device=device,
+        )
+        # Column of each kept latent / feature in the stored tensors (-1: not kept).
+        self._latent_column = torch.full((self.d_sae,), -1, device=device)
+        self._latent_column[self.kept_latents] = torch.arange(
+            len(self.kept_latents), device=device
+        )
+        self._feature_column = torch.full((num_features,), -1, device=device)
+        self._feature_column[self.kept_features] = torch.arange(
+            len(self.kept_features), device=device
+        )
+        self._codes: list[torch.Tensor] = []
+        self._acts: list[torch.Tensor] = []
         self.tokens = 0
-        self._states: list[_ParentState] = []
-        for parent in parents:
-            parent_set = parent_latent_set(self.cos, parent, self.thresholds)
-            best = child_latents(self.cos, parent, parent_set)
-            ok = (best >= 0) & (
-                self.cos[best.clamp(min=0), parent.feature]
-                >= self.thresholds.absorber_cos
-            )
-            self._states.append(_ParentState(parent, parent_set, best, ok))
-        n_parents = len(parents)
         # Parent-detector counts for the best-F1 cross-check.
         self._parent_features = torch.tensor(
-            [p.feature for p in parents], device=device
+            [p.feature for p in self.parents], device=device
         )
-        self._true_pos = torch.zeros(n_parents, self.d_sae, device=device)
+        self._true_pos = torch.zeros(len(self.parents), self.d_sae, device=device)
         self._fires = torch.zeros(self.d_sae, device=device)
-        self._parent_active = torch.zeros(n_parents, device=device)
+        self._parent_active = torch.zeros(len(self.parents), device=device)
 
     @torch.no_grad()
     def add(self, codes: torch.Tensor, feature_acts: torch.Tensor) -> None:
-        """Count one batch: ``codes`` [n, d_sae] and true ``feature_acts`` [n, F]."""
+        """Keep one batch: ``codes`` [n, d_sae] and true ``feature_acts`` [n, F]."""
         if feature_acts.is_sparse:
             feature_acts = feature_acts.to_dense()
         if codes.shape != (feature_acts.shape[0], self.d_sae):
@@ -414,72 +468,25 @@ class AbsorptionCounter:
             )
         codes = codes.detach().float().to(self.cos.device)
         acts = feature_acts.detach().float().to(self.cos.device)
-        fires = codes != 0
+        fires = (codes != 0).float()
+        active_parents = (acts[:, self._parent_features] > 0).float()
+        self._true_pos += active_parents.T @ fires
+        self._fires += fires.sum(dim=0)
+        self._parent_active += active_parents.sum(dim=0)
+        self._codes.append(codes[:, self.kept_latents])
+        self._acts.append(acts[:, self.kept_features])
         self.tokens += codes.shape[0]
-        active_parents = acts[:, self._parent_features] > 0
-        self._true_pos += active_parents.T.float() @ fires.float()
-        self._fires += fires.float().sum(dim=0)
-        self._parent_active += active_parents.float().sum(dim=0)
-        for state in self._states:
-            self._add_parent(state, codes, fires, acts)
 
-    def _add_parent(
-        self,
-        state: _ParentState,
-        codes: torch.Tensor,
-        fires: torch.Tensor,
-        acts: torch.Tensor,
-    ) -> None:
-        feature = state.parent.feature
-        magnitude = acts[:, feature] * self.feature_norms[feature]
-        parent_active = acts[:, feature] > 0
-        descendant_active = acts[:, list(state.parent.descendants)] > 0
-        any_descendant = descendant_active.any(dim=1)
-        eligible = parent_active & any_descendant
-        parent_only = parent_active & ~any_descendant
-
-        members = state.parent_set
-        parent_fires = fires[:, members].any(dim=1)
-        state.parent_fired |= bool(parent_fires.any())
-        parent_projection = (codes[:, members] * self.projection[members, feature]).sum(
-            dim=1
-        )
-
-        latents = state.child_best.clamp(min=0)
-        contribution = codes[:, latents] * self.projection[latents, feature]
-        can_absorb = descendant_active & state.absorber_ok
-        absorbs = (
-            can_absorb
-            & fires[:, latents]
-            & (contribution >= self.thresholds.absorber_share * magnitude[:, None])
-        ).any(dim=1)
-        missed = eligible & ~parent_fires
-        state.eligible += int(eligible.sum())
-        state.absorbed += int((missed & absorbs).sum())
-        state.uncompensated += int((missed & ~absorbs).sum())
-        state.parent_only += int(parent_only.sum())
-        state.parent_only_misses += int((parent_only & ~parent_fires).sum())
-
-        # Partial fraction: absorbers summed once per latent (two active children
-        # may share their best latent).
-        unique, inverse = torch.unique(latents, return_inverse=True)
-        latent_active = torch.zeros(codes.shape[0], len(unique), device=codes.device)
-        latent_active.index_add_(1, inverse, can_absorb.float())
-        unique_contribution = codes[:, unique] * self.projection[unique, feature]
-        absorber_projection = (
-            unique_contribution.clamp(min=0) * (latent_active > 0)
-        ).sum(dim=1)
-        fraction = absorbed_fraction(
-            magnitude,
-            parent_projection,
-            absorber_projection,
-            self.thresholds.absorber_share,
-        )
-        state.fraction_sum += float(fraction[eligible].sum())
-
+    @torch.no_grad()
     def result(self) -> AbsorptionResult:
         """The scores of every batch added so far."""
-        rows = [self._row(index, state) for index, state in enumerate(self._states)]
+        if not self.tokens:
+            raise ValueError("no codes were added; call add() first")
+        codes = torch.cat(self._codes)
+        acts = torch.cat(self._acts)
+        rows = [
+            self._score_parent(index, codes, acts) for index in range(len(self.parents))
+        ]
         eligible = sum(r.eligible_tokens for r in rows)
         parent_only = sum(r.parent_only_tokens for r in rows)
         scored = [r.absorption for r in rows if r.absorption is not None]
@@ -510,39 +517,116 @@ class AbsorptionCounter:
             thresholds=self.thresholds,
         )
 
-    def _row(self, index: int, state: _ParentState) -> ParentAbsorption:
+    def parent_set(
+        self, index: int, fires: torch.Tensor, acts: torch.Tensor
+    ) -> torch.Tensor:
+        """The parent latent set of parent ``index`` (``fires``, ``acts``: stored
+        columns): clear candidates, and ambiguous ones whose firing is not specific
+        to the child they lean towards (merged "family" latents)."""
+        parent, found = self.parents[index], self.candidates[index]
+        descendants = torch.tensor(parent.descendants, device=acts.device)
+        specific = child_specific(
+            fires[:, self._latent_column[found.latents]],
+            acts[:, self._feature_column[parent.feature]] > 0,
+            acts[:, self._feature_column[descendants[found.closest]]] > 0,
+            self.thresholds.child_specificity,
+        )
+        return found.latents[found.clear | ~specific]
+
+    def _score_parent(
+        self, index: int, codes: torch.Tensor, acts: torch.Tensor
+    ) -> ParentAbsorption:
+        """One parent's row from the stored ``codes`` and ``acts`` columns."""
+        parent = self.parents[index]
+        feature = parent.feature
+        fires = codes != 0
+        members = self.parent_set(index, fires, acts)
+        # Best latent per descendant among the kept ones (which hold it: every
+        # candidate plus one more of each descendant's closest latents).
+        cos = torch.full_like(self.cos, -math.inf)
+        cos[self.kept_latents] = self.cos[self.kept_latents]
+        child_best = child_latents(cos, parent, members)
+        absorber_ok = (child_best >= 0) & (
+            self.cos[child_best.clamp(min=0), feature] >= self.thresholds.absorber_cos
+        )
+        columns = self._latent_column
+
+        parent_acts = acts[:, self._feature_column[feature]]
+        magnitude = parent_acts * self.feature_norms[feature]
+        parent_active = parent_acts > 0
+        descendants = torch.tensor(parent.descendants, device=acts.device)
+        descendant_active = acts[:, self._feature_column[descendants]] > 0
+        any_descendant = descendant_active.any(dim=1)
+        eligible = parent_active & any_descendant
+        parent_only = parent_active & ~any_descendant
+        parent_fires = fires[:, columns[members]].any(dim=1)
+        parent_projection = (
+            codes[:, columns[members]] * self.projection[members, feature]
+        ).sum(dim=1)
+
+        latents = child_best.clamp(min=0)
+        contribution = codes[:, columns[latents]] * self.projection[latents, feature]
+        can_absorb = descendant_active & absorber_ok
+        absorbs = (
+            can_absorb
+            & fires[:, columns[latents]]
+            & (contribution >= self.thresholds.absorber_share * magnitude[:, None])
+        ).any(dim=1)
+        missed = eligible & ~parent_fires
+
+        # Partial fraction: absorbers summed once per latent (two active children
+        # may share their best latent).
+        unique, inverse = torch.unique(latents, return_inverse=True)
+        latent_active = torch.zeros(codes.shape[0], len(unique), device=codes.device)
+        latent_active.index_add_(1, inverse, can_absorb.float())
+        unique_contribution = (
+            codes[:, columns[unique]] * self.projection[unique, feature]
+        )
+        absorber_projection = (
+            unique_contribution.clamp(min=0) * (latent_active > 0)
+        ).sum(dim=1)
+        fraction = absorbed_fraction(
+            magnitude,
+            parent_projection,
+            absorber_projection,
+            self.thresholds.absorber_share,
+        )
+
         true_pos = self._true_pos[index]
         false_pos = self._fires - true_pos
         false_neg = self._parent_active[index] - true_pos
         f1 = 2 * true_pos / (2 * true_pos + false_pos + false_neg).clamp(min=1)
         best = int(f1.argmax())
-        parent = state.parent
+        n_eligible = int(eligible.sum())
+        absorbed = int((missed & absorbs).sum())
+        uncompensated = int((missed & ~absorbs).sum())
+        fraction_sum = float(fraction[eligible].sum())
+        n_parent_only = int(parent_only.sum())
+        parent_only_misses = int((parent_only & ~parent_fires).sum())
         return ParentAbsorption(
-            feature=parent.feature,
+            feature=feature,
             depth=parent.depth,
             children=list(parent.children),
-            parent_latents=state.parent_set.tolist(),
+            parent_latents=members.tolist(),
             child_latents={
                 c: (j if j >= 0 else None)
-                for c, j in zip(
-                    parent.descendants, state.child_best.tolist(), strict=True
-                )
+                for c, j in zip(parent.descendants, child_best.tolist(), strict=True)
             },
-            eligible_tokens=state.eligible,
-            absorbed_tokens=state.absorbed,
-            uncompensated_tokens=state.uncompensated,
-            fraction_sum=state.fraction_sum,
-            parent_only_tokens=state.parent_only,
-            parent_only_misses=state.parent_only_misses,
+            eligible_tokens=n_eligible,
+            absorbed_tokens=absorbed,
+            uncompensated_tokens=uncompensated,
+            fraction_sum=fraction_sum,
+            parent_only_tokens=n_parent_only,
+            parent_only_misses=parent_only_misses,
             best_f1_latent=best,
             best_f1=float(f1[best]),
-            absorption=_ratio(state.absorbed, state.eligible),
-            absorption_fraction=_ratio(state.fraction_sum, state.eligible),
-            uncompensated_rate=_ratio(state.uncompensated, state.eligible),
-            parent_only_miss_rate=_ratio(state.parent_only_misses, state.parent_only),
-            no_parent_latent=len(state.parent_set) == 0,
-            parent_latent_silent=len(state.parent_set) > 0 and not state.parent_fired,
-            thin=state.eligible < self.thresholds.min_tokens,
+            absorption=_ratio(absorbed, n_eligible),
+            absorption_fraction=_ratio(fraction_sum, n_eligible),
+            uncompensated_rate=_ratio(uncompensated, n_eligible),
+            parent_only_miss_rate=_ratio(parent_only_misses, n_parent_only),
+            no_parent_latent=len(members) == 0,
+            parent_latent_silent=len(members) > 0 and not bool(parent_fires.any()),
+            thin=n_eligible < self.thresholds.min_tokens,
         )
 
 
