@@ -18,6 +18,7 @@ from sae_lens_sampled.benchmark.absorption import (
     HierarchyParent,
     absorbed_fraction,
     absorption_metrics,
+    child_specific,
     hierarchy_parents,
 )
 from sae_lens_sampled.benchmark.compare import default_synthetic_model_config
@@ -356,7 +357,7 @@ def family_result(family_fires_with_child_2: bool):
 
 def test_a_family_latent_firing_across_children_is_the_parent_latent():
     # It fires on every child-1 token and on half the parent tokens without child
-    # 1 (0.5 >= 0.25 x 1): not child-specific, so it stands for the parent.
+    # 1 (0.5 >= 0.4 x 1): not child-specific, so it stands for the parent.
     result = family_result(family_fires_with_child_2=True)
     row = result.per_parent[0]
     assert row.parent_latents == [1]
@@ -373,6 +374,22 @@ def test_a_latent_firing_only_with_one_child_absorbs_it():
     assert row.child_latents[1] == 1
     assert row.absorbed_tokens == 2  # A and C: 1 x <w, e0> = 1 >= 0.4
     assert row.uncompensated_tokens == 2
+
+
+def test_child_specific_compares_the_two_firing_rates():
+    # 10 parent tokens, the first 5 with the closest child. Latent a fires on 4 of
+    # 5 with and 1 of 5 without (0.2 < 0.4 x 0.8): specific. Latent b fires on 4 of
+    # 5 with and 2 of 5 without (0.4 >= 0.32): not. Latent c never fires: not.
+    parent = torch.ones(10, dtype=torch.bool)
+    child = torch.arange(10) < 5
+    fires = torch.zeros(10, 3, dtype=torch.bool)
+    fires[[0, 1, 2, 3, 5], 0] = True
+    fires[[0, 1, 2, 3, 5, 6], 1] = True
+    specific = child_specific(fires, parent, child[:, None].expand(10, 3), 0.4)
+    assert specific.tolist() == [True, False, False]
+    # A child that is always on with the parent: cannot tell, so specific.
+    always = torch.ones(10, 3, dtype=torch.bool)
+    assert child_specific(fires, parent, always, 0.4).tolist() == [True] * 3
 
 
 def test_two_children_sharing_one_latent_count_it_once_in_the_fraction():

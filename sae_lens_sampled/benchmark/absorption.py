@@ -120,7 +120,7 @@ class AbsorptionThresholds:
 
     parent_cos: float = 0.5
     parent_margin: float = 0.1
-    child_specificity: float = 0.25
+    child_specificity: float = 0.4
     absorber_cos: float = 0.1
     absorber_share: float = 0.4
     min_tokens: int = 50

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 from sae_lens import LoggingConfig
-from sae_lens.synthetic import SyntheticModel
+from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
+from sae_lens.synthetic.firing_probabilities import ZipfianFiringProbabilityConfig
+from sae_lens.synthetic.hierarchy import HierarchyConfig
 from sae_lens.synthetic.synthetic_sae_runner import (
     SyntheticSAERunner,
     SyntheticSAERunnerConfig,
@@ -43,6 +45,33 @@ from sae_lens_sampled.benchmark.specs import (
     parse_run_specs,
     resolve_runs,
 )
+
+
+def absorption_toy_model_config(seed: int = 0) -> SyntheticModelConfig:
+    """Data built to invite absorption: 40 features in 64 dimensions (no
+    superposition), 8 parents x 4 mutually exclusive children, every magnitude
+    about 1, and children compensated so that a parent almost never fires alone
+    (true L0 about 3)."""
+    return SyntheticModelConfig(
+        num_features=40,
+        hidden_dim=64,
+        firing_probability=ZipfianFiringProbabilityConfig(
+            exponent=0.7, max_prob=0.4, min_prob=0.05
+        ),
+        hierarchy=HierarchyConfig(
+            total_root_nodes=8,
+            branching_factor=4,
+            max_depth=1,
+            mutually_exclusive_portion=1.0,
+            compensate_probabilities=True,
+        ),
+        mean_firing_magnitudes=1.0,
+        std_firing_magnitudes=0.1,
+        seed=seed,
+    )
+
+
+DATA = {"default": default_synthetic_model_config, "toy": absorption_toy_model_config}
 
 STUDY_RUNS = (
     "topk,batchtopk,mutual_choice,feature_choice,"
@@ -129,14 +158,28 @@ def _score(
     }
 
 
-def study_run(label: str, seed: int, steps: int, eval_samples: int) -> dict[str, Any]:
+def study_run(
+    label: str,
+    seed: int,
+    steps: int,
+    eval_samples: int,
+    data: str = "default",
+    k: float = CompareConfig.k,
+    d_sae: int = CompareConfig.d_sae,
+) -> dict[str, Any]:
     """Train one run at one seed and score it per token and under the batch rule."""
     torch.set_num_threads(1)
     (spec,) = parse_run_specs(label)
     cfg = CompareConfig(
-        runs=[spec], steps=steps, seed=seed, eval_samples=eval_samples, output=None
+        runs=[spec],
+        steps=steps,
+        seed=seed,
+        eval_samples=eval_samples,
+        output=None,
+        k=k,
+        d_sae=d_sae,
     )
-    model = SyntheticModel(default_synthetic_model_config(seed))
+    model = SyntheticModel(DATA[data](seed))
     start = time.perf_counter()
     sae = train_synthetic(spec, model, cfg)
     seconds = time.perf_counter() - start
@@ -148,6 +191,9 @@ def study_run(label: str, seed: int, steps: int, eval_samples: int) -> dict[str,
         inference = to_inference_sae(sae)
         record: dict[str, Any] = {
             "label": spec.label,
+            "data": data,
+            "k": k,
+            "d_sae": d_sae,
             "seed": seed,
             "steps": steps,
             "train_seconds": seconds,
@@ -216,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="compare --quick lengths: " + str(QUICK_SETTINGS),
     )
+    parser.add_argument("--data", choices=sorted(DATA), default="default")
+    parser.add_argument("--k", type=float, default=CompareConfig.k)
+    parser.add_argument("--d-sae", type=int, default=CompareConfig.d_sae)
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes")
     parser.add_argument("--output", default=None, help="directory for records.json")
     args = parser.parse_args(argv)
@@ -224,7 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps, eval_samples = QUICK_SETTINGS["steps"], QUICK_SETTINGS["eval_samples"]
     runs, _ = resolve_runs(parse_run_specs(args.architectures))
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(spec.label, seed, steps, eval_samples) for spec in runs for seed in seeds]
+    jobs = [
+        (spec.label, seed, steps, eval_samples, args.data, args.k, args.d_sae)
+        for spec in runs
+        for seed in seeds
+    ]
     start = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -232,7 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         records = [study_run(*job) for job in jobs]
     print(format_study_table(records))
-    print(f"total: {time.perf_counter() - start:.1f} s, steps={steps}")
+    print(
+        f"total: {time.perf_counter() - start:.1f} s, data={args.data}, "
+        f"steps={steps}, k={args.k}, d_sae={args.d_sae}"
+    )
     if args.output:
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
