@@ -104,6 +104,7 @@ def test_hierarchy_parents_of_the_default_compare_data():
         assert parent.descendants == expected
         assert parent.depth == 0
     assert parents[0].children == (8, 9, 10, 11)
+    assert hierarchy_parents(model) == parents
 
 
 def test_hierarchy_parents_looks_through_nodes_without_a_feature():

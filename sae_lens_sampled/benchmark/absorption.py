@@ -64,9 +64,12 @@ def hierarchy_parents(hierarchy: Any) -> list[HierarchyParent]:
     """Every feature with descendants in a hierarchy, in breadth-first order.
 
     Args:
-        hierarchy: A SAELens ``Hierarchy`` (``.roots``), a list of root
-            ``HierarchyNode``s, or None (no hierarchy: an empty list).
+        hierarchy: A SAELens ``SyntheticModel`` (its ``.hierarchy``), a
+            ``Hierarchy`` (``.roots``), a list of root ``HierarchyNode``s, or None
+            (no hierarchy: an empty list).
     """
+    if hasattr(hierarchy, "hierarchy"):
+        hierarchy = hierarchy.hierarchy
     if hierarchy is None:
         return []
     roots = list(getattr(hierarchy, "roots", hierarchy))
@@ -686,7 +689,7 @@ def absorption_metrics(
     Returns:
         The pooled score, its companions and the per-parent table.
     """
-    parents = hierarchy_parents(getattr(synthetic_model, "hierarchy", None))
+    parents = hierarchy_parents(synthetic_model)
     if not parents:
         raise ValueError(
             "synthetic_model has no feature hierarchy with parents, so absorption "
