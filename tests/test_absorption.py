@@ -542,6 +542,11 @@ def test_bad_input_is_rejected_with_the_value():
         AbsorptionCounter(hand_decoder(), E, [])
     with pytest.raises(ValueError, match="feature index"):
         AbsorptionCounter(hand_decoder(), E, [HierarchyParent(0, 0, (7,), (7,))])
+    model = small_model()
+    with pytest.raises(ValueError, match="batch_size"):
+        absorption_metrics(
+            lambda x: x, torch.zeros(40, 64), model, torch.zeros(2, 40), batch_size=0
+        )
     counter = AbsorptionCounter(hand_decoder(), E, HAND_PARENTS)
     with pytest.raises(ValueError, match="codes must have shape"):
         counter.add(torch.zeros(2, 3), torch.zeros(2, 3))

@@ -705,7 +705,8 @@ def absorption_metrics(
             f"{feature_acts.shape[0]}; they must come from one draw"
         )
     n = hidden.shape[0]
-    batch_size = batch_size or n
+    if batch_size is None:
+        batch_size = n
     check_range("batch_size", batch_size, low=1)
     counter = AbsorptionCounter(
         decoder_in_input_units(W_dec.detach(), activation_scaler),
