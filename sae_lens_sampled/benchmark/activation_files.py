@@ -131,7 +131,7 @@ class NumpyFile(ActivationFile):
         self._check_float(np.issubdtype(self._array.dtype, np.floating))
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._array[start:stop], dtype=np.float32))
+        return torch.from_numpy(np.array(self._array[start:stop], dtype=np.float32))
 
     def data_files(self) -> list[Path]:
         return [self.path]
@@ -246,7 +246,7 @@ class CachedActivations(ActivationFile):
         block = self._rows[first:last][self.key].reshape(-1, self.d_in)
         offset = first * self.context
         rows = block[start - offset : stop - offset]
-        return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+        return torch.from_numpy(np.array(rows, dtype=np.float32))
 
     def data_files(self) -> list[Path]:
         return self._files

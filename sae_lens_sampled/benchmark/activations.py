@@ -175,8 +175,10 @@ class ActivationsSource(DataSource):
         self.eval_ranges, self.train_ranges = split_rows(n_rows, self.eval_samples)
         self.train_rows = n_rows - self.eval_samples
         self.sha256 = self.file.sha256()
-        self.buffer_rows = max(
-            4 * cfg.batch_size, SHUFFLE_BUFFER_BYTES // (4 * self.d_in)
+        # A file that fits in the buffer is shuffled whole, once per epoch.
+        self.buffer_rows = min(
+            self.train_rows,
+            max(4 * cfg.batch_size, SHUFFLE_BUFFER_BYTES // (4 * self.d_in)),
         )
 
     def describe(self) -> dict[str, Any]:

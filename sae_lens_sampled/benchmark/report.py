@@ -324,7 +324,7 @@ def _plot_spectrum(
             ax.text(
                 0.5,
                 0.5,
-                "not measured\n(no ground truth)",
+                "not measured",
                 ha="center",
                 va="center",
                 transform=ax.transAxes,
