@@ -267,6 +267,34 @@ SPECTRUM_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
 )
 
 
+def _draw_series(
+    ax: Any,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    errs: Sequence[float],
+    style: str,
+    color: Any,
+    label: str,
+    floor: float | None,
+) -> None:
+    """Means with error bars; values below ``floor`` drawn on it as "v", printed."""
+    shown = [y if floor is None else max(y, floor) for y in ys]
+    clipped = [floor is not None and y < floor for y in ys]
+    bars = [0.0 if c else e for c, e in zip(clipped, errs, strict=True)]
+    ax.errorbar(xs, shown, yerr=bars, fmt=style, color=color, capsize=3, label=label)
+    for x, y, low, c in zip(xs, ys, shown, clipped, strict=True):
+        ax.scatter(x, low, marker="v" if c else "o", color=color, zorder=3)
+        if c:
+            ax.annotate(
+                f"{y:.1f}",
+                (x, low),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=color,
+            )
+
+
 def _plot_spectrum(
     plt: Any,
     field: str,
@@ -292,15 +320,8 @@ def _plot_spectrum(
                 ]
                 xs, ys, errs = zip(*points, strict=True)
                 label = one.label if len(metrics) == 1 else f"{one.label}, {what}"
-                ax.errorbar(
-                    xs,
-                    ys,
-                    yerr=errs,
-                    fmt="o" + style,
-                    color=colors(i % 10),
-                    capsize=3,
-                    label=label,
-                )
+                floor = EV_FLOOR if title == "explained variance" else None
+                _draw_series(ax, xs, ys, errs, style, colors(i % 10), label, floor)
                 drawn.extend(ys)
         for name, style, what in metrics:
             value = reference.get(name + "_mean") if reference else None
@@ -331,7 +352,7 @@ def _plot_spectrum(
                 color="gray",
             )
         if title == "explained variance" and drawn and min(drawn) < EV_FLOOR:
-            ax.set_ylim(bottom=EV_FLOOR)
+            ax.set_ylim(EV_FLOOR - 0.05, max(1.0, *drawn) + 0.05)
         if min(all_values) > 0:
             ax.set_xscale("log")
         # The runs' own values as ticks, written plainly (not as 4 x 10^0).
