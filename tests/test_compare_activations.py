@@ -357,6 +357,9 @@ def test_tensor_names_and_formats_are_checked(tmp_path, cache_dir):
         open_activations(tmp_path)
     with pytest.raises(ValueError, match="no such file or directory"):
         open_activations(tmp_path / "missing.npy")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a header")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        open_activations(tmp_path / "junk.safetensors")
 
 
 def test_default_eval_split_is_a_tenth_of_the_rows(tmp_path):

@@ -16,6 +16,7 @@ streams through the rows. Reads return float32 ``[rows, d_in]`` tensors.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,7 @@ class NumpyFile(ActivationFile):
             raise _error(path, f"a .npy file holds one array; got --hook {key!r}")
         try:
             self._array = np.load(path, mmap_mode="r")
-        except ValueError as error:  # e.g. object arrays, which need pickle
+        except (ValueError, OSError, EOFError) as error:  # e.g. object arrays
             raise _error(path, f"cannot be memory-mapped by numpy ({error})") from None
         self.dtype = str(self._array.dtype)
         self._check_shape(self._array.shape)
@@ -141,10 +142,15 @@ class SafetensorsFile(ActivationFile):
     format = "safetensors"
 
     def __init__(self, path: Path, key: str | None):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         self.path = path
-        self._handle = safe_open(str(path), framework="pt")
+        try:
+            self._handle = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise _error(
+                path, f"is not a readable safetensors file ({error})"
+            ) from None
         self.key = _pick(path, sorted(self._handle.keys()), key, "tensor")
         self._slice = self._handle.get_slice(self.key)
         stored = self._slice.get_dtype()
@@ -166,7 +172,7 @@ class TorchFile(ActivationFile):
         self.path = path
         try:
             loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as error:
+        except (RuntimeError, pickle.UnpicklingError, OSError, EOFError) as error:
             raise _error(
                 path,
                 f"cannot be memory-mapped by torch.load ({error}); save it with "
