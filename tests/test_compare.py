@@ -15,6 +15,7 @@ from sae_lens_sampled.benchmark.specs import (
     parse_run_specs,
     resolve_runs,
 )
+from sae_lens_sampled.benchmark.summary import summarize
 from sae_lens_sampled.cli import main as cli_main
 from tests.helpers import HOOK, tiny_model, token_dataset
 
@@ -86,6 +87,10 @@ def test_compare_config_rejects_bad_values():
         CompareConfig(k=300, d_sae=256)
     with pytest.raises(ValueError, match="hook must be set"):
         CompareConfig(model="pythia-160m")
+    with pytest.raises(ValueError, match="seeds must be in"):
+        CompareConfig(seeds=0)
+    with pytest.raises(ValueError, match="normalize_activations must be one of"):
+        CompareConfig(normalize_activations="unit")
 
 
 def check_result_ranges(result: dict, d_sae: int) -> None:
@@ -209,9 +214,18 @@ def test_format_table_marks_missing_values_and_drops_empty_columns():
 def test_write_plots_makes_pngs(tmp_path):
     pytest.importorskip("matplotlib")
     results = [
-        {"label": "a", "l0": 2.0, "explained_variance": 0.5, "mcc": 0.7},
+        {
+            "label": "a",
+            "architecture": "topk",
+            "params": {},
+            "l0": 2.0,
+            "explained_variance": 0.5,
+            "mcc": 0.7,
+        },
         {
             "label": "b",
+            "architecture": "batchtopk",
+            "params": {},
             "l0": 3.0,
             "explained_variance": 0.4,
             "l0_batch": 2.0,
@@ -219,7 +233,8 @@ def test_write_plots_makes_pngs(tmp_path):
             "mcc": 0.6,
         },
     ]
-    paths = write_plots(results, tmp_path)
+    paths = write_plots(summarize(results), tmp_path)
+    # No two runs of one architecture: no spectrum.
     assert [p.name for p in paths] == ["ev_vs_l0.png", "mcc.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -264,7 +279,7 @@ def test_batch_rule_view_selects_over_the_batch_in_eval_mode():
 
 
 def test_replayed_activations_serve_the_same_batches():
-    from sae_lens_sampled.benchmark.compare import ReplayedActivations
+    from sae_lens_sampled.benchmark.synthetic import ReplayedActivations
 
     batches = [torch.ones(4, 3), torch.zeros(2, 3)]
     replay = ReplayedActivations(batches)

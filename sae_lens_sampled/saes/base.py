@@ -6,9 +6,10 @@ Inference SAEs are ``JumpReLUSAE``s (per-token ``encode`` with a per-feature
 ``threshold``) that also offer the architecture's batch rule as :meth:`encode_batch`.
 """
 
+import dataclasses
 from abc import abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,9 +53,20 @@ AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
 THRESHOLD_MODES: tuple[str, ...] = ("global", "per_feature")
 
 
+class FieldValueError(ValueError):
+    """A config field holds a value outside its allowed set (``name``, ``value``)."""
+
+    def __init__(self, message: str, name: str, value: Any) -> None:
+        super().__init__(message)
+        self.name = name
+        self.value = value
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise FieldValueError(
+            f"{name} must be one of {allowed}, got {value!r}", name, value
+        )
 
 
 def check_range(
@@ -72,7 +84,42 @@ def check_range(
     if too_low or too_high or value != value:  # value != value catches NaN
         left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low}"
         right = "inf)" if high is None else f"{high}" + ("]" if high_inclusive else ")")
-        raise ValueError(f"{name} must be in {left}, {right}, got {value!r}")
+        raise FieldValueError(
+            f"{name} must be in {left}, {right}, got {value!r}", name, value
+        )
+
+
+def is_default(cfg: Any, name: str) -> bool:
+    """Whether dataclass ``cfg``'s field ``name`` holds its declared default."""
+    for field in dataclasses.fields(cfg):
+        if field.name != name:
+            continue
+        if field.default is not dataclasses.MISSING:
+            return bool(getattr(cfg, name) == field.default)
+        if field.default_factory is not dataclasses.MISSING:
+            return bool(getattr(cfg, name) == field.default_factory())
+    return False
+
+
+def shown(cfg: Any, name: str) -> str:
+    """``name=value`` for an error message, saying when the value is the default."""
+    note = " (the default)" if is_default(cfg, name) else ""
+    return f"{name}={getattr(cfg, name)!r}{note}"
+
+
+@contextmanager
+def noting_defaults(cfg: Any) -> Iterator[None]:
+    """Add "(the default)" to a :class:`FieldValueError` whose value is the default.
+
+    A value the user never set can still be out of range (``k`` against a small
+    ``d_sae``); the message should say where it came from.
+    """
+    try:
+        yield
+    except FieldValueError as err:
+        if is_default(cfg, err.name) and err.args:
+            err.args = (f"{err.args[0]} (the default)", *err.args[1:])
+        raise
 
 
 def check_input_width(x: torch.Tensor, cfg: Any) -> None:
@@ -178,7 +225,8 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.validate()
+        with noting_defaults(self):
+            self.validate()
 
     def validate(self) -> None:
         """Check every field; raise a ValueError naming the field and allowed range."""
@@ -206,8 +254,8 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             # SAELens's aux-k loss raises on these at the first step with dead
             # features, possibly thousands of steps in; say so now.
             raise ValueError(
-                f"aux_loss={self.aux_loss!r} cannot be combined with "
-                f"normalize_activations={self.normalize_activations!r}: the auxiliary "
+                f"{shown(self, 'aux_loss')} cannot be combined with "
+                f"{shown(self, 'normalize_activations')}: the auxiliary "
                 "reconstruction would be in normalized space; use aux_loss='none' or "
                 "normalize_activations in ('none', 'expected_average_only_in')"
             )
@@ -642,7 +690,8 @@ class BatchLevelSAEConfig(JumpReLUSAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
+        with noting_defaults(self):
+            check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
 
 
 class BatchLevelSAE(JumpReLUSAE):
