@@ -381,3 +381,16 @@ def test_zero_decoder_row_gives_finite_dense_training_output():
     assert bool(output.sae_out.isfinite().all())
     output.loss.backward()
     assert all(bool(getattr(sae, p).grad.isfinite().all()) for p in PARAMS)
+
+
+def test_inference_select_is_encode_batchs_rule(tmp_path):
+    # calibrate_thresholds calls select on relu(hidden_pre): it must be the rule that
+    # encode_batch applies, also where the decoder rows are not unit norm
+    sae = build("mutual_choice", rescale_acts_by_decoder_norm=False)
+    train_steps(sae)
+    loaded = save_and_load(sae, tmp_path)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for model in (loaded, SAE.load_from_disk(tmp_path, fold_W_dec_norm=True)):
+            acts = model.hidden_pre(x).relu()
+            assert torch.equal(model.select(acts), model.encode_batch(x))

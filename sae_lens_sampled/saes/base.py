@@ -723,8 +723,15 @@ class BatchLevelSAE(JumpReLUSAE):
         )
 
     @abstractmethod
+    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
+        """The training rule on ranking values ``[n_tokens, d_sae]``: the values where
+        selected, 0 elsewhere."""
+
     def select(self, acts: torch.Tensor) -> torch.Tensor:
-        """The batch rule on post-ReLU activations ``[n_tokens, d_sae]``."""
+        """The batch rule on post-ReLU activations ``[n_tokens, d_sae]`` in this SAE's
+        units: ranks ``acts * rank_scale``, returns ``acts`` where selected."""
+        ranked = self.select_ranked(acts * self.rank_scale.to(acts.dtype))
+        return acts * (ranked != 0)
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -746,9 +753,9 @@ class BatchLevelSAE(JumpReLUSAE):
         tokens together.
         """
         check_batch_rule_input(x)
-        acts = self.hidden_pre(x).relu()
-        ranked = apply_to_last_dim(self.select, acts * self.rank_scale.to(acts.dtype))
-        return self.hook_sae_acts_post(acts * (ranked != 0))
+        return self.hook_sae_acts_post(
+            apply_to_last_dim(self.select, self.hidden_pre(x).relu())
+        )
 
     @override
     @torch.no_grad()

@@ -191,15 +191,15 @@ class SampledSAE(BatchLevelSAE):
         self.n_batch_draws = 0
 
     @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
+    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
         generator = None
         if self.cfg.pool_seed is not None:
             generator = seeded_generator(
-                self.cfg.pool_seed, self.n_batch_draws, acts.device
+                self.cfg.pool_seed, self.n_batch_draws, ranking.device
             )
         self.n_batch_draws += 1
         return sampled_topk(
-            acts,
+            ranking,
             k=self.cfg.k,
             pool_factor=self.cfg.pool_factor,
             score=self.cfg.score,
