@@ -152,6 +152,12 @@ def test_synthetic_compare_writes_one_sane_result_per_run(tmp_path, capsys):
         assert by_label["mutual_choice"][key] == pytest.approx(
             by_label["batchtopk"][key], rel=1e-3
         )
+    # Absorption is measured per token and under the batch rule (the default data
+    # has a hierarchy), for per-token architectures only per token.
+    for result in results:
+        assert 0 <= result["absorption"] <= 1
+    assert by_label["topk"]["absorption_batch"] is None
+    assert 0 <= by_label["mutual_choice"]["absorption_batch"] <= 1
     # The terminal table lists every run; the inference SAEs are saved.
     table = capsys.readouterr().out
     assert all(r["label"] in table for r in results)
@@ -287,3 +293,32 @@ def test_replayed_activations_serve_the_same_batches():
     assert replay.sample(2) is batches[1]
     with pytest.raises(ValueError, match="replayed batch has 4 rows, not 5"):
         ReplayedActivations(batches).sample(5)
+
+
+def test_compare_absorption_is_the_metric_on_the_eval_samples(tmp_path):
+    """The absorption column equals absorption_metrics on the saved SAE and the
+    replayed eval samples, so compare adds nothing of its own to the metric."""
+    from sae_lens import SAE
+
+    from sae_lens_sampled.benchmark.absorption import absorption_metrics
+    from sae_lens_sampled.benchmark.synthetic import SyntheticSource
+
+    settings = dict(k=4, d_sae=64, steps=15, batch_size=256, eval_samples=1024)
+    payload = run_compare(
+        runs=parse_run_specs("mutual_choice"),
+        output=str(tmp_path),
+        plots=False,
+        **settings,
+    )
+    (result,) = payload["results"]
+    source = SyntheticSource(CompareConfig(**settings, output=None), None)
+    source.start_seed(0)
+    sae = SAE.load_from_disk(next((tmp_path / "saes").glob("*")))
+    direct = absorption_metrics(
+        sae.encode,
+        sae.W_dec,
+        source.model,
+        torch.cat(source.eval_batches),
+        batch_size=256,
+    )
+    assert result["absorption"] == pytest.approx(direct.absorption, abs=1e-9)

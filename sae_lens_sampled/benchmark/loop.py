@@ -113,6 +113,7 @@ def train_and_evaluate(
     result.update(rule_fields(batch, "_batch"))
     result.update(ground_truth_fields(per_token))
     result["absorption"] = source.absorption(inference)
+    result["absorption_batch"] = source.absorption(view) if view is not None else None
     if run_dir is not None:
         inference.save_model(run_dir)
     return result

@@ -33,9 +33,10 @@ RULE_METRICS: tuple[str, ...] = (
 )
 RULES: tuple[str, ...] = ("", "_batch", "_calibrated")
 
-# Against ground-truth features, per token only; None without ground truth.
-# ``absorption`` is the fraction of parent-feature tokens absorbed by a child latent,
-# in [0, 1].
+# Against ground-truth features; None without ground truth. Per token, except
+# ``absorption_batch``. ``absorption`` is the fraction of parent-feature tokens
+# absorbed by a child latent, in [0, 1] (docs/absorption.md), per token and under
+# the batch rule.
 GROUND_TRUTH_METRICS: tuple[str, ...] = (
     "mcc",
     "uniqueness",
@@ -43,6 +44,7 @@ GROUND_TRUTH_METRICS: tuple[str, ...] = (
     "recall",
     "true_l0",
     "absorption",
+    "absorption_batch",
 )
 
 # Summarised over seeds: ``<metric>_mean`` and ``<metric>_std`` per run label.

@@ -32,6 +32,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("MCC", "mcc", "{:.3f}"),
     ("F1", "f1", "{:.3f}"),
     ("absorption", "absorption", "{:.3f}"),
+    ("absorption batch", "absorption_batch", "{:.3f}"),
     ("CE score", "ce_loss_score", "{:.3f}"),
     ("tok/s", "tokens_per_second", "{:,.0f}"),
 )
@@ -256,7 +257,13 @@ SPECTRUM_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
         ),
     ),
     ("MCC", (("mcc", "-", "per token"),)),
-    ("absorption", (("absorption", "-", "per token"),)),
+    (
+        "absorption",
+        (
+            ("absorption", "-", "per token"),
+            ("absorption_batch", "--", "batch rule"),
+        ),
+    ),
     (
         "dead features",
         (

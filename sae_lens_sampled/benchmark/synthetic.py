@@ -18,6 +18,7 @@ from sae_lens.synthetic.synthetic_sae_runner import (
     SyntheticSAERunnerConfig,
 )
 
+from sae_lens_sampled.benchmark.absorption import absorption_metrics, hierarchy_parents
 from sae_lens_sampled.benchmark.config import DEFAULT_EVAL_SAMPLES, CompareConfig
 from sae_lens_sampled.benchmark.metrics import finite
 from sae_lens_sampled.benchmark.source import DataSource
@@ -177,11 +178,20 @@ class SyntheticSource(DataSource):
             for _ in range(n_batches)
         ]
 
-    def absorption(self, sae: Any) -> float | None:  # noqa: ARG002
-        # ABSORPTION HOOK: the ground-truth absorption metric
-        # (sae_lens_sampled/benchmark/absorption.py) is called here with the
-        # per-token inference SAE, the synthetic model (feature vectors and
-        # hierarchy) and the eval samples (self.eval_batches, ground-truth feature
-        # activations); it returns a number in [0, 1], or None when the data has no
-        # hierarchy. Until that module lands, no absorption is reported.
-        return None
+    def absorption(self, sae: Any) -> float | None:
+        """Ground-truth absorption of ``sae``'s ``encode`` on the eval samples.
+
+        ``sae`` is the per-token inference SAE or a batch-rule view; its encode is
+        called on eval batches of the training batch size, so a batch rule sees
+        the budget it was trained with. None when the data has no hierarchy.
+        """
+        if not hierarchy_parents(self.model):
+            return None
+        result = absorption_metrics(
+            sae.encode,
+            sae.W_dec,
+            self.model,
+            torch.cat(self.eval_batches),
+            batch_size=self.cfg.batch_size,
+        )
+        return result.absorption
