@@ -115,6 +115,7 @@ def test_calibration_works_on_inference_sae(tmp_path):
     loaded = SAE.load_from_disk(tmp_path)
     batch = torch.randn(256, 8)
     calibrate_thresholds(loaded, [batch])
+    loaded.n_batch_draws = 0  # the calibration's seeded pool draw, once more
     assert torch.equal(
         (loaded.encode(batch) > 0).sum(dim=0), (loaded.encode_batch(batch) > 0).sum(0)
     )

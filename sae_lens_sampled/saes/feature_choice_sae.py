@@ -292,5 +292,5 @@ class FeatureChoiceSAE(BatchLevelSAE):
         return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
 
     @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
-        return feature_choice_select(acts, self.capacities(acts.shape[0]))
+    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
+        return feature_choice_select(ranking, self.capacities(ranking.shape[0]))
