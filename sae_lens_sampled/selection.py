@@ -241,12 +241,15 @@ def select_pool(
     size: int,
     mode: str,
     generator: torch.Generator | None = None,
+    beta: float = 1.0,
 ) -> torch.Tensor:
     """Indices of the ``size`` features that form the pool.
 
     ``mode="top"`` takes the best scores (of equal scores, the lower feature index).
-    ``mode="sample"`` draws without replacement with probability proportional to the
-    score (Gumbel-top-k on the log score); features scoring 0 are drawn only once every
+    ``mode="sample"`` draws without replacement with probability proportional to
+    ``score ** beta`` (Gumbel-top-k on ``beta * log(score)``): ``beta=1`` samples in
+    proportion to the score, ``beta=0`` uniformly among the positive scores, and
+    ``beta -> inf`` tends to ``"top"``. Features scoring 0 are drawn only once every
     positive-score feature is in the pool. The indices come in ascending order, so the
     pool's columns keep the features' order.
     """
@@ -262,12 +265,100 @@ def select_pool(
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
     scores64 = scores.to(torch.float64)
     positive = scores64 > 0
+    # beta * log(score) spans about +-750 * beta: the offset grows with it.
+    offset = _ZERO_SCORE_KEY_OFFSET * max(1.0, beta)
     log_scores = torch.where(
         positive,
-        torch.log(torch.where(positive, scores64, 1.0)),
-        -_ZERO_SCORE_KEY_OFFSET,
+        beta * torch.log(torch.where(positive, scores64, 1.0)),
+        -offset,
     )
     return torch.topk(log_scores + gumbel, size).indices.sort().values
+
+
+def explore_size(size: int, explore: float) -> int:
+    """Pool slots reserved for exploration: ``round(explore * size)``."""
+    return int(round(explore * size))
+
+
+@torch.no_grad()
+def explore_pool(
+    pool: torch.Tensor,
+    scores: torch.Tensor,
+    staleness: torch.Tensor,
+    n_explore: int,
+) -> torch.Tensor:
+    """``pool`` plus the ``n_explore`` features outside it that were pooled least
+    recently.
+
+    ``staleness`` (``[d_sae]``, integer) counts the steps since each feature was last
+    in the pool. Outside ``pool``, features with a positive score come first (a
+    feature with no positive activation in the batch cannot be selected), then the
+    largest staleness, then the larger score, then the lower index. Returns the
+    indices of the enlarged pool in ascending order.
+    """
+    d_sae = scores.shape[0]
+    n_explore = max(0, min(n_explore, d_sae - pool.numel()))
+    if n_explore == 0:
+        return pool
+    order = torch.arange(d_sae, device=scores.device)
+    # Lexicographic order by successive stable sorts, the least important key first.
+    for key in (
+        scores.to(torch.float64),
+        staleness.to(torch.float64),
+        (scores > 0).to(torch.float64),
+    ):
+        order = order[torch.sort(key[order], descending=True, stable=True).indices]
+    outside = torch.ones(d_sae, dtype=torch.bool, device=scores.device)
+    outside[pool] = False
+    chosen = order[outside[order]][:n_explore]
+    return torch.cat([pool, chosen]).sort().values
+
+
+@torch.no_grad()
+def sampled_pool(
+    acts: torch.Tensor,
+    k: float,
+    pool_factor: float,
+    score: str = "l2",
+    pool_mode: str = "sample",
+    generator: torch.Generator | None = None,
+    *,
+    beta: float = 1.0,
+    explore: float = 0.0,
+    staleness: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The pool of a batch and the column scores it was chosen from.
+
+    Returns ``(None, None)`` when the pool holds every feature (then the rule is
+    BatchTopK and nothing is scored). Otherwise the pool's indices (ascending) and
+    :func:`feature_scores`. With ``explore > 0`` (and ``staleness`` given),
+    ``explore_size(P, explore)`` of the ``P`` slots go to the features outside the
+    score-based pool that were pooled least recently (:func:`explore_pool`); the
+    other slots are chosen by :func:`select_pool` as without exploration.
+    """
+    d_sae = acts.shape[1]
+    size = pool_size(k, pool_factor, d_sae)
+    if size >= d_sae:
+        return None, None
+    scores = feature_scores(acts, score)
+    n_explore = explore_size(size, explore) if staleness is not None else 0
+    pool = select_pool(scores, size - n_explore, pool_mode, generator, beta)
+    if n_explore > 0:
+        assert staleness is not None
+        pool = explore_pool(pool, scores, staleness, n_explore)
+    return pool, scores
+
+
+def topk_in_pool(
+    acts: torch.Tensor, budget: int, pool: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep the ``budget`` largest entries of ``acts`` among the ``pool`` columns
+    (every column when ``pool`` is None), by :func:`batch_topk`'s rule."""
+    if pool is None:
+        return batch_topk(acts, budget)
+    # Select within the pool columns only: [n_tokens, P] instead of [n_tokens, d_sae].
+    pooled = batch_topk(acts.index_select(1, pool), budget)
+    return torch.zeros_like(acts).index_copy(1, pool, pooled)
 
 
 def sampled_topk(
@@ -277,25 +368,59 @@ def sampled_topk(
     score: str = "l2",
     pool_mode: str = "sample",
     generator: torch.Generator | None = None,
+    *,
+    beta: float = 1.0,
+    explore: float = 0.0,
+    staleness: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled-SAE selection: a pool of features, then batch top-k inside the pool.
 
     The pool holds ``pool_size(k, pool_factor, d_sae)`` features chosen by
-    :func:`select_pool` from :func:`feature_scores`; the batch keeps its
-    ``batch_budget(k, n_tokens)`` largest entries among the pool columns (all of them
-    if the pool holds fewer). The pool's columns keep the features' order, so ties
-    follow the module's rule as if the other columns were zero. A pool covering every
-    feature is exactly :func:`batch_topk`.
+    :func:`sampled_pool` (by default :func:`select_pool` on :func:`feature_scores`);
+    the batch keeps its ``batch_budget(k, n_tokens)`` largest entries among the pool
+    columns (all of them if the pool holds fewer). The pool's columns keep the
+    features' order, so ties follow the module's rule as if the other columns were
+    zero. A pool covering every feature is exactly :func:`batch_topk`.
     """
-    n_tokens, d_sae = acts.shape
-    budget = batch_budget(k, n_tokens)
-    size = pool_size(k, pool_factor, d_sae)
-    if size >= d_sae:
-        return batch_topk(acts, budget)
-    pool = select_pool(feature_scores(acts, score), size, pool_mode, generator)
-    # Select within the pool columns only: [n_tokens, P] instead of [n_tokens, d_sae].
-    pooled = batch_topk(acts.index_select(1, pool), budget)
-    return torch.zeros_like(acts).index_copy(1, pool, pooled)
+    pool, _ = sampled_pool(
+        acts,
+        k,
+        pool_factor,
+        score,
+        pool_mode,
+        generator,
+        beta=beta,
+        explore=explore,
+        staleness=staleness,
+    )
+    return topk_in_pool(acts, batch_budget(k, acts.shape[0]), pool)
+
+
+@torch.no_grad()
+def update_staleness(
+    staleness: torch.Tensor, pool: torch.Tensor | None
+) -> torch.Tensor:
+    """Steps since each feature was last pooled, after one more step with ``pool``
+    (None: every feature was pooled)."""
+    pooled = torch.zeros_like(staleness, dtype=torch.bool)
+    if pool is None:
+        pooled.fill_(True)
+    else:
+        pooled[pool] = True
+    return torch.where(pooled, 0, staleness + 1)
+
+
+@torch.no_grad()
+def update_missed_chances(
+    missed: torch.Tensor, fired: torch.Tensor, chance: torch.Tensor
+) -> torch.Tensor:
+    """Consecutive chances to fire that each feature has missed, after one step.
+
+    A feature that ``fired`` goes back to 0; one that had a ``chance`` and did not
+    fire counts one more; the others keep their count. With a chance on every step
+    this is the steps-since-fired counter of SAELens's trainer.
+    """
+    return torch.where(fired, 0, torch.where(chance, missed + 1, missed))
 
 
 def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:

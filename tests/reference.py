@@ -72,13 +72,17 @@ def pool_size(k: float, pool_factor: float, d_sae: int) -> int:
 
 
 def pool(
-    scores: torch.Tensor, size: int, mode: str, generator: torch.Generator | None
+    scores: torch.Tensor,
+    size: int,
+    mode: str,
+    generator: torch.Generator | None,
+    beta: float = 1.0,
 ) -> torch.Tensor:
     """Boolean ``[d_sae]`` pool membership.
 
     ``top``: the ``size`` best scores, lower feature index first on ties. ``sample``:
-    Gumbel-top-k on the log score with one float64 uniform per feature drawn from
-    ``generator``; features scoring 0 rank after every positive one.
+    Gumbel-top-k on ``beta * log(score)`` with one float64 uniform per feature drawn
+    from ``generator``; features scoring 0 rank after every positive one.
     """
     member = torch.zeros(scores.shape[0], dtype=torch.bool)
     if mode == "top":
@@ -89,10 +93,30 @@ def pool(
     for j, u in enumerate(uniform.tolist()):
         gumbel = -math.log(-math.log(max(u, 1e-300)))
         s = float(scores[j])
-        keys.append((0 if s > 0 else 1, -(math.log(s) + gumbel) if s > 0 else -gumbel))
+        key = -(beta * math.log(s) + gumbel) if s > 0 else -gumbel
+        keys.append((0 if s > 0 else 1, key))
     chosen = sorted(range(len(keys)), key=lambda j: keys[j])[:size]
     member[chosen] = True
     return member
+
+
+def explore(
+    member: torch.Tensor, scores: torch.Tensor, staleness: torch.Tensor, n: int
+) -> torch.Tensor:
+    """``member`` plus the ``n`` first features outside it by: positive score
+    first, then larger staleness, then larger score, then lower index."""
+    outside = [j for j in range(member.shape[0]) if not bool(member[j])]
+    outside.sort(
+        key=lambda j: (
+            0 if float(scores[j]) > 0 else 1,
+            -int(staleness[j]),
+            -float(scores[j]),
+            j,
+        )
+    )
+    enlarged = member.clone()
+    enlarged[outside[:n]] = True
+    return enlarged
 
 
 def sampled_mask(
@@ -102,13 +126,25 @@ def sampled_mask(
     score: str,
     mode: str,
     generator: torch.Generator | None,
+    beta: float = 1.0,
+    explore_share: float = 0.0,
+    staleness: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Batch top-k restricted to the pool's columns (row-major ties)."""
+    """Batch top-k restricted to the pool's columns (row-major ties).
+
+    With ``staleness``, ``round(explore_share * P)`` of the ``P`` slots go to
+    :func:`explore` and the score-based pool holds the rest.
+    """
     n, d_sae = values.shape
     size = pool_size(k, pool_factor, d_sae)
     if size >= d_sae:
         return batch_topk_mask(values, budget(k, n))
-    member = pool(feature_scores(values, score), size, mode, generator)
+    n_explore = round(explore_share * size) if staleness is not None else 0
+    scores = feature_scores(values, score)
+    member = pool(scores, size - n_explore, mode, generator, beta)
+    if n_explore:
+        assert staleness is not None
+        member = explore(member, scores, staleness, n_explore)
     restricted = torch.where(member[None, :], values, torch.zeros_like(values))
     return batch_topk_mask(restricted, budget(k, n)) & member[None, :]
 

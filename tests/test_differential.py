@@ -59,6 +59,15 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
         for mode in POOL_MODES
         for score in SCORES
     },
+    # a sharper (and a flatter) sampled pool: probability ~ score ** pool_beta
+    "sampled-sample-l2-beta2.5": (
+        "sampled",
+        {"pool_mode": "sample", "score": "l2", "pool_factor": 2.0, "pool_beta": 2.5},
+    ),
+    "sampled-sample-entropy-beta0": (
+        "sampled",
+        {"pool_mode": "sample", "score": "entropy", "pool_factor": 2.0, "pool_beta": 0},
+    ),
     **{
         f"feature_choice-{schedule}": (
             "feature_choice",
@@ -181,7 +190,13 @@ def reference_mask(sae: Any, values: torch.Tensor, draw_index: int) -> torch.Ten
     if hasattr(cfg, "pool_factor"):
         generator = seeded_generator(cfg.pool_seed, draw_index, torch.device("cpu"))
         return reference.sampled_mask(
-            values, cfg.k, cfg.pool_factor, cfg.score, cfg.pool_mode, generator
+            values,
+            cfg.k,
+            cfg.pool_factor,
+            cfg.score,
+            cfg.pool_mode,
+            generator,
+            beta=cfg.pool_beta,
         )
     return reference.batch_topk_mask(values, budget)
 
@@ -606,27 +621,92 @@ def test_feature_choice_matches_reference(matrix, k, schedule, alpha):
     pool_factor=st.floats(1, 4),
     score=st.sampled_from(SCORES),
     mode=st.sampled_from(POOL_MODES),
+    beta=st.sampled_from([1.0, 0.0, 0.5, 3.0]),
+    explore=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
 )
-def test_sampled_topk_matches_reference(matrix, k, pool_factor, score, mode):
+def test_sampled_topk_matches_reference(
+    matrix, k, pool_factor, score, mode, beta, explore
+):
     acts = generated_acts(*matrix)
     if acts.shape[1] < k:
         return
     seed = matrix[-1]
+    staleness = torch.randint(
+        0, 3, (acts.shape[1],), generator=torch.Generator().manual_seed(seed)
+    )
     mask = reference.sampled_mask(
-        acts, k, pool_factor, score, mode, seeded_generator(seed, 0, "cpu")
+        acts,
+        k,
+        pool_factor,
+        score,
+        mode,
+        seeded_generator(seed, 0, "cpu"),
+        beta=beta,
+        explore_share=explore,
+        staleness=staleness,
     )
-    out = sampled_topk(
-        acts, k, pool_factor, score, mode, seeded_generator(seed, 0, "cpu")
-    )
+
+    def select(a: torch.Tensor) -> torch.Tensor:
+        return sampled_topk(
+            a,
+            k,
+            pool_factor,
+            score,
+            mode,
+            seeded_generator(seed, 0, "cpu"),
+            beta=beta,
+            explore=explore,
+            staleness=staleness,
+        )
+
+    out = select(acts)
     assert torch.equal(out != 0, mask)
     assert torch.equal(out, torch.where(mask, acts, torch.zeros_like(acts)))
-    check_gradient(
-        lambda a: sampled_topk(
-            a, k, pool_factor, score, mode, seeded_generator(seed, 0, "cpu")
-        ),
-        acts,
-        mask,
-    )
+    check_gradient(select, acts, mask)
+
+
+@pytest.mark.parametrize("mode", POOL_MODES)
+def test_exploring_training_step_matches_reference(mode):
+    """With ``pool_explore``, a training step's pool reserves slots for the least
+    recently pooled features (by the SAE's ``pool_staleness``), values and gradients
+    as the reference; ``encode_batch`` keeps the score-based pool alone."""
+    sae = build(f"sampled-{mode}-l2", pool_explore=0.5)
+    train_steps(sae, n_steps=3)
+    assert int(sae.pool_staleness.max()) > 0
+    x = make_input("random")
+    step = draw(sae)
+    values = sae.hidden_pre(x).detach().relu()
+    cfg = sae.cfg
+
+    def mask_for(staleness: torch.Tensor | None) -> torch.Tensor:
+        return reference.sampled_mask(
+            values,
+            cfg.k,
+            cfg.pool_factor,
+            cfg.score,
+            cfg.pool_mode,
+            seeded_generator(cfg.pool_seed, step, torch.device("cpu")),
+            explore_share=cfg.pool_explore,
+            staleness=staleness,
+        )
+
+    mask = mask_for(sae.pool_staleness.clone())
+    assert not torch.equal(mask, mask_for(None))  # exploration changed the pool
+    sae.eval()
+    assert_selection(sae.encode_batch(x).detach(), values, mask_for(None))
+    expected_loss, expected_grads = reference_gradients(sae, x, mask)
+    models = {None: sae, "dense": dense_twin(sae)}
+    for hook_point, model in models.items():
+        output, grads = gradients(model, x)
+        assert hasattr(output.feature_acts, "sparse_codes") == (hook_point is None)
+        assert_selection(output.feature_acts.detach(), values, mask)
+        torch.testing.assert_close(
+            output.loss.detach().double(), expected_loss, rtol=1e-5, atol=1e-6
+        )
+        for name in PARAMS:
+            torch.testing.assert_close(
+                grads[name].double(), expected_grads[name], rtol=1e-4, atol=1e-5
+            )
 
 
 # --- larger batches (slow) ---------------------------------------------------------------

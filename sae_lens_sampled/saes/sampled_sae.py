@@ -8,11 +8,15 @@ proportion to the score by default, or the best scores), and keeps the batch's
 ``k * pool_factor >= d_sae`` the rule is exactly BatchTopK.
 """
 
+import dataclasses
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_lens_sampled.saes.base import (
@@ -20,6 +24,7 @@ from sae_lens_sampled.saes.base import (
     BatchLevelSAEConfig,
     BatchLevelTrainingSAE,
     BatchLevelTrainingSAEConfig,
+    FieldValueError,
     check_choice,
     check_range,
 )
@@ -28,17 +33,33 @@ from sae_lens_sampled.selection import (
     SCORES,
     PoolMode,
     ScoreName,
+    batch_budget,
+    sampled_pool,
     sampled_topk,
     seeded_generator,
+    topk_in_pool,
+    update_missed_chances,
+    update_staleness,
 )
 
 ARCHITECTURE = "sampled"
+
+AuxDead = Literal["trainer", "pooled"]
+AUX_DEAD: tuple[str, ...] = ("trainer", "pooled")
 
 
 def validate_pool_fields(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
     check_range("pool_factor", cfg.pool_factor, low=1)
     check_choice("score", cfg.score, SCORES)
     check_choice("pool_mode", cfg.pool_mode, POOL_MODES)
+    check_range("pool_beta", cfg.pool_beta, low=0)
+    if math.isinf(cfg.pool_beta):
+        raise FieldValueError(
+            f"pool_beta must be finite, got {cfg.pool_beta!r}; its limit "
+            "pool_beta -> inf is pool_mode='top'",
+            "pool_beta",
+            cfg.pool_beta,
+        )
     if cfg.pool_seed is not None:
         check_range("pool_seed", cfg.pool_seed, low=0)
 
@@ -56,8 +77,32 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             ``"entropy"`` (high entropy, i.e. spread over many tokens, is kept) or
             ``"uniform"``.
         pool_mode (str): ``"sample"`` (default) draws the pool without replacement with
-            probability proportional to the score; ``"top"`` takes the best scores
-            (then ``l2`` and ``squared_l2`` give the same pool).
+            probability proportional to ``score ** pool_beta``; ``"top"`` takes the
+            best scores (then ``l2`` and ``squared_l2`` give the same pool).
+        pool_beta (float): Sharpness of the sampled pool (>= 0, finite): features are
+            drawn with probability proportional to ``score ** pool_beta``. 1 (default)
+            is proportional to the score; 0 is uniform over the features with a
+            positive score; large values approach ``pool_mode="top"``.
+            ``score="squared_l2"`` at ``pool_beta=b`` is ``score="l2"`` at ``2 * b``.
+        pool_explore (float): Share of the pool, in [0, 1], reserved during training
+            for the features outside the score-based pool that were pooled least
+            recently (``round(pool_explore * P)`` slots), so that no feature can go
+            unpooled for long. 0 (default) reserves none. Training only:
+            ``encode_batch`` uses the score-based pool alone.
+        pool_warmup_steps (int): Training steps (>= 0) at the start that use every
+            feature as the pool (plain BatchTopK) before the pool rule takes over.
+            0 (default) uses the pool from the first step.
+        aux_dead (str): Which features the aux losses treat as dead. ``"trainer"``
+            (default): SAELens's dead mask, features not selected for
+            ``dead_feature_window`` steps, which counts a feature left out of the
+            pool as dead. ``"pooled"``: features that missed more than
+            ``aux_dead_window`` consecutive chances to fire, a chance being a step on
+            which the feature was in the pool or had no positive activation at all
+            (steps spent outside the pool with positive activations do not count).
+            With every feature pooled on every step, ``"pooled"`` equals the
+            trainer's mask for ``aux_dead_window = dead_feature_window``.
+        aux_dead_window (int): Missed chances (>= 1) after which ``aux_dead="pooled"``
+            counts a feature as dead.
         pool_seed (int | None): Seed for pool sampling. With a seed, the draw depends
             only on the seed and the step count (a saved buffer), so runs, resumes and
             ``encode_batch`` are reproducible; ``None`` uses torch's global RNG.
@@ -76,6 +121,11 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
     pool_factor: float = 3.0
     score: ScoreName = "l2"
     pool_mode: PoolMode = "sample"
+    pool_beta: float = 1.0
+    pool_explore: float = 0.0
+    pool_warmup_steps: int = 0
+    aux_dead: AuxDead = "trainer"
+    aux_dead_window: int = 100
     pool_seed: int | None = None
 
     @override
@@ -87,6 +137,10 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
     def validate(self) -> None:
         super().validate()
         validate_pool_fields(self)
+        check_range("pool_explore", self.pool_explore, low=0, high=1)
+        check_range("pool_warmup_steps", self.pool_warmup_steps, low=0)
+        check_choice("aux_dead", self.aux_dead, AUX_DEAD)
+        check_range("aux_dead_window", self.aux_dead_window, low=1)
 
 
 class SampledTrainingSAE(BatchLevelTrainingSAE):
@@ -94,14 +148,29 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
 
     cfg: SampledTrainingSAEConfig  # type: ignore[assignment]
     n_selection_steps: torch.Tensor
-    training_buffers = (*BatchLevelTrainingSAE.training_buffers, "n_selection_steps")
+    pool_staleness: torch.Tensor
+    missed_chances: torch.Tensor
+    training_buffers = (
+        *BatchLevelTrainingSAE.training_buffers,
+        "n_selection_steps",
+        "pool_staleness",
+        "missed_chances",
+    )
 
     def __init__(self, cfg: SampledTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
+        device = self.W_dec.device
         # Counts training steps, so a seeded pool draw can be replayed after a resume.
         self.register_buffer(
-            "n_selection_steps",
-            torch.zeros((), dtype=torch.long, device=self.W_dec.device),
+            "n_selection_steps", torch.zeros((), dtype=torch.long, device=device)
+        )
+        # Steps since each feature was last in the pool (pool_explore), and the
+        # chances to fire it has missed since it last fired (aux_dead="pooled").
+        self.register_buffer(
+            "pool_staleness", torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+        )
+        self.register_buffer(
+            "missed_chances", torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
         )
 
     def _generator(self) -> torch.Generator | None:
@@ -113,6 +182,10 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         return seeded_generator(self.cfg.pool_seed, step, self.W_dec.device)
 
     _draw_seed: int | None = None
+    # Set during training_forward_pass: warm-up and exploration apply, and the
+    # step's pool is kept for the state update.
+    _in_training_step: bool = False
+    _step_pool: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     @override
     @contextmanager
@@ -129,22 +202,108 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         finally:
             self._draw_seed = None
 
+    def in_warmup(self) -> bool:
+        """Whether the current training step still uses every feature as the pool."""
+        warmup = self.cfg.pool_warmup_steps
+        return warmup > 0 and int(self.n_selection_steps) < warmup
+
     @override
     def select(self, acts: torch.Tensor) -> torch.Tensor:
-        return sampled_topk(
-            acts,
-            k=self.cfg.k,
-            pool_factor=self.cfg.pool_factor,
-            score=self.cfg.score,
-            pool_mode=self.cfg.pool_mode,
-            generator=self._generator(),
-        )
+        cfg = self.cfg
+        if not self._in_training_step:
+            return sampled_topk(
+                acts,
+                k=cfg.k,
+                pool_factor=cfg.pool_factor,
+                score=cfg.score,
+                pool_mode=cfg.pool_mode,
+                generator=self._generator(),
+                beta=cfg.pool_beta,
+            )
+        pool = None
+        if not self.in_warmup():
+            pool, _ = sampled_pool(
+                acts,
+                cfg.k,
+                cfg.pool_factor,
+                cfg.score,
+                cfg.pool_mode,
+                self._generator(),
+                beta=cfg.pool_beta,
+                explore=cfg.pool_explore,
+                staleness=self.pool_staleness if cfg.pool_explore > 0 else None,
+            )
+        positive = None
+        if cfg.aux_dead == "pooled":
+            with torch.no_grad():
+                # A feature with no positive activation could not have fired anyway.
+                positive = (acts > 0).any(dim=0)
+        self._step_pool = (pool, positive)
+        return topk_in_pool(acts, batch_budget(cfg.k, acts.shape[0]), pool)
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self._in_training_step = True
+        self._step_pool = None
+        try:
+            output = super().training_forward_pass(step_input)
+        finally:
+            self._in_training_step = False
+        if self.cfg.pool_factor * self.cfg.k < self.cfg.d_sae:
+            staleness = self.pool_staleness
+            output.metrics["pool_max_staleness"] = lambda: staleness.max()
+        return output
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if self.cfg.aux_dead == "pooled":
+            # The state is updated after the loss, so this is the mask up to the
+            # previous step, as the trainer's own mask is.
+            step_input = dataclasses.replace(
+                step_input, dead_neuron_mask=self.aux_dead_mask()
+            )
+        return super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
+
+    @torch.no_grad()
+    def aux_dead_mask(self) -> torch.Tensor:
+        """``aux_dead="pooled"``'s dead set: more than ``aux_dead_window`` missed
+        chances to fire."""
+        return self.missed_chances > self.cfg.aux_dead_window
 
     @override
     @torch.no_grad()
     def update_state(self, feature_acts: torch.Tensor) -> None:
         super().update_state(feature_acts)
         self.n_selection_steps += 1
+        if self._step_pool is None:  # called outside a training step
+            return
+        pool, positive = self._step_pool
+        self._step_pool = None
+        self.pool_staleness.copy_(update_staleness(self.pool_staleness, pool))
+        if positive is not None:
+            chance = (self.pool_staleness == 0) | ~positive
+            self.missed_chances.copy_(
+                update_missed_chances(
+                    self.missed_chances, fired_features(feature_acts), chance
+                )
+            )
+
+
+def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:
+    """Which features have a non-zero code on some token (the trainer's ``did_fire``),
+    from the selected entries when the codes carry them."""
+    sparse = getattr(feature_acts, "sparse_codes", None)
+    if sparse is not None and sparse[2] == feature_acts._version:
+        codes, values, _ = sparse
+        fired = torch.zeros(codes.n_cols, dtype=torch.bool, device=values.device)
+        return fired.index_fill_(0, codes.cols[values != 0], True)
+    return (feature_acts.detach().flatten(end_dim=-2) != 0).any(dim=0)
 
 
 @dataclass
@@ -156,6 +315,8 @@ class SampledSAEConfig(BatchLevelSAEConfig):
         pool_factor (float): Pool size factor ``l`` (>= 1).
         score (str): ``"l2"``, ``"squared_l2"``, ``"entropy"`` or ``"uniform"``.
         pool_mode (str): ``"sample"`` or ``"top"``.
+        pool_beta (float): Sharpness of the sampled pool: probability proportional
+            to ``score ** pool_beta`` (>= 0, finite).
         pool_seed (int | None): Seed of the pool draws in ``encode_batch``. With a
             seed, the i-th draw since the SAE was built or loaded uses the stream of
             ``(pool_seed, i)``, as training step i did: successive calls draw fresh
@@ -167,6 +328,7 @@ class SampledSAEConfig(BatchLevelSAEConfig):
     pool_factor: float = 3.0
     score: ScoreName = "l2"
     pool_mode: PoolMode = "sample"
+    pool_beta: float = 1.0
     pool_seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -205,4 +367,5 @@ class SampledSAE(BatchLevelSAE):
             score=self.cfg.score,
             pool_mode=self.cfg.pool_mode,
             generator=generator,
+            beta=self.cfg.pool_beta,
         )
