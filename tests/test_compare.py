@@ -80,6 +80,13 @@ def test_build_sae_config_applies_shared_k_and_spec_settings():
         build_sae_config(RunSpec("sampled", {"poolfactor": 2}), d_in=8, d_sae=32, k=2)
 
 
+def test_none_is_a_string_for_fields_that_take_no_none():
+    spec = parse_run_specs("sampled:aux_loss=none,pool_seed=none")[0]
+    assert spec.params == {"aux_loss": None, "pool_seed": None}
+    cfg = build_sae_config(spec, d_in=8, d_sae=32, k=2)
+    assert (cfg.aux_loss, cfg.pool_seed) == ("none", None)
+
+
 def test_compare_config_rejects_bad_values():
     with pytest.raises(ValueError, match="steps must be in"):
         CompareConfig(steps=0)
@@ -91,6 +98,34 @@ def test_compare_config_rejects_bad_values():
         CompareConfig(seeds=0)
     with pytest.raises(ValueError, match="normalize_activations must be one of"):
         CompareConfig(normalize_activations="unit")
+    with pytest.raises(ValueError, match="data must be one of default, lottery"):
+        CompareConfig(data="zipf")
+    with pytest.raises(ValueError, match="data='lottery' names a synthetic data set"):
+        CompareConfig(data="lottery", activations="acts.npy")
+
+
+def test_lottery_data_makes_the_rare_features_the_strongest():
+    from sae_lens_sampled.benchmark.synthetic import (
+        SYNTHETIC_DATA,
+        SyntheticSource,
+        default_synthetic_model_config,
+        lottery_synthetic_model_config,
+    )
+
+    assert set(SYNTHETIC_DATA) == {"default", "lottery"}
+    default = default_synthetic_model_config(3)
+    lottery = lottery_synthetic_model_config(3)
+    magnitudes = lottery.mean_firing_magnitudes.generate(256)
+    assert magnitudes[0] == pytest.approx(0.5) and magnitudes[-1] == pytest.approx(20)
+    # everything else is the default data
+    assert lottery.firing_probability == default.firing_probability
+    assert lottery.hierarchy == default.hierarchy
+    assert lottery.seed == default.seed == 3
+    source = SyntheticSource(CompareConfig(data="lottery", seed=1), None)
+    assert source.model.cfg == lottery_synthetic_model_config(1)
+    assert source.describe()["synthetic_model"] == "lottery"
+    source.start_seed(2)
+    assert source.model.cfg == lottery_synthetic_model_config(2)
 
 
 def check_result_ranges(result: dict, d_sae: int) -> None:

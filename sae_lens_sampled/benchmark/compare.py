@@ -32,6 +32,7 @@ from sae_lens.synthetic import SyntheticModel
 
 from sae_lens_sampled.benchmark.config import (
     NORMALIZE_OPTIONS,
+    SYNTHETIC_DATA_NAMES,
     CompareConfig,
 )
 from sae_lens_sampled.benchmark.loop import compare_runs
@@ -216,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=NORMALIZE_OPTIONS,
         help=f"SAELens's normalize_activations for every run ({defaults.normalize_activations})",
     )
+    add(
+        "--data",
+        choices=SYNTHETIC_DATA_NAMES,
+        help="synthetic data set: 'default', or 'lottery' (rare features far "
+        f"stronger than frequent ones) ({defaults.data})",
+    )
     add("--device", help=f"torch device ({defaults.device})")
     add("--threads", type=int, help="CPU threads (synthetic/activations default: 1)")
     add("--output", help=f"output directory ({defaults.output})")
@@ -267,6 +274,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "lr",
         "eval_samples",
         "normalize_activations",
+        "data",
         "device",
         "threads",
         "output",

@@ -18,6 +18,10 @@ NORMALIZE_OPTIONS: tuple[str, ...] = (
     "covariance_whitening",
 )
 
+# Synthetic data sets (``synthetic.SYNTHETIC_DATA``), named here to keep this module
+# free of SAELens's synthetic package.
+SYNTHETIC_DATA_NAMES: tuple[str, ...] = ("default", "lottery")
+
 # Eval samples in synthetic and language-model mode; in activations mode the default
 # is a tenth of the file's rows, at most this many.
 DEFAULT_EVAL_SAMPLES = 65_536
@@ -59,6 +63,8 @@ class CompareConfig:
         normalize_activations (str): SAELens's ``normalize_activations`` for every
             run (``none``, ``expected_average_only_in``, ``constant_norm_rescale``,
             ``layer_norm``, ``covariance_whitening``); a run spec may override it.
+        data (str): Synthetic mode's data set: ``default`` or ``lottery`` (the
+            rarest features far stronger than the frequent ones).
         activations (str | None): Activations mode: a directory written by
             SAELens's ``CacheActivationsRunner`` or a tensor file ``[n_tokens,
             d_in]`` (``.npy``, ``.safetensors``, ``.pt``).
@@ -92,6 +98,7 @@ class CompareConfig:
     threads: int | None = None
     dead_feature_window: int = 100
     normalize_activations: str = "none"
+    data: str = "default"
     activations: str | None = None
     model: str | None = None
     hook: str | None = None
@@ -119,6 +126,18 @@ class CompareConfig:
             raise ValueError(
                 "normalize_activations must be one of "
                 f"{', '.join(NORMALIZE_OPTIONS)}; got {self.normalize_activations!r}"
+            )
+        if self.data not in SYNTHETIC_DATA_NAMES:
+            raise ValueError(
+                f"data must be one of {', '.join(SYNTHETIC_DATA_NAMES)}; got "
+                f"{self.data!r}"
+            )
+        if self.data != "default" and (
+            self.model is not None or self.activations is not None
+        ):
+            raise ValueError(
+                f"data={self.data!r} names a synthetic data set; it cannot be "
+                "combined with model or activations"
             )
         if self.model is not None and self.activations is not None:
             raise ValueError(

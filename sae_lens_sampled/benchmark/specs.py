@@ -142,6 +142,20 @@ def _field_is_int(cfg_class: type, name: str) -> bool:
     return hints.get(name) is int
 
 
+def _accepts_none(cfg_class: type, name: str) -> bool:
+    hint = typing.get_type_hints(cfg_class).get(name)
+    return hint is None or hint is type(None) or type(None) in typing.get_args(hint)
+
+
+def _spec_settings(cfg_class: type, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``none`` read as the string ``"none"`` for fields that take
+    no None (``aux_loss=none``), since :func:`parse_value` reads it as None."""
+    return {
+        name: "none" if value is None and not _accepts_none(cfg_class, name) else value
+        for name, value in params.items()
+    }
+
+
 def build_sae_config(
     spec: RunSpec,
     *,
@@ -172,5 +186,5 @@ def build_sae_config(
             settings["k"] = int(k)
         else:
             settings["k"] = float(k)
-    settings.update(spec.params)
+    settings.update(_spec_settings(cfg_class, spec.params))
     return cfg_class(**settings)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,7 +11,10 @@ from sae_lens import LoggingConfig
 from sae_lens.saes.sae import TrainingSAEConfig
 from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
 from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
-from sae_lens.synthetic.firing_magnitudes import LinearMagnitudeConfig
+from sae_lens.synthetic.firing_magnitudes import (
+    ExponentialMagnitudeConfig,
+    LinearMagnitudeConfig,
+)
 from sae_lens.synthetic.firing_probabilities import ZipfianFiringProbabilityConfig
 from sae_lens.synthetic.hierarchy import HierarchyConfig
 from sae_lens.synthetic.synthetic_sae_runner import (
@@ -54,6 +58,24 @@ def default_synthetic_model_config(seed: int = 0) -> SyntheticModelConfig:
     )
 
 
+def lottery_synthetic_model_config(seed: int = 0) -> SyntheticModelConfig:
+    """The default data with an "activation lottery": mean magnitudes rising
+    exponentially from 0.5 to 20 with the feature index (the default rises linearly
+    from 1 to 6), so the rarest features are by far the strongest. The rarest
+    feature (firing probability 0.01) then carries about 40 times the variance of
+    the most frequent one (0.4), where the default makes them about equal."""
+    cfg = default_synthetic_model_config(seed)
+    cfg.mean_firing_magnitudes = ExponentialMagnitudeConfig(start=0.5, end=20.0)
+    return cfg
+
+
+# Named synthetic data sets of compare (``--data``).
+SYNTHETIC_DATA: dict[str, Callable[[int], SyntheticModelConfig]] = {
+    "default": default_synthetic_model_config,
+    "lottery": lottery_synthetic_model_config,
+}
+
+
 class ReplayedActivations:
     """Serves pre-drawn ground-truth feature activations, batch after batch.
 
@@ -95,8 +117,9 @@ class SyntheticSource(DataSource):
         self.cfg = cfg
         self._override = synthetic_model
         self.eval_samples = cfg.eval_samples or DEFAULT_EVAL_SAMPLES
+        self._model_config = SYNTHETIC_DATA[cfg.data]
         self.model = synthetic_model or SyntheticModel(
-            default_synthetic_model_config(cfg.seed), device=cfg.device
+            self._model_config(cfg.seed), device=cfg.device
         )
         self.d_in = self.model.cfg.hidden_dim
         self.eval_batches: list[torch.Tensor] = []
@@ -104,7 +127,7 @@ class SyntheticSource(DataSource):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "synthetic_model": "given" if self._override else "default",
+            "synthetic_model": "given" if self._override else self.cfg.data,
             "num_features": self.model.cfg.num_features,
             "hidden_dim": self.d_in,
             "eval_samples": self.eval_samples,
@@ -114,7 +137,7 @@ class SyntheticSource(DataSource):
         self._seed = seed
         if self._override is None and self.model.cfg.seed != seed:
             self.model = SyntheticModel(
-                default_synthetic_model_config(seed), device=self.cfg.device
+                self._model_config(seed), device=self.cfg.device
             )
         torch.manual_seed(seed + 1)
         generator = self.model.activation_generator
