@@ -77,3 +77,32 @@ def test_tracing_restores_the_trainer_on_error():
     with pytest.raises(RuntimeError), tracing():
         raise RuntimeError
     assert SAETrainer._train_step is original_step
+
+
+def test_rule_encoder_reproduces_the_batch_rules():
+    from sae_lens_sampled import (
+        MutualChoiceSAE,
+        MutualChoiceSAEConfig,
+        SampledSAE,
+        SampledSAEConfig,
+    )
+    from sae_lens_sampled.benchmark.pool_study import RuleEncoder
+
+    generator = torch.Generator().manual_seed(0)
+    cfg = MutualChoiceSAEConfig(d_in=8, d_sae=32, k=2)
+    sae = MutualChoiceSAE(cfg)
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        sae.threshold.zero_()
+    x = torch.randn(16, 8, generator=generator)
+    encoder = RuleEncoder(sae, PoolRule(), torch.Generator())
+    assert torch.equal(encoder(x), sae.encode_batch(x))
+    # a top pool as a Sampled-SAE with the same weights would select it
+    sampled = SampledSAE(
+        SampledSAEConfig(d_in=8, d_sae=32, k=2, pool_factor=3, pool_mode="top")
+    )
+    sampled.load_state_dict(sae.state_dict())
+    top = RuleEncoder(sae, PoolRule(3.0, "l2", "top"), torch.Generator())
+    assert torch.equal(top(x), sampled.encode_batch(x))
+    assert top.features_per_call == [int((top(x) != 0).any(dim=0).sum())] * 2

@@ -144,6 +144,74 @@ def default_ceiling_rules(pool_factors: Sequence[float]) -> list[PoolRule]:
     return rules
 
 
+# --- the pool ceiling of a trained BatchTopK dictionary ----------------------------
+
+
+class RuleEncoder:
+    """``encode`` of a plugin inference SAE under another selection rule: the SAE's
+    ranking values put through ``rule``; counts the features active per call."""
+
+    def __init__(self, sae: Any, rule: PoolRule, generator: torch.Generator):
+        self.sae, self.rule, self.generator = sae, rule, generator
+        self.features_per_call: list[int] = []
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sae, rule = self.sae, self.rule
+        hidden_pre = sae.hidden_pre(x)
+        acts = hidden_pre.relu().reshape(-1, hidden_pre.shape[-1])
+        ranking = acts * sae.rank_scale.to(acts.dtype)
+        if rule.pool_factor is None:
+            kept = batch_topk(ranking, batch_budget(sae.cfg.k, acts.shape[0]))
+        else:
+            kept = sampled_topk(
+                ranking,
+                sae.cfg.k,
+                rule.pool_factor,
+                rule.score,
+                rule.pool_mode,
+                self.generator,
+                beta=rule.beta,
+            )
+        self.features_per_call.append(int((kept != 0).any(dim=0).sum()))
+        codes = torch.where(kept != 0, acts, torch.zeros_like(acts))
+        return codes.reshape(hidden_pre.shape)
+
+
+def dictionary_ceiling(
+    cfg: Any, rules: Sequence[PoolRule], seed: int
+) -> dict[str, dict[str, Any]]:
+    """Train ``mutual_choice`` (BatchTopK's rule) on ``cfg``'s data with ``seed``,
+    then evaluate its dictionary under each rule without retraining: explained
+    variance, dead features on the held-out data, and the mean number of distinct
+    features active per eval batch."""
+    from sae_lens_sampled.benchmark.compare import make_source
+    from sae_lens_sampled.benchmark.runs import BatchRuleView, to_inference_sae
+    from sae_lens_sampled.benchmark.specs import RunSpec, build_sae_config
+
+    source = make_source(cfg)
+    source.start_seed(seed)
+    sae_cfg = build_sae_config(
+        RunSpec("mutual_choice"),
+        d_in=source.d_in,
+        d_sae=cfg.d_sae,
+        k=cfg.k,
+        normalize_activations=cfg.normalize_activations,
+    )
+    torch.manual_seed(seed)
+    inference = to_inference_sae(source.train(sae_cfg, seed))
+    out = {}
+    for rule in rules:
+        encoder = RuleEncoder(inference, rule, seeded_generator(seed, 0, "cpu"))
+        metrics = source.evaluate(BatchRuleView(inference, encoder))
+        out[rule.label] = {
+            "explained_variance": metrics["explained_variance"],
+            "dead_features": metrics["dead_features"],
+            "features_per_batch": statistics.fmean(encoder.features_per_call),
+        }
+    return out
+
+
 # --- the training trace ---------------------------------------------------------------
 
 
@@ -209,7 +277,6 @@ def tracing(dead_window: int = 100) -> Iterator[list[RunTrace]]:
     missed at most ``dead_window`` steps *in the pool* since they last fired.
     """
     traces: list[RunTrace] = []
-    runs: dict[int, RunTrace] = {}
     original_step = SAETrainer._train_step
     original_clip = torch.nn.utils.clip_grad_norm_
     current: list[RunTrace] = []
@@ -221,9 +288,10 @@ def tracing(dead_window: int = 100) -> Iterator[list[RunTrace]]:
         return norm
 
     def step(trainer: Any, sae: Any, sae_in: torch.Tensor) -> Any:
-        trace = runs.get(id(trainer))
+        # kept on the trainer itself: ids of collected trainers are reused
+        trace = getattr(trainer, "_pool_study_trace", None)
         if trace is None:
-            trace = runs[id(trainer)] = RunTrace()
+            trace = trainer._pool_study_trace = RunTrace()
             traces.append(trace)
             d_sae = sae.W_dec.shape[0]
             trace.fired_steps = torch.zeros(d_sae, dtype=torch.long)
@@ -338,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # compare's own options
         traced_compare(**compare_settings(build_parser().parse_args(argv[1:])))
         return 0
+    if argv[:1] == ["dictionary"]:
+        return dictionary_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m sae_lens_sampled.benchmark.pool_study",
         epilog="'trace' takes compare's options instead: "
@@ -367,6 +437,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{rule.label:28s} {statistics.fmean(values):7.3f} ± {spread:.3f}")
     if args.output:
         Path(args.output).write_text(json.dumps(table, indent=2) + "\n")
+    return 0
+
+
+def dictionary_main(argv: Sequence[str]) -> int:
+    """``dictionary``: compare's data options plus ``--pool-factors``."""
+    from sae_lens_sampled.benchmark.compare import CompareConfig
+
+    parser = build_parser()
+    parser.add_argument("--pool-factors", default="1,2,4,8,16,32", help="comma list")
+    args = parser.parse_args(argv)
+    settings = compare_settings(args)
+    settings.pop("runs")
+    cfg = CompareConfig(**settings)
+    torch.set_num_threads(cfg.threads or 1)
+    factors = [float(v) for v in args.pool_factors.split(",")]
+    rules = [PoolRule(), *(PoolRule(f, "l2", "sample") for f in factors)]
+    rules += [PoolRule(f, "l2", "top") for f in factors]
+    per_seed = [dictionary_ceiling(cfg, rules, seed) for seed in cfg.seed_list]
+    print(
+        f"mutual_choice (BatchTopK) dictionary under each rule, seeds {cfg.seed_list}"
+    )
+    table: dict[str, dict[str, float]] = {}
+    for rule in rules:
+        row = {}
+        for name in ("explained_variance", "dead_features", "features_per_batch"):
+            values = [float(result[rule.label][name]) for result in per_seed]
+            row[name] = statistics.fmean(values)
+            row[name + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table[rule.label] = row
+        print(
+            f"{rule.label:24s} EV {row['explained_variance']:.3f} ± "
+            f"{row['explained_variance_std']:.3f}  dead {row['dead_features']:.1f}  "
+            f"features per batch {row['features_per_batch']:.1f}"
+        )
+    if cfg.output:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        path = Path(cfg.output) / "dictionary_ceiling.json"
+        path.write_text(json.dumps(table, indent=2) + "\n")
     return 0
 
 
