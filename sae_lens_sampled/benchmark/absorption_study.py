@@ -38,6 +38,7 @@ from sae_lens_sampled.benchmark.compare import (
     CompareConfig,
     default_synthetic_model_config,
 )
+from sae_lens_sampled.benchmark.config import DEFAULT_EVAL_SAMPLES
 from sae_lens_sampled.benchmark.runs import batch_rule_view, to_inference_sae
 from sae_lens_sampled.benchmark.specs import (
     RunSpec,
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--architectures", default=STUDY_RUNS)
     parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     parser.add_argument("--steps", type=int, default=CompareConfig.steps)
-    parser.add_argument("--eval-samples", type=int, default=CompareConfig.eval_samples)
+    parser.add_argument("--eval-samples", type=int, default=DEFAULT_EVAL_SAMPLES)
     parser.add_argument(
         "--quick",
         action="store_true",

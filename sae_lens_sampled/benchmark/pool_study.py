@@ -325,9 +325,10 @@ def tracing(dead_window: int = 100) -> Iterator[list[RunTrace]]:
                 trace.churn.append(1.0 - float(same) / float(pooled.sum()))
             trace.last_pool = pooled  # type: ignore[attr-defined]
             missed = trace.missed  # type: ignore[attr-defined]
+            # the trainer's mask of this step against the pooled misses before it
+            trace.dead_but_unpooled.append(int((dead & (missed <= dead_window)).sum()))
             missed = torch.where(fired, 0, torch.where(pooled, missed + 1, missed))
             trace.missed = missed  # type: ignore[attr-defined]
-            trace.dead_but_unpooled.append(int((dead & (missed <= dead_window)).sum()))
         trace.n_steps += 1
         return output
 
