@@ -212,7 +212,7 @@ def test_gradient_reaches_only_underutilised_features(arch):
     sae = make_sae(arch, zipf_tau=0.5)
     # every feature at exactly its Zipf target, except three that never fired:
     # those drop to the last ranks, the rest keep their ranks and targets
-    rates = zipf_targets(D_SAE, K, 1.0)[torch.randperm(D_SAE)]
+    rates = zipf_targets(D_SAE, K, sae.cfg.zipf_alpha)[torch.randperm(D_SAE)]
     starved = torch.tensor([3, 17, 40])
     rates[starved] = 0.0
     with torch.no_grad():

@@ -229,11 +229,13 @@ def test_bucketed_select_equals_single_topk(n_tokens, schedule):
 def test_config_defaults():
     cfg = FeatureChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3.0)
     assert cfg.capacity_schedule == "zipf"
-    assert cfg.zipf_alpha == 1.0
+    assert cfg.zipf_alpha == 0.5  # the other architectures keep 1.0 (aux_zipf)
     assert cfg.threshold_mode == "per_feature"
-    assert cfg.rank_by == "firing_rate"
+    assert cfg.rank_by == "demand"
     assert cfg.rerank_every >= 1
     assert cfg.get_inference_config_class() is FeatureChoiceSAEConfig
+    assert cfg.get_inference_sae_cfg_dict()["zipf_alpha"] == 0.5
+    assert FeatureChoiceSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3.0).zipf_alpha == 0.5
 
 
 @pytest.mark.parametrize(
@@ -293,7 +295,7 @@ def test_initial_capacities_follow_schedule():
     for schedule in ("zipf", "zipf_fixed"):
         fractions = make_sae(capacity_schedule=schedule).capacity_fractions
         assert fractions.dtype == torch.float64
-        expected = zipf_capacity_fractions(torch.arange(1, D_SAE + 1), 3.0, 1.0)
+        expected = zipf_capacity_fractions(torch.arange(1, D_SAE + 1), 3.0, 0.5)
         torch.testing.assert_close(fractions, expected, rtol=1e-7, atol=0)
 
 
@@ -317,7 +319,7 @@ def test_encoder_gradient_matches_masked_reference():
 
 @pytest.mark.parametrize("schedule", ["zipf", "uniform", "zipf_fixed"])
 def test_rerank_every_n_steps(schedule):
-    sae = make_sae(capacity_schedule=schedule, rerank_every=3)
+    sae = make_sae(capacity_schedule=schedule, rerank_every=3, rank_by="firing_rate")
     initial = sae.capacity_fractions.clone()
     for _ in range(2):
         sae.training_forward_pass(step_input(torch.randn(20, D_IN) * 2))
@@ -327,14 +329,16 @@ def test_rerank_every_n_steps(schedule):
     if schedule != "zipf":
         assert torch.equal(sae.capacity_fractions, initial)
         return
-    expected = zipf_capacity_fractions(usage_ranks(sae.firing_rate), 3.0, 1.0)
+    expected = zipf_capacity_fractions(usage_ranks(sae.firing_rate), 3.0, 0.5)
     torch.testing.assert_close(sae.capacity_fractions, expected, rtol=1e-7, atol=0)
 
 
-def test_rerank_gives_most_used_features_largest_capacities():
-    sae = make_sae()
+@pytest.mark.parametrize("rank_by", ["demand", "firing_rate"])
+def test_rerank_gives_most_used_features_largest_capacities(rank_by):
+    sae = make_sae(rank_by=rank_by)
+    usage = sae.demand_rate if rank_by == "demand" else sae.firing_rate
     with torch.no_grad():
-        sae.firing_rate.copy_(torch.linspace(0.0, 0.5, D_SAE))  # last is most used
+        usage.copy_(torch.linspace(0.0, 0.5, D_SAE))  # last is most used
     sae.rerank()
     capacities = sae.capacities(64)
     assert int(capacities.argmax()) == D_SAE - 1
@@ -348,7 +352,7 @@ def test_demand_ranking_tracks_unrestricted_selection():
     # first batch: the EMA is the batch's rate of selection by global top-k(k*B)
     wanted = batch_topk(out.hidden_pre.detach().relu(), 60) > 0
     torch.testing.assert_close(sae.demand_rate, wanted.double().mean(0))
-    expected = zipf_capacity_fractions(usage_ranks(sae.demand_rate), 3.0, 1.0)
+    expected = zipf_capacity_fractions(usage_ranks(sae.demand_rate), 3.0, 0.5)
     torch.testing.assert_close(sae.capacity_fractions, expected, rtol=1e-7, atol=0)
 
 

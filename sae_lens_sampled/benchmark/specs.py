@@ -41,14 +41,15 @@ class RunSpec:
         return f"{self.architecture}:{settings}"
 
 
-# The default set: SAELens's per-token and batch top-k, Sampled-SAE at a narrow and a
-# wide pool with L2 scores plus the entropy score, Feature Choice and Mutual Choice.
+# The default set: SAELens's per-token and batch top-k, Sampled-SAE at three pool
+# factors (its defaults otherwise: a spectrum from a narrow pool towards BatchTopK),
+# Feature Choice and Mutual Choice, each at its defaults.
 DEFAULT_RUNS: tuple[RunSpec, ...] = (
     RunSpec("topk"),
     RunSpec("batchtopk"),
-    RunSpec("sampled", {"pool_factor": 4.0, "score": "l2"}),
-    RunSpec("sampled", {"pool_factor": 16.0, "score": "l2"}),
-    RunSpec("sampled", {"pool_factor": 16.0, "score": "entropy"}),
+    RunSpec("sampled", {"pool_factor": 4.0}),
+    RunSpec("sampled", {"pool_factor": 16.0}),
+    RunSpec("sampled", {"pool_factor": 32.0}),
     RunSpec("feature_choice"),
     RunSpec("mutual_choice"),
 )
