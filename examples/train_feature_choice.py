@@ -5,8 +5,8 @@ NEEDS THE HUGGING FACE HUB (model, tokenizer, dataset) and, at this size, a GPU.
 The output directory holds an inference ``feature_choice`` SAE (per-token ``encode``
 with per-feature thresholds, ``encode_batch`` for the batch rule).
 
-    python examples/train_feature_choice.py --output fc_l6
-    python examples/train_feature_choice.py --output fc_l6_demand --rank-by demand
+    python examples/train_feature_choice.py --output fc_l6            # the defaults
+    python examples/train_feature_choice.py --output fc_l6_uniform --schedule uniform
 """
 
 from pythia_setup import base_parser, runner_config, sae_fields
@@ -21,9 +21,9 @@ def main() -> None:
         "--schedule", default="zipf", choices=["zipf", "uniform", "zipf_fixed"]
     )
     parser.add_argument(
-        "--rank-by", default="firing_rate", choices=["firing_rate", "demand"]
+        "--rank-by", default="demand", choices=["demand", "firing_rate"]
     )
-    parser.add_argument("--zipf-alpha", type=float, default=1.0)
+    parser.add_argument("--zipf-alpha", type=float, default=0.5)
     parser.add_argument("--rerank-every", type=int, default=100)
     args = parser.parse_args()
     sae_cfg = FeatureChoiceTrainingSAEConfig(

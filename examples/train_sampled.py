@@ -2,8 +2,8 @@
 
 NEEDS THE HUGGING FACE HUB (model, tokenizer, dataset) and, at this size, a GPU.
 
-    python examples/train_sampled.py --output sampled_l6 --pool-factor 4 --score l2
-    python examples/train_sampled.py --output sampled_l6_entropy --score entropy
+    python examples/train_sampled.py --output sampled_l6            # the defaults
+    python examples/train_sampled.py --output sampled_l6_l4 --pool-factor 4 --score l2
 """
 
 from pythia_setup import base_parser, runner_config, sae_fields
@@ -14,9 +14,13 @@ from sae_lens_sampled import SampledTrainingSAEConfig
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--pool-factor", type=float, default=4.0, help="the paper's l")
     parser.add_argument(
-        "--score", default="l2", choices=["l2", "squared_l2", "entropy", "uniform"]
+        "--pool-factor", type=float, default=16.0, help="the paper's l (default 16)"
+    )
+    parser.add_argument(
+        "--score",
+        default="squared_l2",
+        choices=["squared_l2", "l2", "entropy", "uniform"],
     )
     parser.add_argument("--pool-mode", default="sample", choices=["sample", "top"])
     parser.add_argument("--pool-seed", type=int, default=0)
