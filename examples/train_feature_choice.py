@@ -6,7 +6,7 @@ The output directory holds an inference ``feature_choice`` SAE (per-token ``enco
 with per-feature thresholds, ``encode_batch`` for the batch rule).
 
     python examples/train_feature_choice.py --output fc_l6            # the defaults
-    python examples/train_feature_choice.py --output fc_l6_uniform --schedule uniform
+    python examples/train_feature_choice.py --output fc_l6_demand --rank-by demand
 """
 
 from pythia_setup import base_parser, runner_config, sae_fields

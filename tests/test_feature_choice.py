@@ -231,7 +231,7 @@ def test_config_defaults():
     assert cfg.capacity_schedule == "zipf"
     assert cfg.zipf_alpha == 0.5  # the other architectures keep 1.0 (aux_zipf)
     assert cfg.threshold_mode == "per_feature"
-    assert cfg.rank_by == "demand"
+    assert cfg.rank_by == "firing_rate"
     assert cfg.rerank_every >= 1
     assert cfg.get_inference_config_class() is FeatureChoiceSAEConfig
     assert cfg.get_inference_sae_cfg_dict()["zipf_alpha"] == 0.5

@@ -1,5 +1,6 @@
 """Sampled-SAE pool options: sharpness, exploration, warm-up and the aux dead set."""
 
+import json
 import math
 
 import pytest
@@ -277,3 +278,15 @@ def test_pool_state_saves_and_loads_bit_exactly(tmp_path):
     inference = SAE.load_from_disk(tmp_path / "inference")
     assert inference.cfg.pool_beta == 0.5
     assert not hasattr(inference, "pool_staleness")
+
+
+def test_a_file_saved_before_pool_beta_loads_with_beta_one(tmp_path):
+    sae = make_sae(pool_factor=3.0, score="l2")
+    sae.save_inference_model(tmp_path / "inference")
+    path = tmp_path / "inference" / "cfg.json"
+    cfg = json.loads(path.read_text())
+    del cfg["pool_beta"]
+    path.write_text(json.dumps(cfg))
+    loaded = SAE.load_from_disk(tmp_path / "inference")
+    assert loaded.cfg.pool_beta == 1.0
+    assert (loaded.cfg.pool_factor, loaded.cfg.score) == (3.0, "l2")
