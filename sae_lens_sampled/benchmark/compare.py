@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,10 @@ from sae_lens_sampled.benchmark.specs import (
 from sae_lens_sampled.saes.base import check_range
 from sae_lens_sampled.thresholds import calibrate_thresholds
 
-# Held-out samples on which calibrate_thresholds re-fits the per-token thresholds.
+# Held-out samples on which calibrate_thresholds re-fits the per-token thresholds,
+# and batch-rule draws per batch (Sampled-SAE pools) it averages.
 CALIBRATION_SAMPLES = 8192
+CALIBRATION_POOL_DRAWS = 8
 
 # --quick: the default set in a few minutes on two CPU cores.
 QUICK_SETTINGS: dict[str, Any] = {"steps": 300, "eval_samples": 16_384}
@@ -346,7 +349,14 @@ def _synthetic_run(
         # Per-token thresholds re-fitted so each feature fires as often as under the
         # batch rule, on samples that are neither training nor eval data.
         calibrated = copy.deepcopy(inference)
-        calibrate_thresholds(calibrated, _calibration_batches(cfg, synthetic_model))
+        with warnings.catch_warnings():  # rare features: expected on 8,192 samples
+            warnings.simplefilter("ignore")
+            calibrate_thresholds(
+                calibrated,
+                _calibration_batches(cfg, synthetic_model),
+                batch_size=cfg.batch_size,
+                pool_draws=CALIBRATION_POOL_DRAWS,
+            )
         calibrated = _synthetic_eval(cfg, calibrated, synthetic_model, eval_batches)
     result.update(_synthetic_fields(calibrated, "_calibrated"))
     view = batch_rule_view(sae)
