@@ -214,13 +214,15 @@ class ThresholdState:
 
     The buffers are registered on ``owner`` (so they keep their names in state dicts,
     and float64 state is saved bit-exactly with the owner's other buffers); the rule
-    is the owner's ``cfg.threshold_mode`` with rate ``cfg.topk_threshold_lr``:
+    is the owner's ``cfg.threshold_mode``, paced by ``cfg.topk_threshold_lr`` and
+    ``cfg.threshold_gain``. Adding a rule means a branch in :meth:`update`.
 
     - ``running_threshold``: the thresholds, in the units of the owner's
       ``hidden_pre`` (exported as the inference SAE's ``threshold``);
-    - ``selection_rate`` / ``token_rate``: EMAs (weight ``lr``, plain mean at first)
-      of the fraction of tokens on which each feature is selected by the batch rule /
-      fires per token at the current thresholds; their sums are the two L0s;
+    - ``selection_rate``: EMA (weight ``topk_threshold_lr``, plain mean at first) of
+      the fraction of tokens on which the batch rule selects each feature;
+    - ``token_rate``: EMA (weight ``threshold_gain``) of the fraction of tokens on
+      which each feature fires per token; the two sums are the two L0s;
     - ``tail_scale``: EMA of each feature's mean excess over its threshold (``rate``).
     """
 
@@ -319,6 +321,8 @@ class ThresholdState:
                 n_tokens,
                 gain * informative,
             )
+            # A feature's first selection after the first batch starts it at its
+            # smallest selected value; the steps take it from there.
             first_seen = torch.isinf(threshold) & torch.isfinite(smallest)
             threshold.copy_(torch.where(first_seen, smallest, moved))
         return fired / n_tokens
