@@ -8,7 +8,15 @@ import torch
 from sae_lens import SAE, HookedSAETransformer, LanguageModelSAETrainingRunner
 
 from sae_lens_sampled import MutualChoiceTrainingSAEConfig, SampledTrainingSAEConfig
-from tests.helpers import CONTEXT, D_MODEL, HOOK, VOCAB, runner_config, token_dataset
+from tests.helpers import (
+    CONTEXT,
+    D_MODEL,
+    HOOK,
+    VOCAB,
+    runner_config,
+    tiny_model,
+    token_dataset,
+)
 
 EXAMPLE = (
     Path(__file__).parent.parent / "examples" / "load_into_hooked_sae_transformer.py"
@@ -24,10 +32,10 @@ def load_example():
 
 
 def tiny_hooked_model() -> HookedSAETransformer:
-    from tests.helpers import tiny_model
-
-    model = HookedSAETransformer(tiny_model().cfg)
-    model.load_state_dict(tiny_model().state_dict())
+    """The tests' tiny random transformer, as a HookedSAETransformer."""
+    plain = tiny_model()
+    model = HookedSAETransformer(plain.cfg)
+    model.load_state_dict(plain.state_dict())
     return model
 
 
