@@ -258,3 +258,32 @@ def test_global_topk_mask_single_rank_budgets():
 def test_trainer_config_batch_must_split_evenly():
     cfg = SAETrainerConfig(total_training_samples=30, train_batch_size_samples=30)
     assert cfg.total_training_steps == 1
+
+
+# --- logging and evals ------------------------------------------------------------
+
+
+def test_rank0_alone_logs_and_evaluates(ranks):
+    assert ranks[1]["logged"] == {"logged": [], "evaluated": []}
+    # 8 steps, a log every 2, evals every 4 steps, in eval mode
+    assert ranks[0]["logged"]["evaluated"] == [False, False]
+
+
+def test_logged_metrics_are_those_of_the_global_batch(ranks):
+    ours = ranks[0]["logged"]["logged"]
+    reference = parity.run_logged("cpu", distributed=False)["logged"]
+    assert [step for step, _ in ours] == [step for step, _ in reference]
+    for (_, got), (_, expected) in zip(ours, reference, strict=True):
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    names = set().union(*(entry.keys() for _, entry in ours))
+    assert {
+        "losses/overall_loss",
+        "losses/mse_loss",
+        "metrics/explained_variance",
+        "metrics/explained_variance_legacy_std",
+        "metrics/l0",
+        "sparsity/dead_features",
+        "eval/l0",
+    } <= names

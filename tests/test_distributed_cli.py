@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,32 +82,32 @@ def trained(tmp_path_factory) -> Path:
     return tmp
 
 
-def reference_output(tmp: Path) -> Path:
+def reference_output(args: list[str], model, dataset, out: Path) -> Path:
     """One process, SAELens's trainer, the ranks' batches concatenated per step."""
-    cfg = _parse_cfg_args(argv(tmp, "reference"))
-    model, dataset = tiny_model(), token_dataset()
+    cfg = _parse_cfg_args(args)
     local = copy.copy(cfg)
-    local.train_batch_size_tokens = BATCH // WORLD
+    local.train_batch_size_tokens = cfg.train_batch_size_tokens // WORLD
     stores = [
         ActivationsStore.from_config(
             model, local, override_dataset=shard_dataset(dataset, rank, WORLD)
         )
         for rank in range(WORLD)
     ]
-    batches = [torch.cat([next(store) for store in stores]) for _ in range(STEPS)]
-    sae = TrainingSAE.load_from_disk(tmp / "init")
+    steps = cfg.training_tokens // cfg.train_batch_size_tokens
+    batches = [torch.cat([next(store) for store in stores]) for _ in range(steps)]
+    assert cfg.from_pretrained_path is not None
+    sae = TrainingSAE.load_from_disk(cfg.from_pretrained_path)
     trainer = SAETrainer(
         cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=iter(batches)
     )
     trainer.fit()
-    out = tmp / "reference_out"
     sae.save_inference_model(out)
     return out
 
 
-def test_train_command_saves_what_one_process_would(trained):
-    reference = SAE.load_from_disk(reference_output(trained))
-    ours = SAE.load_from_disk(trained / "straight_out")
+def assert_same_saved_sae(ours_path: Path, reference_path: Path) -> None:
+    reference = SAE.load_from_disk(reference_path)
+    ours = SAE.load_from_disk(ours_path)
     assert type(ours) is type(reference)
     assert ours.cfg.architecture() == "sampled"
     ours_state, reference_state = ours.state_dict(), reference.state_dict()
@@ -113,6 +115,16 @@ def test_train_command_saves_what_one_process_would(trained):
     for name, value in reference_state.items():
         torch.testing.assert_close(ours_state[name], value, rtol=0, atol=1e-5)
     assert torch.isfinite(ours.threshold).any()
+
+
+def test_train_command_saves_what_one_process_would(trained):
+    reference = reference_output(
+        argv(trained, "reference"),
+        tiny_model(),
+        token_dataset(),
+        trained / "reference_out",
+    )
+    assert_same_saved_sae(trained / "straight_out", reference)
     saved = json.loads((trained / "straight_out" / "runner_cfg.json").read_text())
     assert saved["train_batch_size_tokens"] == BATCH  # the global run
     # rank 0 alone wrote the final SAE; nothing else appeared in the output folder
@@ -161,3 +173,95 @@ def test_train_command_dispatches_under_torchrun(monkeypatch):
     assert main(["train", "--architecture", "sampled"]) == 0
     assert seen == [["--architecture", "sampled"]]
     assert os.environ["WORLD_SIZE"] == "2"
+
+
+# --- the real thing: torchrun, a Hugging Face model and a parquet dataset on disk ---
+
+
+def save_tiny_hf_model(root: Path) -> None:
+    """A random 1-layer GPT-2 with a word-level tokenizer, and pre-tokenized data."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(64)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    tokens = torch.randint(4, 64, (200, CONTEXT), generator=torch.Generator())
+    (root / "data").mkdir()
+    Dataset.from_dict({"tokens": tokens.tolist()}).to_parquet(
+        str(root / "data" / "train.parquet")
+    )
+
+
+@pytest.mark.slow
+def test_torchrun_train_command(tmp_path):
+    save_tiny_hf_model(tmp_path)
+    torch.manual_seed(0)
+    SampledTrainingSAE(
+        SampledTrainingSAEConfig(d_in=32, d_sae=D_SAE, k=3, pool_factor=4, pool_seed=5)
+    ).save_model(str(tmp_path / "init"))
+    args = argv(tmp_path, "torchrun")
+    model_args = [
+        "--model_class_name", "AutoModelForCausalLM",
+        "--model_name", str(tmp_path / "model"), "--hook_name", "transformer.h.0",
+        "--dataset_path", str(tmp_path / "data"), "--streaming", "False",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TQDM_DISABLE": "1",
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nnodes", "1", "--nproc_per_node", str(WORLD),
+        "-m", "sae_lens_sampled", "train", *args, *model_args,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg_path = tmp_path / "torchrun_out" / "cfg.json"
+    assert json.loads(cfg_path.read_text())["architecture"] == "sampled"
+
+    from datasets import load_dataset
+    from sae_lens.load_model import load_model
+
+    model = load_model(
+        "AutoModelForCausalLM", str(tmp_path / "model"), device="cpu",
+        hook_names=["transformer.h.0"],
+    )  # fmt: skip
+    dataset = load_dataset(str(tmp_path / "data"), split="train")
+    reference = reference_output(
+        [*args, *model_args], model, dataset, tmp_path / "reference_out"
+    )
+    assert_same_saved_sae(tmp_path / "torchrun_out", reference)
+
+
+def _primitives_worker(rank: int, world: int, device: str, out: str) -> None:
+    masks = parity.run_primitives(rank, world, device)
+    torch.save(masks, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_fresh_interpreters_spawned(tmp_path):
+    """The spawn start method (fresh interpreters, as CUDA needs) works too."""
+    parity.spawn(
+        _primitives_worker, WORLD, "cpu", (str(tmp_path),), start_method="spawn"
+    )
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for name, expected in parity.reference_primitives(WORLD).items():
+        got = torch.cat([result[name][0] for result in results])
+        assert torch.equal(got, expected), name

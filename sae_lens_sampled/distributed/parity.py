@@ -164,6 +164,7 @@ def train_case(
     distributed: bool,
     seed: int = 0,
     oversample: float = 2.0,
+    evaluator: Callable[..., dict[str, Any]] | None = None,
 ) -> tuple[TrainingSAE[Any], SAETrainer[Any, Any], dict[str, int]]:
     """Train ``case`` on ``batches`` (global batches); return SAE, trainer, row counts.
 
@@ -191,10 +192,15 @@ def train_case(
         rank, world = dist.get_rank(), dist.get_world_size()
         feed = [shard(batch, rank, world) for batch in batches]
         trainer: SAETrainer[Any, Any] = DistributedSAETrainer(
-            cfg, sae, _provider(feed, device), oversample=oversample
+            cfg, sae, _provider(feed, device), evaluator, oversample=oversample
         )
     else:
-        trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_provider(batches, device))
+        trainer = SAETrainer(
+            cfg=cfg,
+            sae=sae,
+            data_provider=_provider(batches, device),
+            evaluator=evaluator,
+        )
     trainer.fit()
     return sae, trainer, rows_encoded
 
@@ -477,6 +483,43 @@ def run_resume(device: str, out_dir: str, case_name: str = "sampled_sample") -> 
     return all(torch.equal(got[name], expected[name]) for name in expected)
 
 
+# --- logging and evals: rank 0 alone, global quantities ---
+
+
+def run_logged(device: str, distributed: bool) -> dict[str, Any]:
+    """Train with wandb logging on (``wandb.log`` captured) and an evaluator that
+    encodes; return what was logged and which ranks evaluated."""
+    import wandb
+    from sae_lens import LoggingConfig
+
+    logging = LoggingConfig(
+        log_to_wandb=True, wandb_log_frequency=2, eval_every_n_wandb_logs=2
+    )
+    base = parity_cases()["mutual_choice"]
+    case = Case("logged", base.build, trainer_overrides={"logger": logging})
+    logged: list[tuple[int | None, dict[str, float]]] = []
+    evaluated: list[bool] = []
+
+    def capture(data: dict[str, Any], step: int | None = None) -> None:
+        numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+        logged.append((step, numbers))
+
+    def evaluator(sae: Any, _provider: Any, _scaler: Any) -> dict[str, Any]:
+        evaluated.append(sae.training)
+        x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(3))
+        codes = sae.encode(x.to(device))  # per-token, no collective
+        return {"eval/l0": float((codes != 0).sum(-1).float().mean())}
+
+    original = wandb.log
+    wandb.log = capture  # type: ignore[assignment]
+    try:
+        batches = make_batches(8, 64, D_IN, seed=2)
+        train_case(case, batches, device, distributed=distributed, evaluator=evaluator)
+    finally:
+        wandb.log = original  # type: ignore[assignment]
+    return {"logged": logged, "evaluated": evaluated}
+
+
 def parity_worker(
     rank: int,
     world_size: int,
@@ -503,6 +546,7 @@ def parity_worker(
         }
     results["primitives"] = run_primitives(rank, world_size, device)
     results["resume_exact"] = run_resume(device, out_dir)
+    results["logged"] = run_logged(device, distributed=True)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -134,11 +134,11 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
         if dataset is None:
             from datasets import load_dataset
 
+            options: dict[str, Any] = {}
+            if cfg.dataset_trust_remote_code:  # recent datasets warn on any value
+                options["trust_remote_code"] = True
             dataset = load_dataset(
-                cfg.dataset_path,
-                split="train",
-                streaming=cfg.streaming,
-                trust_remote_code=cfg.dataset_trust_remote_code,  # type: ignore[arg-type]
+                cfg.dataset_path, split="train", streaming=cfg.streaming, **options
             )
         # The store sees this rank's rows and batch size; everything else is global.
         local_cfg = copy.copy(cfg)
