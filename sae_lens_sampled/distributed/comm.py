@@ -51,16 +51,21 @@ class Comm:
         group: A ``torch.distributed`` process group, or ``None`` for the default
             group when one is initialised, else a single process.
         counter: Where traffic is recorded (a fresh counter if not given).
+        always: Run the collectives even in a group of one rank (to exercise a
+            backend on a single device); by default a one-rank group skips them.
     """
 
     def __init__(
-        self, group: Any = None, counter: TrafficCounter | None = None
+        self,
+        group: Any = None,
+        counter: TrafficCounter | None = None,
+        always: bool = False,
     ) -> None:
         self.active = dist.is_available() and dist.is_initialized()
         self.group = group
         self.rank = dist.get_rank(group) if self.active else 0
         self.world_size = dist.get_world_size(group) if self.active else 1
-        if self.world_size == 1:
+        if self.world_size == 1 and not always:
             self.active = False
         self.counter = TrafficCounter() if counter is None else counter
 
@@ -137,14 +142,6 @@ class Comm:
         dist.broadcast_object_list(holder, src=self._global_rank(src), group=self.group)
         return holder[0]
 
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        """Every rank's picklable ``obj``, in rank order (setup and checks only)."""
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
     def barrier(self) -> None:
         if self.active:
             dist.barrier(group=self.group)
@@ -153,17 +150,3 @@ class Comm:
         if self.group is None:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
-
-
-def all_reduce_flat(
-    tensors: Sequence[torch.Tensor], comm: Comm, category: str, op: str = "sum"
-) -> None:
-    """All-reduce several same-dtype tensors in place through one flat buffer."""
-    if not comm.active or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    comm.all_reduce(flat, op=op, category=category)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()

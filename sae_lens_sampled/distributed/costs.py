@@ -230,6 +230,7 @@ def _time_training(
         total_training_samples=shape.batch * total,
         train_batch_size_samples=shape.batch,
         lr=1e-4,
+        lr_end=1e-4,
         device=device,
     )
     generator = torch.Generator().manual_seed(comm.rank)

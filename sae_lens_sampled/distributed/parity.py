@@ -165,12 +165,13 @@ def train_case(
     seed: int = 0,
     oversample: float = 2.0,
     evaluator: Callable[..., dict[str, Any]] | None = None,
+    comm: Comm | None = None,
 ) -> tuple[TrainingSAE[Any], SAETrainer[Any, Any], dict[str, int]]:
     """Train ``case`` on ``batches`` (global batches); return SAE, trainer, row counts.
 
-    ``distributed``: this process is one rank of the default group and feeds its
-    shard to :class:`DistributedSAETrainer`; else SAELens's ``SAETrainer`` gets the
-    whole batches. The norm estimate (when the case normalises) uses the first two
+    ``distributed``: this process is one rank of the default group (or of
+    ``comm``) and feeds its shard to :class:`DistributedSAETrainer`; else SAELens's
+    ``SAETrainer`` gets the whole batches. The norm estimate (when the case normalises) uses the first two
     batches, then training uses all of them.
     """
     torch.manual_seed(seed)
@@ -189,10 +190,15 @@ def train_case(
 
     sae.hook_sae_input.register_forward_pre_hook(count_rows)
     if distributed:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        feed = [shard(batch, rank, world) for batch in batches]
+        comm = Comm() if comm is None else comm
+        feed = [shard(batch, comm.rank, comm.world_size) for batch in batches]
         trainer: SAETrainer[Any, Any] = DistributedSAETrainer(
-            cfg, sae, _provider(feed, device), evaluator, oversample=oversample
+            cfg,
+            sae,
+            _provider(feed, device),
+            evaluator,
+            comm=comm,
+            oversample=oversample,
         )
     else:
         trainer = SAETrainer(
@@ -416,9 +422,11 @@ def reference_feature_choice_mask(
     return (rank < capacities[None, :]) & (acts > 0)
 
 
-def run_primitives(rank: int, world_size: int, device: str) -> dict[str, Any]:
+def run_primitives(
+    rank: int, world_size: int, device: str, comm: Comm | None = None
+) -> dict[str, Any]:
     """This rank's masks for every scenario, and the selection calls each took."""
-    comm = Comm()
+    comm = Comm() if comm is None else comm
     out: dict[str, Any] = {}
     for name, scenario in primitive_scenarios(world_size).items():
         start = sum(scenario.shard_rows[:rank])

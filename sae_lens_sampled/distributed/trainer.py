@@ -149,6 +149,7 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         evaluator: SAELens evaluator; run on rank 0 only.
         save_checkpoint_fn: Called on every rank at each checkpoint.
         group: Process group (default: the default group if initialised).
+        comm: A :class:`~.comm.Comm` to use instead of one over ``group``.
         oversample: Candidates each rank sends for the global top-k, as a multiple of
             its even share (any value >= 1 is exact; see :mod:`.global_select`).
         check_replicas_every: Every this many steps, check that parameters and
@@ -164,10 +165,11 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         save_checkpoint_fn: SaveCheckpointFn | None = None,
         *,
         group: Any = None,
+        comm: Comm | None = None,
         oversample: float = 2.0,
         check_replicas_every: int = 0,
     ) -> None:
-        self.comm = Comm(group)
+        self.comm = Comm(group) if comm is None else comm
         world = self.comm.world_size
         if cfg.train_batch_size_samples % world != 0:
             raise ValueError(
