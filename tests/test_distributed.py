@@ -159,13 +159,33 @@ def test_token_keys_order_by_value_then_lower_token():
 
 
 def test_column_top_keys_layout_and_padding():
-    keys = torch.tensor([[5, 1, 9], [7, 3, 8]])
+    acts = torch.tensor([[0.5, 0.1, 0.9], [0.7, 0.3, 0.8]])
     depths = torch.tensor([1, 0, 3])
-    top, cols, rows = column_top_keys(keys, depths, n_rows_max=3)
+    top, cols, rows = column_top_keys(acts, depths, n_rows_max=3, first_token=5)
     # feature-major, buckets by depth; column 2 wants 3 of 2 rows: one pad
     assert cols.tolist() == [0, 2, 2, 2]
-    assert top.tolist() == [7, 9, 8, -1]
     assert rows.tolist() == [1, 0, 1, -1]
+    expected = token_keys(acts, first_token=5)
+    assert top.tolist() == [
+        expected[1, 0].item(),
+        expected[0, 2].item(),
+        expected[1, 2].item(),
+        -1,
+    ]
+
+
+def test_column_top_keys_break_ties_by_lower_token():
+    # the 2nd and 3rd largest tie at 1.0: the lower token makes the cut
+    acts = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.5, 0.0]])
+    _, cols, rows = column_top_keys(
+        acts, torch.tensor([2, 2]), n_rows_max=4, first_token=0
+    )
+    assert rows[cols == 0].sort().values.tolist() == [0, 1]
+    flipped = acts.flip(0)  # now the tied 1.0s sit at rows 1 and 3
+    _, cols, rows = column_top_keys(
+        flipped, torch.tensor([2, 2]), n_rows_max=4, first_token=0
+    )
+    assert rows[cols == 0].sort().values.tolist() == [1, 2]
 
 
 def test_segment_kth():

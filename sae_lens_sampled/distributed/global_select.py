@@ -25,6 +25,7 @@ Nothing here imports SAELens; ``comm`` is a :class:`~.comm.Comm`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,32 +37,98 @@ _TOKEN_BITS = 32
 _TOKEN_MASK = (1 << _TOKEN_BITS) - 1
 
 
-def _local_top_values(values: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` largest of ``values`` (flat), padded with ``-inf`` to ``count``."""
-    count_here = min(count, values.numel())
-    if count_here < values.numel():
-        top = torch.topk(values, count_here, sorted=False).values
+def _top_entries(values: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` largest entries of ``values`` (any shape) and their flat
+    indices, unordered.
+
+    On a 2-D matrix each row's ``2 * ceil(count / n_rows)`` largest entries are
+    taken first and the top ``count`` found among them: exact unless some row's
+    smallest candidate is above the result (that row may hide more), in which case
+    the flat top-k runs. Costs far less than a flat top-k over the whole matrix.
+    """
+    flat = values.reshape(-1)
+    if values.dim() == 2 and count > 0:
+        n_rows, n_cols = values.shape
+        per_row = 2 * -(-count // n_rows)
+        if 2 * per_row <= n_cols:
+            rows_top = torch.topk(values, per_row, dim=1, sorted=False)
+            top = torch.topk(rows_top.values.reshape(-1), count, sorted=False)
+            if not bool((rows_top.values.amin(dim=1) > top.values.min()).any()):
+                row = top.indices // per_row
+                column = rows_top.indices.reshape(-1)[top.indices]
+                return top.values, row * n_cols + column
+    top = torch.topk(flat, count, sorted=False)
+    return top.values, top.indices
+
+
+def _local_top_entries(
+    values: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``count`` largest of ``values`` and their flat indices, padded with
+    ``-inf`` (index -1) to ``count``, and the next largest value (``-inf`` if
+    there is none)."""
+    flat = values.reshape(-1)
+    count_here = min(count, flat.numel())
+    if count_here < flat.numel():
+        # One more than is sent: the first unsent value tells whether entries
+        # equal to the threshold were left out.
+        top, indices = _top_entries(values, count_here + 1)
+        extra = torch.argmin(top)
+        keep = torch.arange(top.numel(), device=top.device) != extra
+        following = top[extra]
+        top, indices = top[keep], indices[keep]
     else:
-        top = values
+        top = flat
+        indices = torch.arange(flat.numel(), device=flat.device)
+        following = flat.new_tensor(-torch.inf)
     if count_here < count:
-        pad = values.new_full((count - count_here,), -torch.inf)
-        top = torch.cat([top, pad])
-    return top
+        top = torch.cat([top, top.new_full((count - count_here,), -torch.inf)])
+        indices = torch.cat([indices, indices.new_full((count - count_here,), -1)])
+    return top, indices, following
+
+
+@dataclass
+class _Threshold:
+    """A global k-th largest value, with this rank's candidates that found it."""
+
+    value: torch.Tensor
+    local_top: torch.Tensor  # this rank's sent values (padded with -inf)
+    local_indices: torch.Tensor  # their flat indices (-1 for padding)
+    sent_everything_tied: bool  # every local entry equal to value was sent
 
 
 def _threshold_from_candidates(
     values: torch.Tensor, budget: int, count: int, comm: Comm, sizes: list[int]
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[_Threshold, bool]:
     """The ``budget``-th largest of every rank's top-``count``, and whether it is exact.
 
     Every entry a rank did not send is at most the smallest value it sent, so the
     threshold is exact when no truncated rank sent only values above it.
     """
-    gathered = comm.all_gather(_local_top_values(values, count), SELECTION)
+    local_top, local_indices, following = _local_top_entries(values, count)
+    gathered = comm.all_gather(local_top, SELECTION)
     threshold = torch.topk(gathered.flatten(), budget, sorted=False).values.min()
     truncated = torch.tensor([count < size for size in sizes], device=values.device)
     hiding = truncated & (gathered.amin(dim=1) > threshold)
-    return threshold, not bool(hiding.any())  # same answer on every rank
+    exact = not bool(hiding.any())  # the same answer on every rank
+    everything_tied = bool(following < threshold)
+    found = _Threshold(threshold, local_top, local_indices, everything_tied)
+    return found, exact
+
+
+def _global_threshold(
+    values: torch.Tensor, k: int, comm: Comm, sizes: list[int], oversample: float
+) -> _Threshold:
+    total = sum(sizes)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}], got {k}")
+    largest = max(sizes)
+    optimistic = min(k, largest, math.ceil(oversample * k / comm.world_size))
+    found, exact = _threshold_from_candidates(values, k, optimistic, comm, sizes)
+    if not exact:
+        full = min(k, largest)
+        found, _ = _threshold_from_candidates(values, k, full, comm, sizes)
+    return found
 
 
 def global_kth_largest(
@@ -71,25 +138,55 @@ def global_kth_largest(
     sizes: list[int],
     oversample: float = 2.0,
 ) -> torch.Tensor:
-    """The ``k``-th largest entry of all ranks' ``values`` (flat), on every rank.
+    """The ``k``-th largest entry of all ranks' ``values`` (any shape), on every rank.
 
     ``sizes`` holds every rank's ``values.numel()``, in rank order; ``1 <= k <=
     sum(sizes)``. One all-gather of ``ceil(oversample * k / W)`` values per rank, and
     a second of ``min(k, max(sizes))`` only when the first cannot prove its answer.
     """
-    total = sum(sizes)
-    if not 1 <= k <= total:
-        raise ValueError(f"k must be in [1, {total}], got {k}")
-    largest = max(sizes)
-    optimistic = min(k, largest, math.ceil(oversample * k / comm.world_size))
-    threshold, exact = _threshold_from_candidates(values, k, optimistic, comm, sizes)
-    if not exact:
-        full = min(k, largest)
-        threshold, _ = _threshold_from_candidates(values, k, full, comm, sizes)
-    return threshold
+    return _global_threshold(values, k, comm, sizes, oversample).value
 
 
 @torch.no_grad()
+def global_topk_indices(
+    acts: torch.Tensor,
+    budget: int,
+    comm: Comm,
+    sizes: list[int],
+    oversample: float = 2.0,
+) -> torch.Tensor:
+    """Flat indices of this rank's entries among the global top-``budget``.
+
+    ``acts`` is this rank's block (non-negative, any shape); ``sizes`` every rank's
+    number of entries in rank order. Exactly ``budget`` entries are selected over
+    all ranks (all of them if there are fewer); among entries equal to the
+    threshold the lowest global flat index (rank, then row-major) wins. Selected
+    entries equal to 0 are left out, as they contribute nothing.
+    """
+    flat = acts.reshape(-1)
+    if budget <= 0:
+        return torch.empty(0, dtype=torch.long, device=acts.device)
+    if budget >= sum(sizes):
+        return (flat > 0).nonzero().squeeze(1)
+    found = _global_threshold(acts, budget, comm, sizes, oversample)
+    threshold, top, indices = found.value, found.local_top, found.local_indices
+    # Every local entry above the threshold was sent (exactness), so the sent
+    # entries name them.
+    if threshold <= 0:  # host sync; the same branch on every rank
+        return indices[top > 0]
+    above = indices[top > threshold]
+    if found.sent_everything_tied:
+        tied = indices[top == threshold].sort().values
+    else:  # the smallest sent value equals the threshold: ties may hide unsent
+        tied = (flat == threshold).nonzero().squeeze(1)
+    counts = torch.tensor([above.numel(), tied.numel()], device=acts.device)
+    gathered = comm.all_gather(counts, SELECTION).tolist()
+    need = budget - sum(count_above for count_above, _ in gathered)
+    before = sum(count_ties for _, count_ties in gathered[: comm.rank])
+    quota = max(0, min(need - before, tied.numel()))
+    return torch.cat([above, tied[:quota]])
+
+
 def global_topk_mask(
     acts: torch.Tensor,
     budget: int,
@@ -97,38 +194,10 @@ def global_topk_mask(
     sizes: list[int],
     oversample: float = 2.0,
 ) -> torch.Tensor:
-    """Boolean mask of this rank's entries among the global top-``budget``.
-
-    ``acts`` is this rank's ``[n_r, d]`` block (non-negative); ``sizes`` every rank's
-    number of entries ``n_r * d`` in rank order. Exactly ``budget`` entries are
-    selected over all ranks (all of them if there are fewer); among entries equal to
-    the threshold the lowest global flat index (rank, then row-major) wins. A
-    selected entry equal to 0 is left out of the mask, as it contributes nothing.
-    """
-    flat = acts.reshape(-1)
-    total = sum(sizes)
-    if budget <= 0:
-        return torch.zeros_like(acts, dtype=torch.bool)
-    if budget >= total:
-        return acts > 0
-    threshold = global_kth_largest(flat, budget, comm, sizes, oversample)
-    above = flat > threshold
-    if threshold <= 0:  # host sync; the same branch on every rank
-        return above.view_as(acts)
-    ties = flat == threshold
-    counts = torch.stack([above.sum(), ties.sum()])
-    gathered = comm.all_gather(counts, SELECTION).tolist()
-    need = budget - sum(n_above for n_above, _ in gathered)
-    before = sum(n_ties for _, n_ties in gathered[: comm.rank])
-    n_ties = gathered[comm.rank][1]
-    quota = max(0, min(need - before, n_ties))
-    if quota == n_ties:
-        mask = above | ties
-    elif quota == 0:
-        mask = above
-    else:
-        mask = above | (ties & (ties.cumsum(0) <= quota))
-    return mask.view_as(acts)
+    """Boolean mask of :func:`global_topk_indices`, shaped like ``acts``."""
+    indices = global_topk_indices(acts, budget, comm, sizes, oversample)
+    mask = torch.zeros(acts.numel(), dtype=torch.bool, device=acts.device)
+    return mask.index_fill_(0, indices, True).view_as(acts)
 
 
 @torch.no_grad()
@@ -223,35 +292,74 @@ def _depth_buckets(depths: torch.Tensor, n_rows: int) -> list[tuple[int, torch.T
     return buckets
 
 
+def _pack_keys(
+    values: torch.Tensor, rows: torch.Tensor, first_token: int
+) -> torch.Tensor:
+    """:func:`token_keys` of the entries ``values`` found at local ``rows``."""
+    bits = (values.float().clamp_min(0) + 0.0).view(torch.int32).to(torch.int64)
+    return (bits << _TOKEN_BITS) | (_TOKEN_MASK - (first_token + rows))
+
+
+def _column_top(
+    block: torch.Tensor, wanted: torch.Tensor, depth: int, first_token: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's ``depth`` best entries by key (value, then lower token): keys
+    and local rows, ``[depth, n_columns]``, sorted by value.
+
+    A ``topk`` on the values decides it, except in a column whose ``wanted``-th and
+    next values are equal and positive: which of the tied tokens make the cut then
+    depends on the token, and that column is ranked on full keys.
+    """
+    n_rows = block.shape[0]
+    probe = min(depth + 1, n_rows)
+    top = torch.topk(block, probe, dim=0)
+    values, rows = top.values[:depth], top.indices[:depth]
+    if probe > depth:
+        cut = wanted.clamp(max=depth)
+        last = top.values.gather(0, (cut - 1).clamp(min=0)[None])[0]
+        after = top.values.gather(0, cut[None])[0]
+        tied = ((cut > 0) & (last == after) & (last > 0)).nonzero().squeeze(1)
+        if tied.numel():  # host sync
+            keys = token_keys(block.index_select(1, tied), first_token)
+            fixed = torch.topk(keys, depth, dim=0).indices
+            rows = rows.clone()
+            rows[:, tied] = fixed
+            values = block.gather(0, rows)
+    return _pack_keys(values, rows, first_token), rows
+
+
 def column_top_keys(
-    keys: torch.Tensor, depths: torch.Tensor, n_rows_max: int
+    acts: torch.Tensor, depths: torch.Tensor, n_rows_max: int, first_token: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each column's ``depths[j]`` largest keys, feature-major, padded with ``-1``.
 
-    ``keys`` is ``[n_rows, d_sae]``; ``depths`` long ``[d_sae]`` with every entry at
-    most ``n_rows_max``. Returns ``(keys, columns, rows)`` of length
-    ``sum(depths)``: the layout (which column each position belongs to) depends only
-    on ``depths`` and ``n_rows_max``, so it is the same on every rank; a rank with
-    fewer than ``depths[j]`` rows pads with key ``-1`` (row ``-1``).
+    ``acts`` is ``[n_rows, d_sae]``; ``depths`` long ``[d_sae]`` with every entry
+    at most ``n_rows_max``; keys as :func:`token_keys` with rows numbered from
+    ``first_token``, built for the candidates only. Returns ``(keys, columns,
+    rows)`` of length ``sum(depths)``: the layout (which column each position
+    belongs to) depends only on ``depths`` and ``n_rows_max``, so it is the same on
+    every rank; a rank with fewer than ``depths[j]`` rows pads with key ``-1``
+    (row ``-1``).
     """
-    n_rows = keys.shape[0]
+    _check_key_dtype(acts)
+    n_rows = acts.shape[0]
     parts_keys, parts_cols, parts_rows = [], [], []
     for depth, columns in _depth_buckets(depths, n_rows_max):
         wanted = depths[columns]
         here = min(depth, n_rows)
-        top = torch.topk(keys.index_select(1, columns), here, dim=0)
-        top_keys, top_rows = top.values, top.indices
+        block = acts.index_select(1, columns)
+        top_keys, top_rows = _column_top(block, wanted, here, first_token)
         if here < depth:
             pad_shape = (depth - here, columns.numel())
             top_keys = torch.cat([top_keys, top_keys.new_full(pad_shape, -1)])
             top_rows = torch.cat([top_rows, top_rows.new_full(pad_shape, -1)])
-        rank = torch.arange(depth, device=keys.device)[:, None]
+        rank = torch.arange(depth, device=acts.device)[:, None]
         keep = (rank < wanted[None, :]).t()  # feature-major
         parts_keys.append(top_keys.t()[keep])
         parts_rows.append(top_rows.t()[keep])
         parts_cols.append(columns[:, None].expand(-1, depth)[keep])
     if not parts_keys:
-        empty = keys.new_empty(0)
+        empty = torch.empty(0, dtype=torch.int64, device=acts.device)
         return empty, empty.clone(), empty.clone()
     return torch.cat(parts_keys), torch.cat(parts_cols), torch.cat(parts_rows)
 
@@ -360,8 +468,9 @@ def global_feature_choice_mask(
     first_token = sum(shard_rows[:rank])
     depths = capacities.clamp(0, n_rows_max)
     ks = capacities.clamp(0, sum(shard_rows))
-    keys = token_keys(acts, first_token)
-    cand_keys, cand_cols, cand_rows = column_top_keys(keys, depths, n_rows_max)
+    cand_keys, cand_cols, cand_rows = column_top_keys(
+        acts, depths, n_rows_max, first_token
+    )
     if layout == "auto":
         costs = feature_choice_layout_bytes(cand_keys.numel(), acts.shape[1], world)
         layout = min(costs, key=costs.__getitem__)

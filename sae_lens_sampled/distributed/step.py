@@ -29,7 +29,7 @@ from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import (
     global_feature_choice_mask,
     global_feature_scores,
-    global_topk_mask,
+    global_topk_indices,
     reduce_column_stats,
     shared_pool,
 )
@@ -100,16 +100,20 @@ class DataParallelStep:
             )
         return rule(sae, acts, self)
 
-    def topk_mask(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
-        """Mask of this rank's entries among the global batch's top ``budget``."""
+    def topk_indices(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
+        """Flat indices of this rank's entries among the global top ``budget``."""
         self._check_rows(acts)
         width = acts.shape[-1]
         sizes = [rows * width for rows in self.shard_sizes]
-        return global_topk_mask(acts, budget, self.comm, sizes, self.oversample)
+        return global_topk_indices(acts, budget, self.comm, sizes, self.oversample)
 
     def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
         """Global BatchTopK on this rank's rows; gradients reach selected entries."""
-        return torch.where(self.topk_mask(acts, budget), acts, 0)
+        flat = acts.reshape(-1)
+        indices = self.topk_indices(acts, budget)
+        # Gathered from acts, so gradients reach the selected entries only.
+        out = torch.zeros_like(flat).scatter_(0, indices, flat[indices])
+        return out.view_as(acts)
 
     @torch.no_grad()
     def column_stats(
@@ -132,8 +136,9 @@ class DataParallelStep:
     @torch.no_grad()
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
         """Per-feature counts of the global top ``round(k * B)``, and ``B``."""
-        mask = self.topk_mask(acts, batch_budget(k, self.n_tokens))
-        return self.sum_counts(mask.sum(dim=0)), self.n_tokens
+        indices = self.topk_indices(acts, batch_budget(k, self.n_tokens))
+        counts = torch.bincount(indices % acts.shape[-1], minlength=acts.shape[-1])
+        return self.sum_counts(counts), self.n_tokens
 
 
 @contextmanager
