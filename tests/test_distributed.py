@@ -15,7 +15,8 @@ import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from sae_lens_sampled.distributed import parity
+from sae_lens_sampled.benchmark.speed import Shape
+from sae_lens_sampled.distributed import costs, parity
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import (
     _segment_kth,
@@ -102,6 +103,17 @@ def test_selection_traffic_is_small(case, ranks):
     assert sent / N_STEPS < gathered_matrix / 4
     _, gradient_bytes = ranks[0]["cases"][case]["traffic"]["gradients"]
     assert gradient_bytes > 0
+
+
+def test_counted_traffic_equals_the_model(ranks):
+    shape = Shape(BATCH, parity.D_IN, parity.D_SAE, int(parity.K))
+    traffic = ranks[0]["cases"]["mutual_choice"]["traffic"]
+    assert traffic["selection"] == (
+        2 * N_STEPS,  # candidates and tie counts; no exact second round at W=2
+        N_STEPS * costs.selection_bytes("mutual_choice", shape, WORLD),
+    )
+    assert traffic["stats"][1] == N_STEPS * costs.stats_bytes(shape, WORLD)
+    assert traffic["gradients"][1] == N_STEPS * costs.gradient_bytes(shape, WORLD)
 
 
 def test_per_rank_rules_would_differ():
@@ -201,10 +213,12 @@ def test_feature_scores_from_sums_match_single_process():
     acts[:, 4] = 0
     acts[7, 4] = 2.0  # a one-token column
     for score in ("l2", "squared_l2", "entropy", "uniform"):
-        got = global_feature_scores(acts, score, Comm())
-        torch.testing.assert_close(
-            got, feature_scores(acts, score).double(), rtol=1e-6, atol=1e-6
-        )
+        # whole, and in row chunks of 7 (the float64 copy is made per chunk)
+        for chunk_bytes in (1 << 28, 8 * 12 * 7):
+            got = global_feature_scores(acts, score, Comm(), chunk_bytes)
+            torch.testing.assert_close(
+                got, feature_scores(acts, score).double(), rtol=1e-6, atol=1e-6
+            )
 
 
 def test_one_rank_trainer_equals_saelens_trainer():

@@ -104,9 +104,9 @@ def selection_bytes(
 
 
 def stats_bytes(shape: Shape, world: int, act_bytes: int = 4) -> float:
-    """Per-feature statistics: the SAE's counts (int64) and smallest selected values,
-    and the trainer's firing counts (int64)."""
-    return _ring_all_reduce((8 + act_bytes + 8) * shape.d_sae, world)
+    """Per-feature statistics: the SAE's counts (int32) and smallest selected values,
+    and the trainer's firing counts (int32)."""
+    return _ring_all_reduce((4 + act_bytes + 4) * shape.d_sae, world)
 
 
 def gradient_bytes(shape: Shape, world: int, param_bytes: int = 4) -> float:
@@ -167,13 +167,11 @@ def _measure_worker(
                     "arch": arch,
                     "world": world,
                     "traffic": comm.counter.snapshot(),
-                    "selected": int(step.sum_counts(counts).sum()),
                 }
             )
             del selected, codes
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump(results, f)
 
 
 def _selection_sae(arch: str, shape: Shape, device: str) -> Any:
@@ -198,15 +196,19 @@ def _selection_sae(arch: str, shape: Shape, device: str) -> Any:
 
 def measure_traffic(
     shapes: Sequence[Shape], world: int = 2, device: str = "cpu"
-) -> list[dict[str, Any]]:
-    """Counted bytes per category for one selection step on ``world`` local ranks."""
+) -> list[list[dict[str, Any]]]:
+    """Counted bytes per category for one selection step on ``world`` local ranks:
+    one list of results per rank."""
     from sae_lens_sampled.distributed.parity import spawn
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "traffic.json")
         spawn(_measure_worker, world, device, (list(shapes), out))
-        with open(out) as f:
-            return json.load(f)
+        per_rank = []
+        for rank in range(world):
+            with open(f"{out}.rank{rank}") as f:
+                per_rank.append(json.load(f))
+        return per_rank
 
 
 # --- timing: one process against W ranks ---
@@ -335,16 +337,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_format_traffic(traffic_table(shapes, worlds, args.oversample)))
         print("(MiB sent per rank per step)")
         if args.measure:
-            print("\ncounted on 2 gloo ranks (selection and stats, MiB):")
-            for result in measure_traffic(args.measure):
-                shape = Shape(*result["shape"])
-                modelled = selection_bytes(result["arch"], shape, 2) / MIB
-                counted = result["traffic"]["selection"][1] / MIB
-                stats = result["traffic"]["stats"][1] / MIB
+            print("\ncounted on 2 gloo ranks, MiB sent per rank (mean, max):")
+            per_rank = measure_traffic(args.measure)
+            for results in zip(*per_rank, strict=True):
+                shape = Shape(*results[0]["shape"])
+                arch = results[0]["arch"]
+                sent = [r["traffic"]["selection"][1] / MIB for r in results]
+                stats = [r["traffic"]["stats"][1] / MIB for r in results]
                 print(
-                    f"{shape!s:36s} {result['arch']:16s} selection "
-                    f"{counted:9.3f} (model {modelled:9.3f})  stats {stats:7.3f} "
-                    f"(model {stats_bytes(shape, 2) / MIB:7.3f})"
+                    f"{shape!s:36s} {arch:16s} selection "
+                    f"{statistics.mean(sent):8.3f} {max(sent):8.3f} (model "
+                    f"{selection_bytes(arch, shape, 2) / MIB:8.3f})  stats "
+                    f"{statistics.mean(stats):7.3f} (model "
+                    f"{stats_bytes(shape, 2) / MIB:7.3f})"
                 )
         return 0
     archs = args.arch or ["mutual_choice", "sampled", "feature_choice"]

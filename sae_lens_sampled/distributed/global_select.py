@@ -200,35 +200,51 @@ def global_topk_mask(
     return mask.index_fill_(0, indices, True).view_as(acts)
 
 
+def _column_sums(acts: torch.Tensor, score: str, chunk_bytes: int) -> torch.Tensor:
+    """Per-feature float64 sums a score needs (``[1, d]`` or ``[2, d]``), summed over
+    row chunks so that no float64 copy larger than ``chunk_bytes`` is made."""
+    n_rows, width = acts.shape
+    rows = max(1, chunk_bytes // max(8 * width, 1))
+    sums = acts.new_zeros((2 if score == "entropy" else 1, width), dtype=torch.float64)
+    for chunk in acts.split(rows):
+        chunk64 = chunk.to(torch.float64)
+        if score == "entropy":
+            sums[0] += chunk64.sum(dim=0)
+            sums[1] += torch.special.xlogy(chunk64, chunk64).sum(dim=0)
+        else:
+            sums[0] += chunk64.square().sum(dim=0)
+    return sums
+
+
 @torch.no_grad()
-def global_feature_scores(acts: torch.Tensor, score: str, comm: Comm) -> torch.Tensor:
+def global_feature_scores(
+    acts: torch.Tensor, score: str, comm: Comm, chunk_bytes: int = 1 << 28
+) -> torch.Tensor:
     """Sampled-SAE column scores of the global batch, float64 ``[d_sae]``.
 
     From per-feature sums reduced over ranks: ``l2 = sqrt(sum a^2)``,
     ``squared_l2 = sum a^2``, ``entropy = log S - T / S`` with ``S = sum a`` and
     ``T = sum a log a`` (the entropy of the column normalised to sum 1; 0 for an
-    all-zero column); ``uniform`` needs no exchange.
+    all-zero column); ``uniform`` needs no exchange. Sums are taken in float64
+    (``T`` would otherwise lose digits against ``S log S``).
     """
     d_sae = acts.shape[-1]
     if score == "uniform":
         return torch.ones(d_sae, dtype=torch.float64, device=acts.device)
-    if score in ("l2", "squared_l2"):
-        sums = acts.to(torch.float64).square().sum(dim=0)
-        comm.all_reduce(sums, "sum", SELECTION)
-        return sums.sqrt() if score == "l2" else sums
-    if score == "entropy":
-        acts64 = acts.to(torch.float64)
-        sums = torch.stack(
-            [acts64.sum(dim=0), torch.special.xlogy(acts64, acts64).sum(dim=0)]
+    if score not in ("l2", "squared_l2", "entropy"):
+        raise ValueError(
+            "score must be one of ('l2', 'squared_l2', 'entropy', 'uniform'), "
+            f"got {score!r}"
         )
-        comm.all_reduce(sums, "sum", SELECTION)
-        total, weighted_log = sums
-        positive = total > 0
-        safe = torch.where(positive, total, 1.0)
-        return torch.where(positive, safe.log() - weighted_log / safe, 0.0)
-    raise ValueError(
-        f"score must be one of ('l2', 'squared_l2', 'entropy', 'uniform'), got {score!r}"
-    )
+    sums = comm.all_reduce(_column_sums(acts, score, chunk_bytes), "sum", SELECTION)
+    if score == "l2":
+        return sums[0].sqrt()
+    if score == "squared_l2":
+        return sums[0]
+    total, weighted_log = sums
+    positive = total > 0
+    safe = torch.where(positive, total, 1.0)
+    return torch.where(positive, safe.log() - weighted_log / safe, 0.0)
 
 
 @torch.no_grad()
@@ -407,11 +423,6 @@ def feature_choice_layout_bytes(
     }
 
 
-def _feature_owners(d_sae: int, world_size: int) -> list[int]:
-    """First feature of each rank's contiguous block, and ``d_sae`` at the end."""
-    return [-(-rank * d_sae // world_size) for rank in range(world_size + 1)]
-
-
 def _cuts_all_to_all(
     cand_keys: torch.Tensor,
     cand_cols: torch.Tensor,
@@ -419,27 +430,33 @@ def _cuts_all_to_all(
     ks: torch.Tensor,
     comm: Comm,
 ) -> torch.Tensor:
-    """Every feature's cut, found by the rank that owns the feature."""
+    """Every feature's cut, found by the rank that owns the feature.
+
+    Rank q owns features ``q, q + W, q + 2W, ...``: round-robin, so that the
+    largest capacities (Zipf heads, adjacent in rank or index) spread over ranks.
+    """
     rank, world = comm.rank, comm.world_size
     d_sae = depths.numel()
-    bounds = _feature_owners(d_sae, world)
-    owner = torch.bucketize(cand_cols, cand_cols.new_tensor(bounds[1:]), right=True)
+    owner = cand_cols % world
     order = torch.argsort(owner, stable=True)
     # The layout is the same on every rank, so are these counts.
     counts = torch.bincount(owner, minlength=world).tolist()
     mine = counts[rank]
     received = comm.all_to_all(cand_keys[order], counts, [mine] * world, SELECTION)
     start = sum(counts[:rank])
-    lo, hi = bounds[rank], bounds[rank + 1]
-    my_cols = cand_cols[order][start : start + mine] - lo
+    my_cols = cand_cols[order][start : start + mine] // world
     cut_mine = _segment_kth(
-        received, my_cols.repeat(world), world * depths[lo:hi], ks[lo:hi]
+        received, my_cols.repeat(world), world * depths[rank::world], ks[rank::world]
     )
-    block = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    block = -(-d_sae // world)
     padded = cut_mine.new_full((block,), torch.iinfo(torch.int64).max)
-    padded[: hi - lo] = cut_mine
+    padded[: cut_mine.numel()] = cut_mine
     gathered = comm.all_gather(padded, SELECTION)
-    return torch.cat([gathered[q, : bounds[q + 1] - bounds[q]] for q in range(world)])
+    cut = torch.empty_like(ks)
+    for owner_rank in range(world):
+        owned = cut[owner_rank::world]
+        owned.copy_(gathered[owner_rank, : owned.numel()])
+    return cut
 
 
 @torch.no_grad()
@@ -490,6 +507,11 @@ def reduce_column_stats(
     counts: torch.Tensor, smallest: torch.Tensor, comm: Comm
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature counts summed and smallest values minimised over ranks (copies)."""
-    counts = comm.all_reduce(counts.clone(), "sum", "stats")
-    smallest = comm.all_reduce(smallest.clone(), "min", "stats")
-    return counts, smallest
+    return sum_counts(counts, comm), comm.all_reduce(smallest.clone(), "min", "stats")
+
+
+def sum_counts(counts: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Per-feature counts summed over ranks, sent as int32 (a step's count of
+    tokens fits), returned in ``counts``' dtype."""
+    summed = comm.all_reduce(counts.to(torch.int32), "sum", "stats")
+    return summed.to(counts.dtype)

@@ -298,13 +298,14 @@ def spawn(
 
     Each joins a fresh loopback process group with a 60 s timeout and 1 CPU thread.
     A start that fails because another program took the port is retried.
-    ``start_method``: ``"spawn"`` (fresh interpreters; required for CUDA) or
-    ``"fork"`` (children inherit the loaded modules and start in a fraction of the
-    time); default: fork on CPU where available, else spawn.
+    ``start_method``: ``"spawn"`` (fresh interpreters) or ``"fork"`` (children
+    inherit the loaded modules and start in a fraction of the time). The default
+    forks only where that is safe: a CPU run with a CPU-only torch (a CUDA build's
+    autograd keeps device threads that a forked child cannot use).
     """
     if start_method is None:
-        cpu = torch.device(device).type == "cpu"
-        fork = cpu and "fork" in mp.get_all_start_methods()
+        safe = torch.device(device).type == "cpu" and not torch.cuda.is_available()
+        fork = safe and "fork" in mp.get_all_start_methods()
         start_method = "fork" if fork else "spawn"
     for attempt in range(attempts):
         try:

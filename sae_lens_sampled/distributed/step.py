@@ -32,6 +32,7 @@ from sae_lens_sampled.distributed.global_select import (
     global_topk_indices,
     reduce_column_stats,
     shared_pool,
+    sum_counts,
 )
 from sae_lens_sampled.selection import batch_budget, pool_size
 
@@ -131,7 +132,7 @@ class DataParallelStep:
     @torch.no_grad()
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Per-feature counts summed over ranks (a copy)."""
-        return self.comm.all_reduce(counts.clone(), "sum", "stats")
+        return sum_counts(counts, self.comm)
 
     @torch.no_grad()
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from sae_lens_sampled.distributed.comm import Comm
+from sae_lens_sampled.distributed.global_select import sum_counts
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
 
 
@@ -319,7 +320,7 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         fired = (feature_acts != 0).sum(dim=-2)
         if fired.is_sparse:
             fired = fired.to_dense()
-        fired = self.comm.all_reduce(fired.to(torch.int64), "sum", "stats")
+        fired = sum_counts(fired, self.comm)
         self.n_forward_passes_since_fired += 1
         self.n_forward_passes_since_fired[fired > 0] = 0
         self.act_freq_scores += fired.to(self.act_freq_scores.dtype)
