@@ -21,6 +21,7 @@ from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import (
     _segment_kth,
     column_top_keys,
+    global_feature_choice_mask,
     global_feature_scores,
     global_topk_mask,
     token_keys,
@@ -321,3 +322,24 @@ def test_logged_metrics_are_those_of_the_global_batch(ranks):
         "sparsity/dead_features",
         "eval/l0",
     } <= names
+
+
+def test_clear_errors_for_bad_settings():
+    cfg = parity.trainer_config(32, 4, "cpu", 1)
+    comm = Comm()
+    comm.world_size = 3  # as a 3-rank group would report
+    with pytest.raises(ValueError, match="32 must be a multiple of the world size 3"):
+        DistributedSAETrainer(cfg, parity.parity_cases()["mutual_choice"].build(),
+                              iter([]), comm=comm)  # fmt: skip
+    acts = torch.rand(4, 3)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        global_feature_choice_mask(acts, torch.ones(3, dtype=torch.long), Comm(), [4],
+                                   layout="ring")  # fmt: skip
+    with pytest.raises(ValueError, match="got torch.float64"):
+        token_keys(acts.double(), 0)
+    with pytest.raises(ValueError, match="shard_sizes needs one entry per rank"):
+        DataParallelStep(Comm(), [4, 4])
+    step = DataParallelStep(Comm(), [4])
+    sae = parity.parity_cases()["mutual_choice"].build()
+    with pytest.raises(ValueError, match="was given 5 tokens.*shard of 4"):
+        step.select(sae, torch.rand(5, parity.D_SAE))
