@@ -271,8 +271,9 @@ def run_cli(
     argv: Sequence[str], override_model: Any = None, override_dataset: Any = None
 ) -> TrainingSAE[Any]:
     """Parse SAELens's training flags and train data-parallel over the ranks."""
-    import sae_lens_sampled  # noqa: F401  (registers the architectures)
+    from sae_lens_sampled._plugin import register_all
 
+    register_all()  # the architectures, for --architecture
     cfg = _parse_cfg_args(list(argv))
     with process_group(cfg.device) as comm:
         runner = DistributedLanguageModelRunner(
