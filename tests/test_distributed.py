@@ -343,3 +343,20 @@ def test_clear_errors_for_bad_settings():
     sae = parity.parity_cases()["mutual_choice"].build()
     with pytest.raises(ValueError, match="was given 5 tokens.*shard of 4"):
         step.select(sae, torch.rand(5, parity.D_SAE))
+
+
+def test_selftest_one_rank_group_runs_every_collective():
+    """The device self-test in a one-rank gloo group that still runs the collectives."""
+    from sae_lens_sampled.distributed import selftest
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = selftest.run("cpu", 1, Shape(64, parity.D_IN, parity.D_SAE, 3), 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["primitives_exact"] is True
+    for name, row in report["parity"].items():
+        assert row["max_weight_diff"] < 1e-5, name
+        assert row["counters_equal"], name
+    assert set(report["speed"]) == {"mutual_choice", "sampled", "feature_choice"}
