@@ -28,7 +28,7 @@ from sae_lens_sampled.distributed.global_select import (
 )
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
 from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
-from sae_lens_sampled.selection import feature_scores
+from sae_lens_sampled.selection import batch_topk, feature_choice_select, feature_scores
 
 WORLD = 2
 N_STEPS = 14
@@ -360,3 +360,16 @@ def test_selftest_one_rank_group_runs_every_collective():
         assert row["max_weight_diff"] < 1e-5, name
         assert row["counters_equal"], name
     assert set(report["speed"]) == {"mutual_choice", "sampled", "feature_choice"}
+
+
+@pytest.mark.parametrize("scenario", sorted(parity.primitive_scenarios(WORLD)))
+def test_reference_is_the_single_process_rule_ties_included(scenario):
+    """The stable references above are the plugin's own one-process rules, ties and
+    all, so the ranks' masks equal what one process selects."""
+    case = parity.primitive_scenarios(WORLD)[scenario]
+    expected = parity.reference_primitives(WORLD)[scenario]
+    if case.capacities is None:
+        got = batch_topk(case.acts, case.budget) != 0
+    else:
+        got = feature_choice_select(case.acts, case.capacities) != 0
+    assert torch.equal(got, expected)
