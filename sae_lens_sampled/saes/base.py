@@ -11,6 +11,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -278,6 +279,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     # Training-only buffers, dropped from the inference state dict.
     training_buffers: tuple[str, ...] = ("firing_rate", "n_tokens_seen")
+    # Set (to a distributed.DataParallelStep) only inside a data-parallel training
+    # step: select and update the state from the global batch.
+    data_parallel: Any = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -311,6 +315,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     def batch_rule(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """:meth:`select` on ``relu(hidden_pre)`` of any leading shape."""
+        if self.data_parallel is not None:
+            return apply_to_last_dim(
+                partial(self.data_parallel.select, self), hidden_pre.relu()
+            )
         return apply_to_last_dim(self.select, hidden_pre.relu())
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
@@ -599,6 +607,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             dense = feature_acts.detach().flatten(end_dim=-2)
             counts, smallest = column_stats_dense(dense)
             n_tokens = dense.shape[0]
+        if self.data_parallel is not None:
+            counts, smallest, n_tokens = self.data_parallel.column_stats(
+                counts, smallest, n_tokens
+            )
         # autocast would run the EMAs in low precision
         with torch.autocast(self.W_dec.device.type, enabled=False):
             self.n_tokens_seen += n_tokens
