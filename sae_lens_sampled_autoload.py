@@ -5,15 +5,23 @@ SAELens has no plugin discovery: its registries hold only what has been imported
 at interpreter start-up. That puts a one-shot finder on ``sys.meta_path`` which, the
 first time ``sae_lens`` itself is executed (by ``import sae_lens``, by importing any of
 its submodules, or by ``python -m sae_lens.<module>``), lets the import finish and then
-imports ``sae_lens_sampled``, whose ``__init__`` registers the architectures. So a
-saved ``sampled`` SAE loads with ``SAE.load_from_disk`` and the stock training CLI
-accepts ``--architecture sampled`` without importing the plugin first.
+imports ``sae_lens_sampled._plugin``, which registers the architectures. So a saved
+``sampled`` SAE loads with ``SAE.load_from_disk`` and the stock training CLI accepts
+``--architecture sampled`` without importing the plugin first.
+
+``import sae_lens_sampled`` arms the same finder (whatever the environment variable
+says) when SAELens is not imported yet; the package itself stays cheap to import.
+
+While armed, the finder also wraps the plugin's own modules, so that registration
+waits until no plugin module is half-executed: a plugin module that imports
+``sae_lens`` at its top must not be imported again (partially initialised) by the
+registration.
 
 This module is imported by every Python process of the environment, so it imports
 nothing beyond ``os`` and ``sys`` (not even ``typing``) and does nothing until
-``sae_lens`` is imported. A failure to import the plugin is reported with
-``warnings.warn`` and never breaks ``import sae_lens``. Set
-``SAE_LENS_SAMPLED_AUTOLOAD=0`` (or false/no/off) to switch the hook off.
+``sae_lens`` or the plugin is imported. A failure to import the plugin is reported
+with ``warnings.warn`` and never breaks ``import sae_lens``. Set
+``SAE_LENS_SAMPLED_AUTOLOAD=0`` (or false/no/off) to switch the start-up hook off.
 """
 
 import os
@@ -22,7 +30,12 @@ import sys
 ENV_VAR = "SAE_LENS_SAMPLED_AUTOLOAD"
 TARGET = "sae_lens"
 PLUGIN = "sae_lens_sampled"
+# Importing this module registers the architectures (it imports SAELens).
+REGISTRATION = "sae_lens_sampled._plugin"
 _OFF_VALUES = ("0", "false", "no", "off")
+
+# Number of wrapped modules (the target's or the plugin's) executing right now.
+_executing = 0
 
 
 def enabled() -> bool:
@@ -40,13 +53,12 @@ def _warn(message: str) -> None:
 
 
 def load_plugin() -> None:
-    """Import the plugin (registering its architectures); warn instead of raising."""
-    # Already imported, or being imported: the plugin's own __init__ imports sae_lens,
-    # which lands here while the plugin is only partly initialised.
-    if PLUGIN in sys.modules:
+    """Import the registration module; warn instead of raising."""
+    # Already imported, or being imported (it imports sae_lens itself).
+    if REGISTRATION in sys.modules:
         return
     try:
-        __import__(PLUGIN)
+        __import__(REGISTRATION)
     except Exception as exc:  # never let the plugin break `import sae_lens`
         _warn(
             f"{PLUGIN} could not be imported when {TARGET} was ({exc!r}); its "
@@ -55,44 +67,68 @@ def load_plugin() -> None:
         )
 
 
-class _LoaderWrapper:
-    """Runs the real loader of ``sae_lens``, then imports the plugin.
+def _is_plugin_module(fullname: str) -> bool:
+    return fullname == PLUGIN or fullname.startswith(PLUGIN + ".")
 
-    Before ``sae_lens``'s code runs, the real loader is put back on the spec and the
-    module, so ``sae_lens`` only ever sees its own loader (resources, ``inspect``).
+
+def _after_import() -> None:
+    """Register once the target is imported and no wrapped module is mid-execution."""
+    if _executing == 0 and TARGET in sys.modules:
+        uninstall()
+        load_plugin()
+
+
+class _LoaderWrapper:
+    """Runs a module's real loader, then :func:`_after_import`.
+
+    Before the module's code runs, the real loader is put back on the spec and the
+    module, so the module only ever sees its own loader (resources, ``inspect``).
+    Anything else (``get_code`` for ``runpy``, resource readers) goes to the real
+    loader.
     """
 
     def __init__(self, loader):  # an importlib Loader; no typing import here
         self.loader = loader
 
+    def __getattr__(self, name):
+        if name == "loader":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        global _executing
         spec = module.__spec__
         if spec is not None and spec.loader is self:
             spec.loader = self.loader
         module.__loader__ = self.loader
-        self.loader.exec_module(module)  # errors here are sae_lens's own: propagate
-        uninstall()
-        load_plugin()
+        _executing += 1
+        try:
+            self.loader.exec_module(module)  # errors here are the module's: propagate
+        finally:
+            _executing -= 1
+        _after_import()
 
 
 class AutoloadFinder:
-    """``sys.meta_path`` finder that wraps the loader of ``sae_lens`` only.
+    """``sys.meta_path`` finder that wraps the loaders of ``sae_lens`` and the plugin.
 
     It asks the finders after it for the real spec, so it changes nothing about where
-    ``sae_lens`` is found; a spec that is only looked up (``importlib.util.find_spec``)
+    a module is found; a spec that is only looked up (``importlib.util.find_spec``)
     and never executed leaves the hook in place.
     """
 
     def find_spec(
         self, fullname: str, path: object = None, target: object = None
     ) -> object:
-        if fullname != TARGET:
+        if fullname != TARGET and not _is_plugin_module(fullname):
             return None
-        if PLUGIN in sys.modules:  # the plugin is importing sae_lens itself
+        if REGISTRATION in sys.modules:  # registered, or registering right now
             uninstall()
+            return None
+        if fullname.endswith(".__main__"):  # run by runpy, which never exec_module()s
             return None
         try:
             spec = self._real_spec(fullname, path, target)
@@ -135,9 +171,13 @@ def uninstall() -> None:
     sys.meta_path = [f for f in sys.meta_path if not isinstance(f, AutoloadFinder)]
 
 
-def install() -> None:
-    """Arm the hook (called by the ``.pth`` file); a no-op when switched off."""
-    if not enabled() or installed():
+def install(force: bool = False) -> None:
+    """Arm the hook; a no-op when switched off by ``SAE_LENS_SAMPLED_AUTOLOAD``.
+
+    The ``.pth`` file calls it at start-up; ``import sae_lens_sampled`` calls it with
+    ``force=True``, since an explicit import registers whatever the variable says.
+    """
+    if not (force or enabled()) or installed():
         return
     if TARGET in sys.modules:
         load_plugin()

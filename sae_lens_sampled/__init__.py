@@ -1,55 +1,74 @@
 """Batch-level feature selection for SAELens.
 
-Importing this package registers the ``sampled``, ``mutual_choice`` (and further)
-architectures in SAELens's inference and training registries, so they work with
-``LanguageModelSAERunnerConfig``, ``SAE.load_from_disk``, ``HookedSAETransformer`` and
-the training CLI exactly like SAELens's built-ins. Registration is idempotent.
+Importing this package registers the ``sampled``, ``feature_choice`` and
+``mutual_choice`` architectures in SAELens's inference and training registries, so
+they work with ``LanguageModelSAERunnerConfig``, ``SAE.load_from_disk``,
+``HookedSAETransformer`` and the training CLI exactly like SAELens's built-ins.
+Registration is idempotent.
+
+The import itself is cheap (the command line starts in milliseconds): SAELens and
+torch are imported, and the architectures registered, at the first of
+
+- any public name being used (``sae_lens_sampled.SampledTrainingSAEConfig``,
+  ``from sae_lens_sampled import ...``);
+- ``sae_lens`` being imported, by anyone (a one-shot import hook, see
+  ``sae_lens_sampled_autoload``);
+- right away, if ``sae_lens`` is already imported.
+
+So SAELens's registries hold the plugin's architectures whenever they can be read.
 """
 
-from sae_lens_sampled._registry import register_architecture
-from sae_lens_sampled.saes.feature_choice_sae import (
-    FeatureChoiceSAE,
-    FeatureChoiceSAEConfig,
-    FeatureChoiceTrainingSAE,
-    FeatureChoiceTrainingSAEConfig,
-)
-from sae_lens_sampled.saes.mutual_choice_sae import (
-    MutualChoiceSAE,
-    MutualChoiceSAEConfig,
-    MutualChoiceTrainingSAE,
-    MutualChoiceTrainingSAEConfig,
-)
-from sae_lens_sampled.saes.sampled_sae import (
-    SampledSAE,
-    SampledSAEConfig,
-    SampledTrainingSAE,
-    SampledTrainingSAEConfig,
-)
-from sae_lens_sampled.thresholds import calibrate_thresholds, export_jumprelu
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
-register_architecture(
-    "sampled",
-    SampledSAE,
-    SampledSAEConfig,
-    SampledTrainingSAE,
-    SampledTrainingSAEConfig,
-)
-register_architecture(
-    "feature_choice",
-    FeatureChoiceSAE,
-    FeatureChoiceSAEConfig,
-    FeatureChoiceTrainingSAE,
-    FeatureChoiceTrainingSAEConfig,
-)
-register_architecture(
-    "mutual_choice",
-    MutualChoiceSAE,
-    MutualChoiceSAEConfig,
-    MutualChoiceTrainingSAE,
-    MutualChoiceTrainingSAEConfig,
-)
+if TYPE_CHECKING:
+    from sae_lens_sampled._registry import register_architecture
+    from sae_lens_sampled.saes.feature_choice_sae import (
+        FeatureChoiceSAE,
+        FeatureChoiceSAEConfig,
+        FeatureChoiceTrainingSAE,
+        FeatureChoiceTrainingSAEConfig,
+    )
+    from sae_lens_sampled.saes.mutual_choice_sae import (
+        MutualChoiceSAE,
+        MutualChoiceSAEConfig,
+        MutualChoiceTrainingSAE,
+        MutualChoiceTrainingSAEConfig,
+    )
+    from sae_lens_sampled.saes.sampled_sae import (
+        SampledSAE,
+        SampledSAEConfig,
+        SampledTrainingSAE,
+        SampledTrainingSAEConfig,
+    )
+    from sae_lens_sampled.thresholds import calibrate_thresholds, export_jumprelu
+
+    __version__: str
+
+DISTRIBUTION = "sae-lens-sampled"
+_SAES = "sae_lens_sampled.saes"
+
+# Public name -> the module that defines it (imported on first use).
+_LAZY: dict[str, str] = {
+    "FeatureChoiceSAE": f"{_SAES}.feature_choice_sae",
+    "FeatureChoiceSAEConfig": f"{_SAES}.feature_choice_sae",
+    "FeatureChoiceTrainingSAE": f"{_SAES}.feature_choice_sae",
+    "FeatureChoiceTrainingSAEConfig": f"{_SAES}.feature_choice_sae",
+    "MutualChoiceSAE": f"{_SAES}.mutual_choice_sae",
+    "MutualChoiceSAEConfig": f"{_SAES}.mutual_choice_sae",
+    "MutualChoiceTrainingSAE": f"{_SAES}.mutual_choice_sae",
+    "MutualChoiceTrainingSAEConfig": f"{_SAES}.mutual_choice_sae",
+    "SampledSAE": f"{_SAES}.sampled_sae",
+    "SampledSAEConfig": f"{_SAES}.sampled_sae",
+    "SampledTrainingSAE": f"{_SAES}.sampled_sae",
+    "SampledTrainingSAEConfig": f"{_SAES}.sampled_sae",
+    "calibrate_thresholds": "sae_lens_sampled.thresholds",
+    "export_jumprelu": "sae_lens_sampled.thresholds",
+    "register_architecture": "sae_lens_sampled._registry",
+}
 
 __all__ = [
     "FeatureChoiceSAE",
@@ -69,3 +88,50 @@ __all__ = [
     "export_jumprelu",
     "register_architecture",
 ]
+
+
+def _version() -> str:
+    """The installed version (package metadata, set in pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version(DISTRIBUTION)
+    except PackageNotFoundError:  # a checkout on sys.path that was never installed
+        return "0+unknown"
+
+
+def _register() -> None:
+    """Import SAELens and the architectures, and register them (idempotent)."""
+    importlib.import_module("sae_lens_sampled._plugin").register_all()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value: Any = _version()
+    elif name in _LAZY:
+        _register()
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def _register_or_arm() -> None:
+    if "sae_lens" in sys.modules:
+        _register()
+        return
+    try:
+        import sae_lens_sampled_autoload
+    except ImportError:  # the hook module is not importable here: register now
+        _register()
+        return
+    sae_lens_sampled_autoload.install(force=True)
+
+
+_register_or_arm()

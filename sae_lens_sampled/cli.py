@@ -1,21 +1,35 @@
 """The ``sae-lens-sampled`` command.
 
-``train``: SAELens's own training CLI (``python -m sae_lens.llm_sae_training_runner``)
-with the plugin's architectures registered, so ``--architecture sampled`` and every
-plugin field (``--pool_factor``, ``--score``, ...) work like SAELens's built-ins.
+``train``: SAELens's own training CLI (``python -m sae_lens.llm_sae_training_runner``,
+run in this process) with the plugin's architectures registered, so
+``--architecture sampled`` and every plugin field (``--pool_factor``, ``--score``, ...)
+work like SAELens's built-ins.
 
 ``compare``: train architectures side by side at equal k and compare them
 (:mod:`sae_lens_sampled.benchmark.compare`).
 
 ``bench``: time the training step and its peak memory against SAELens's BatchTopK and
 TopK (:mod:`sae_lens_sampled.benchmark.speed`).
+
+Starting the command imports neither torch nor SAELens (``--help`` and ``--version``
+answer at once); each subcommand imports what it needs. An invalid setting ends the
+command with one line naming the field, the value and the allowed range; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+PROG = "sae-lens-sampled"
+DEBUG_FLAG = "--debug"
+# The training CLI SAELens documents; run as __main__ in this process.
+SAELENS_TRAINING_CLI = "sae_lens.llm_sae_training_runner"
 
 COMMANDS = {
     "train": "train an SAE with SAELens's training CLI (all its flags)",
@@ -24,12 +38,152 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    from sae_lens_sampled import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser (help text only: the command line is read by :func:`main`)."""
+    commands = "\n".join(f"  {name:10s}{text}" for name, text in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"{PROG} [-h] [--version] [{DEBUG_FLAG}] COMMAND [ARGS ...]",
+        description="Batch-level SAE architectures for SAELens.",
+        epilog=f"commands:\n{commands}\n\nRun '{PROG} COMMAND --help' for a "
+        "command's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version")
+    parser.add_argument(
+        DEBUG_FLAG,
+        action="store_true",
+        help="on an error, show the full traceback instead of one line",
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    # simple_parsing gives one-letter fields a single dash (-k).
+    return f"-{name}" if len(name) == 1 else f"--{name}"
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            values[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            values[field.name] = field.default_factory()
+        else:
+            values[field.name] = dataclasses.MISSING
+    return values
+
+
+def _wrapped_flags(first: str, defaults: dict[str, Any], width: int = 88) -> str:
+    """``first`` then ``--flag default`` items, wrapped between items only."""
+    items = [f"{_flag(name)} {value}" for name, value in defaults.items()]
+    indent = " " * len(first)
+    lines, line = [], first
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if line.strip() and len(line) + len(piece) + 1 > width:
+            lines.append(line.rstrip())
+            line = indent
+        line += piece + " "
+    lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def train_help_header() -> str:
+    """Lines printed above SAELens's help: the plugin architectures and their flags."""
+    from sae_lens.saes.sae import TrainingSAEConfig
+
+    from sae_lens_sampled._plugin import ARCHITECTURES
+    from sae_lens_sampled.saes.base import BatchLevelTrainingSAEConfig
+
+    saelens = _defaults(TrainingSAEConfig)
+    shared = {
+        name: value
+        for name, value in _defaults(BatchLevelTrainingSAEConfig).items()
+        if name not in saelens and name != "metadata"
+    }
+    lines = [
+        f"{PROG} train: SAELens's training CLI ({SAELENS_TRAINING_CLI})",
+        "with the plugin's architectures registered. Every flag of an architecture,",
+        f"with its description: {PROG} train --architecture NAME --help",
+        "",
+        "Plugin architectures (--architecture NAME), their own flags and defaults:",
+    ]
+    for key, classes in ARCHITECTURES.items():
+        own = {
+            name: value
+            for name, value in _defaults(classes[3]).items()
+            if name not in saelens and shared.get(name, dataclasses.MISSING) != value
+        }
+        if own:
+            lines.append(_wrapped_flags(f"  {key:16s}", own))
+        else:
+            lines.append(f"  {key:16s}(the shared flags below only)")
+    lines.append(_wrapped_flags(f"  {'all three:':16s}", shared))
+    lines += [
+        "  and SAELens's SAE flags (--d_in, --d_sae, ...).",
+        "",
+        "SAELens's help follows (for --architecture standard unless one is given).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    return not argv or "-h" in argv or "--help" in argv
+
+
+def _names_architecture(argv: Sequence[str]) -> bool:
+    return any(a == "--architecture" or a.startswith("--architecture=") for a in argv)
+
+
+def run_saelens_training_cli(argv: Sequence[str], prog: str) -> None:
+    """Run SAELens's documented training CLI in this process, with ``prog`` in usage.
+
+    ``runpy`` warns that the module is already imported (``import sae_lens`` imports
+    it); that warning, and only that one, is silenced.
+    """
+    import runpy
+    import warnings
+
+    saved = sys.argv
+    sys.argv = [prog, *argv]  # argparse names the program after sys.argv[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message=f".*{SAELENS_TRAINING_CLI}' found in sys.modules",
+                category=RuntimeWarning,
+            )
+            runpy.run_module(SAELENS_TRAINING_CLI, run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
 def _train(argv: Sequence[str]) -> int:
-    from sae_lens.llm_sae_training_runner import _run_cli
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun with N > 1
+        from sae_lens_sampled.distributed.train import main as train_data_parallel
 
-    import sae_lens_sampled  # noqa: F401  (registers the architectures)
+        return train_data_parallel(argv)
+    from sae_lens_sampled._plugin import register_all
 
-    _run_cli(list(argv))
+    register_all()  # already done by the import; again after any reload
+    if _wants_help(argv) and not _names_architecture(argv):
+        print(train_help_header())
+        sys.stdout.flush()
+    run_saelens_training_cli(argv, prog=f"{PROG} train")
     return 0
 
 
@@ -46,26 +200,99 @@ def _bench(argv: Sequence[str]) -> int:
     return bench_main(list(argv))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="sae-lens-sampled",
-        description="Batch-level SAE architectures for SAELens.",
-        epilog="\n".join(f"  {name:10s}{text}" for name, text in COMMANDS.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+RUNNERS: dict[str, Callable[[Sequence[str]], int]] = {
+    "train": _train,
+    "compare": _compare,
+    "bench": _bench,
+}
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+def is_setting_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a bad setting rather than a failure while running.
+
+    That is: a parser's ``ArgumentError``, a field check of the plugin, or a
+    ``ValueError``/``TypeError`` raised while a config dataclass validated itself.
+    """
+    if isinstance(exc, argparse.ArgumentError):
+        return True
+    base = sys.modules.get("sae_lens_sampled.saes.base")
+    if base is not None and isinstance(exc, base.FieldValueError):
+        return True
+    if not isinstance(exc, ValueError | TypeError):
+        return False
+    frames = [frame for frame, _ in _walk(exc)]
+    return any(
+        frame.f_code.co_name == "__post_init__"
+        and dataclasses.is_dataclass(frame.f_locals.get("self"))
+        for frame in frames
     )
-    parser.add_argument("command", choices=sorted(COMMANDS))
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
-        return 0 if argv else 2
-    args, rest = parser.parse_known_args(argv[:1])
-    if args.command == "train":
-        return _train(argv[1:])
-    if args.command == "compare":
-        return _compare(argv[1:])
-    if args.command == "bench":
-        return _bench(argv[1:])
-    raise AssertionError(args.command)
+
+
+def _walk(exc: BaseException) -> list[tuple[Any, int]]:
+    import traceback
+
+    return list(traceback.walk_tb(exc.__traceback__))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    debug = False
+    while args and args[0].startswith("-"):  # options before the command
+        option = args.pop(0)
+        if option in ("-h", "--help"):
+            parser.print_help()
+            return 0
+        if option == "--version":
+            print(f"{PROG} {_version()}")
+            return 0
+        if option == DEBUG_FLAG:
+            debug = True
+            continue
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: unrecognized option {option}", file=sys.stderr)
+        return 2
+    if not args:
+        parser.print_help(sys.stderr)
+        return 2
+    command, rest = args[0], args[1:]
+    if command not in RUNNERS:
+        parser.print_usage(sys.stderr)
+        choices = ", ".join(COMMANDS)
+        print(
+            f"{PROG}: error: unknown command {command!r} (choose from {choices})",
+            file=sys.stderr,
+        )
+        return 2
+    if DEBUG_FLAG in rest:  # accepted after the command too; no subcommand has it
+        debug = True
+        rest = [a for a in rest if a != DEBUG_FLAG]
+    try:
+        return RUNNERS[command](rest)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if debug or not is_setting_error(exc):
+            raise
+        print(f"{PROG} {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ are zero. Selected entries are gathered from ``acts`` so gradients flow through 
 nothing else, as in SAELens's TopK and BatchTopK. Scores, pools and capacities are
 computed without gradient.
 
+Ties: every rule keeps the entries above its cut-off value, and of the entries equal to
+the cut-off, the first ones in token order (row-major: lower token index first, then
+lower feature index; within one feature column, lower token index first) until the
+budget or capacity is met. The selection is therefore a function of the values alone,
+the same on every device and on every path.
+
 Nothing in this module imports SAELens, so the rules can be tested and optimised alone.
 """
 
@@ -33,60 +39,165 @@ def batch_budget(k: float, n_tokens: int) -> int:
     return int(round(k * n_tokens))
 
 
+def keep_top(
+    acts: torch.Tensor,
+    cutoffs: torch.Tensor,
+    capacities: torch.Tensor,
+    ties: bool | None = None,
+) -> torch.Tensor:
+    """Keep, in each column j of ``acts`` ``[n, c]``, its ``capacities[j]`` largest
+    positive entries, given ``cutoffs[j]``, the column's ``capacities[j]``-th largest
+    value (``inf`` where the capacity is 0).
+
+    Entries above the cut-off are kept; of those equal to it, the first ones along the
+    column until the capacity is met (the module's tie rule). A column whose cut-off is
+    not positive keeps all its positive entries (fewer than its capacity). Returns
+    ``acts`` where kept and 0 elsewhere, so gradients reach the kept entries only.
+    ``ties`` says whether some column has more entries equal to its cut-off than it
+    keeps (``None``: find out, one host sync); only then are they counted in order.
+    """
+    with torch.no_grad():
+        positive = torch.nextafter(acts.new_zeros(()), acts.new_ones(()))
+        floor = torch.maximum(cutoffs, positive)
+        if ties is None:
+            keep = acts >= floor
+            ties = bool((keep.sum(dim=0) > capacities).any())
+        if ties:
+            above = acts > floor
+            at = (acts == floor) & (cutoffs > 0)
+            room = capacities - above.sum(dim=0)
+            # Counted along each column as a contiguous row: a scan along the inner
+            # dimension is much faster than along the outer one.
+            order_dtype = torch.int32 if acts.shape[0] < 2**31 else torch.int64
+            rank = at.t().contiguous().cumsum(dim=1, dtype=order_dtype).t()
+            keep = above | (at & (rank <= room))
+    return torch.where(keep, acts, acts.new_zeros(()))
+
+
+def _first_in_order(
+    values: torch.Tensor, cutoff: torch.Tensor, budget: int
+) -> torch.Tensor:
+    """Which of ``values`` (in row-major order) the tie rule keeps, given the cut-off:
+    those above it, then those equal to it in order until ``budget`` are kept. Zeros
+    are never kept. No host sync."""
+    above = values > cutoff
+    at = (values == cutoff) & (cutoff > 0)
+    room = budget - above.sum()
+    return above | (at & (at.cumsum(dim=0) <= room))
+
+
+def _batch_topk_dense(acts: torch.Tensor, budget: int) -> torch.Tensor:
+    """:func:`batch_topk` by a flat top-k for the cut-off and one pass over ``acts``."""
+    flat = acts.flatten()
+    with torch.no_grad():
+        if budget > 0:
+            cutoff = torch.topk(flat, budget, sorted=False).values.min()
+        else:
+            cutoff = flat.new_full((), torch.inf)
+    capacity = torch.tensor([budget], device=acts.device)
+    # One column of n * d_sae entries: "along the column" is row-major order.
+    return keep_top(flat.view(-1, 1), cutoff.view(1), capacity).view_as(acts)
+
+
 def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
     """Keep the ``budget`` largest entries of ``acts`` over the whole matrix.
 
-    This is SAELens's ``BatchTopK`` selection with an explicit budget. Entries that are
-    selected but zero stay zero, so the realised L0 can fall below the budget.
+    This is SAELens's ``BatchTopK`` selection with an explicit budget and a fixed tie
+    rule: of the entries equal to the smallest kept value, the first in row-major order
+    are kept. Entries that would be selected but are zero stay zero, so the realised
+    L0 can fall below the budget.
 
     A flat top-k over ``n * d_sae`` entries costs several times more per entry than a
     per-row one, so on a 2-D ``acts`` this takes each row's ``c = 2 * ceil(budget / n)``
-    largest entries as candidates and runs the global top-``budget`` over those. That
-    is exact unless some row's smallest candidate is above the resulting threshold
-    (the row may hide more winners). The search then also covers every entry of those
-    rows at or above that threshold (a lower bound of the true one), or falls back to
-    the flat top-k if that pool is large. The selected set can differ from a flat
-    top-k's only among equal values.
+    largest entries as candidates and runs the global top-``budget`` over those. A
+    row's other entries are at most its smallest candidate, so unless some row's
+    smallest candidate is at or above the resulting cut-off, every entry above or
+    equal to the true cut-off is a candidate; and unless a candidate equal to the
+    cut-off was left out, the top set is the only one and is kept as found (one host
+    sync, the common case). Otherwise :func:`_batch_topk_settled` applies the tie rule.
     """
     flat = acts.flatten()
     budget = min(max(budget, 0), flat.numel())
     n_rows, n_cols = (acts.shape[0], acts.shape[-1]) if acts.dim() == 2 else (1, 0)
     n_candidates = 2 * -(-budget // max(n_rows, 1))
+    if budget == 0 or acts.dim() != 2 or 2 * n_candidates > n_cols:
+        return _batch_topk_dense(acts, budget)
     with torch.no_grad():
-        if acts.dim() != 2 or budget == 0 or 2 * n_candidates > n_cols:
-            indices = torch.topk(flat, budget, sorted=False).indices
-        else:
-            cand_values, cand_cols = torch.topk(acts, n_candidates, dim=1, sorted=False)
-            top = torch.topk(cand_values.flatten(), budget, sorted=False)
-            threshold = top.values.min()
-            rows = torch.arange(n_rows, device=acts.device)[:, None]
-            cand_indices = rows * n_cols + cand_cols
-            # A row's other entries are <= its smallest candidate, so only rows whose
-            # smallest candidate is above the threshold can hide more winners.
-            saturated = cand_values.amin(dim=1) > threshold
-            if not bool(saturated.any()):  # host sync on accelerators
-                indices = cand_indices.flatten()[top.indices]
-            else:
-                full_rows = saturated.nonzero().squeeze(1)
-                sub_rows, cols = (acts[full_rows] >= threshold).nonzero().unbind(1)
-                pool = torch.cat(
-                    [
-                        cand_indices[~saturated].flatten(),
-                        full_rows[sub_rows] * n_cols + cols,
-                    ]
-                )
-                if 2 * pool.numel() > flat.numel():
-                    indices = torch.topk(flat, budget, sorted=False).indices
-                else:
-                    top = torch.topk(flat[pool], budget, sorted=False)
-                    indices = pool[top.indices]
+        cand_values, cand_cols = torch.topk(acts, n_candidates, dim=1, sorted=False)
+        top = torch.topk(cand_values.flatten(), budget, sorted=False)
+        cutoff = top.values.min()
+        open_rows = cand_values.amin(dim=1) >= cutoff
+        left_out = (cand_values == cutoff).sum() > (top.values == cutoff).sum()
+        any_open, any_left_out = torch.stack([open_rows.any(), left_out]).tolist()
+    if any_open or any_left_out:  # the one host sync above
+        return _batch_topk_settled(
+            acts,
+            budget,
+            cand_values,
+            cand_cols,
+            cutoff,
+            open_rows if any_open else None,
+        )
+    rows = torch.arange(n_rows, device=acts.device)[:, None]
+    indices = (rows * n_cols + cand_cols).flatten()[top.indices]
     # Gathered from acts, so gradients reach the selected entries only.
     return torch.zeros_like(flat).scatter_(0, indices, flat[indices]).view_as(acts)
 
 
+def _batch_topk_settled(
+    acts: torch.Tensor,
+    budget: int,
+    cand_values: torch.Tensor,
+    cand_cols: torch.Tensor,
+    cutoff: torch.Tensor,
+    open_rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`batch_topk` when ties or rows with many winners need more than the
+    candidates' top set: a search pool in row-major order, then the tie rule.
+
+    ``cutoff`` is the candidates' ``budget``-th largest value; ``open_rows`` flags
+    the rows whose smallest candidate is at or above it (``None``: no such row).
+    """
+    flat = acts.flatten()
+    n_rows, n_cols = acts.shape
+    with torch.no_grad():
+        rows = torch.arange(n_rows, device=acts.device)[:, None]
+        if open_rows is not None:
+            # Open rows are searched down to the cut-off found, a lower bound of the
+            # true one: then the pool holds every entry above or equal to it.
+            closed = ~open_rows[:, None].expand_as(cand_cols).flatten()
+            full_rows = open_rows.nonzero().squeeze(1)
+            sub_rows, cols = (acts[full_rows] >= cutoff).nonzero().unbind(1)
+            pool = torch.cat(
+                [
+                    (rows * n_cols + cand_cols).flatten()[closed],
+                    full_rows[sub_rows] * n_cols + cols,
+                ]
+            )
+            if 2 * pool.numel() > flat.numel():
+                pool = None
+            else:
+                pool = pool.sort().values
+                values = flat[pool]
+                cutoff = torch.topk(values, budget, sorted=False).values.min()
+        else:
+            cand_cols, order = cand_cols.sort(dim=1)
+            pool = (rows * n_cols + cand_cols).flatten()
+            values = cand_values.gather(1, order).flatten()
+        if pool is not None:
+            keep = _first_in_order(values, cutoff, budget)
+            # Entries not kept go to one extra slot that is dropped.
+            target = torch.where(keep, pool, flat.numel())
+    if pool is None:  # the pool would be large
+        return _batch_topk_dense(acts, budget)
+    kept_values = torch.where(keep, flat[pool], flat.new_zeros(()))
+    out = flat.new_zeros(flat.numel() + 1).scatter_(0, target, kept_values)
+    return out[:-1].view_as(acts)
+
+
 @torch.no_grad()
 def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
-    """Score each feature column of ``acts`` over the batch, shape ``[d_sae]``.
+    """Score each feature column of ``acts`` over the batch: float64 ``[d_sae]``.
 
     - ``l2``: ``||acts[:, j]||_2``;
     - ``squared_l2``: ``||acts[:, j]||_2 ** 2``;
@@ -94,18 +205,29 @@ def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
       tokens; an all-zero column scores 0. High entropy means the feature is spread
       over many tokens, which is what the pool keeps;
     - ``uniform``: every feature scores 1.
+
+    Computed in float32 at least and returned in float64: a float16 column's squared
+    norm overflows float16 (above 65504) on ordinary activations, and a score of
+    ``inf`` would make every draw the same.
     """
-    if score == "l2":
-        return torch.linalg.vector_norm(acts, dim=0)
-    if score == "squared_l2":
-        return acts.square().sum(dim=0)
-    if score == "entropy":
-        totals = acts.sum(dim=0, keepdim=True)
-        probs = acts / totals.clamp_min(torch.finfo(acts.dtype).tiny)
-        return -torch.special.xlogy(probs, probs).sum(dim=0)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if score == "uniform":
-        return torch.ones(acts.shape[-1], dtype=acts.dtype, device=acts.device)
-    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        return torch.ones(acts.shape[-1], dtype=torch.float64, device=acts.device)
+    wide = torch.promote_types(acts.dtype, torch.float32)
+    if score == "entropy":
+        # Reduced as rows of a [d_sae, n_tokens] copy, each padded with zeros to the
+        # same alignment: a sum along dim 0, or over rows that start at different
+        # alignments, can round identical columns differently (vector lanes and
+        # tails), which would break score ties.
+        n_tokens = acts.shape[0]
+        columns = acts.new_zeros((acts.shape[1], -(-n_tokens // 64) * 64), dtype=wide)
+        columns[:, :n_tokens].copy_(acts.t())
+        totals = columns.sum(dim=-1, keepdim=True)
+        probs = columns / totals.clamp_min(torch.finfo(wide).tiny)
+        return -torch.special.xlogy(probs, probs).sum(dim=-1).to(torch.float64)
+    norms = torch.linalg.vector_norm(acts, dim=0, dtype=wide).to(torch.float64)
+    return norms if score == "l2" else norms.square()
 
 
 def pool_size(k: float, pool_factor: float, d_sae: int) -> int:
@@ -122,12 +244,15 @@ def select_pool(
 ) -> torch.Tensor:
     """Indices of the ``size`` features that form the pool.
 
-    ``mode="top"`` takes the best scores. ``mode="sample"`` draws without replacement
-    with probability proportional to the score (Gumbel-top-k on the log score); features
-    scoring 0 are drawn only once every positive-score feature is in the pool.
+    ``mode="top"`` takes the best scores (of equal scores, the lower feature index).
+    ``mode="sample"`` draws without replacement with probability proportional to the
+    score (Gumbel-top-k on the log score); features scoring 0 are drawn only once every
+    positive-score feature is in the pool. The indices come in ascending order, so the
+    pool's columns keep the features' order.
     """
     if mode == "top":
-        return torch.topk(scores, size).indices
+        order = torch.sort(scores, descending=True, stable=True).indices
+        return order[:size].sort().values
     if mode != "sample":
         raise ValueError(f"pool_mode must be one of {POOL_MODES}, got {mode!r}")
     # float64 keys keep the Gumbel noise resolvable next to the zero-score offset.
@@ -142,7 +267,7 @@ def select_pool(
         torch.log(torch.where(positive, scores64, 1.0)),
         -_ZERO_SCORE_KEY_OFFSET,
     )
-    return torch.topk(log_scores + gumbel, size).indices
+    return torch.topk(log_scores + gumbel, size).indices.sort().values
 
 
 def sampled_topk(
@@ -158,8 +283,9 @@ def sampled_topk(
     The pool holds ``pool_size(k, pool_factor, d_sae)`` features chosen by
     :func:`select_pool` from :func:`feature_scores`; the batch keeps its
     ``batch_budget(k, n_tokens)`` largest entries among the pool columns (all of them
-    if the pool holds fewer). A pool covering every feature is exactly
-    :func:`batch_topk`.
+    if the pool holds fewer). The pool's columns keep the features' order, so ties
+    follow the module's rule as if the other columns were zero. A pool covering every
+    feature is exactly :func:`batch_topk`.
     """
     n_tokens, d_sae = acts.shape
     budget = batch_budget(k, n_tokens)
@@ -316,65 +442,107 @@ def capacities_for_batch(
     return capacities
 
 
-def _ranked_entries(
-    acts: torch.Tensor,
-    capacities: torch.Tensor,
-    columns: torch.Tensor | None,
-    first_rank: int,
-    depth: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices and values of ranks ``first_rank <= r < min(depth, m_j)``."""
-    d_sae = acts.shape[1]
-    if columns is None:
-        columns = torch.arange(d_sae, device=acts.device)
-    else:
-        acts, capacities = acts.index_select(1, columns), capacities[columns]
-    top = torch.topk(acts, depth, dim=0)
-    rank = torch.arange(depth, device=acts.device)[:, None]
-    keep = (rank >= first_rank) & (rank < capacities[None, :])
-    flat = top.indices * d_sae + columns[None, :]
-    return flat[first_rank:].flatten(), (top.values * keep)[first_rank:].flatten()
+class _ColumnTop:
+    """The first ``depth`` ranks of some columns of ``acts`` ``[n, d_sae]`` along the
+    tokens (one sorted ``topk``), for capacities below ``depth`` (or a window of all
+    ``n`` tokens), so that the entry after each column's cut-off shows whether it ties
+    with it. A capacity of 0 leaves a column to another call."""
+
+    def __init__(
+        self,
+        acts: torch.Tensor,
+        capacities: torch.Tensor,
+        columns: torch.Tensor | None,
+        depth: int,
+    ):
+        n_tokens = acts.shape[0]
+        if columns is not None:
+            acts, capacities = acts.index_select(1, columns), capacities[columns]
+        self.columns, self.capacities = columns, capacities
+        self.top = torch.topk(acts, depth, dim=0)  # sorted
+        with torch.no_grad():
+            ranks = torch.stack([capacities - 1, capacities]).clamp_(0, depth - 1)
+            cutoff, after = self.top.values.gather(0, ranks)
+            self.cutoffs = cutoff
+            # Ties among zeros do not matter (zeros are never active), and a column
+            # that keeps no token or every token has none.
+            self.ties = (
+                (after == cutoff)
+                & (cutoff > 0)
+                & (capacities >= 1)
+                & (capacities < n_tokens)
+            )
+
+    def kept_entries(self, d_sae: int, dropped: int) -> tuple[torch.Tensor, ...]:
+        """Flat indices of the ranks ``< m_j`` (the others sent to index ``dropped``),
+        and the values at all ranks."""
+        indices = self.top.indices
+        rank = torch.arange(indices.shape[0], device=indices.device)[:, None]
+        columns = (
+            torch.arange(d_sae, device=indices.device)
+            if self.columns is None
+            else self.columns
+        )
+        flat = torch.where(
+            rank < self.capacities, indices * d_sae + columns, dropped
+        ).flatten()
+        return flat, self.top.values.flatten()
 
 
 def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
     """Each feature j keeps its ``capacities[j]`` largest entries over the tokens.
 
     ``acts`` is ``[n_tokens, d_sae]`` (post-ReLU), ``capacities`` a long ``[d_sae]``.
-    A selected entry that is 0 stays 0 (not active). Ties follow ``torch.topk``.
+    A selected entry that is 0 stays 0 (not active). Of tokens tied at a feature's
+    cut-off, the lower token indices are kept.
 
-    One ``topk`` along the token axis (no transposed copy) takes every feature's
-    first ``D`` ranks, with ``D`` the power of two at or above twice the mean
-    capacity (at least 8); then a rank mask keeps ``rank < m_j``. A Zipf head of a
-    few features can hold capacities up to the whole batch, so features deeper than
-    ``D`` are handled in buckets of power-of-two depth, each a ``topk`` over its own
-    columns only: at most ``log2(n_tokens)`` buckets, never a loop over features.
-    Everything ends in one scatter, through which gradients reach the selected
-    entries only.
+    One ``topk`` along the token axis (no transposed copy) takes the first ``D`` ranks
+    of every feature with a capacity below ``D``, the power of two at or above twice
+    the mean capacity (at least 8). A Zipf head of a few features can hold capacities
+    up to the whole batch, so deeper features are handled in buckets of power-of-two
+    depth, each a ``topk`` over its own columns only: at most ``log2(n_tokens)``
+    buckets, never a loop over features. Every column takes its entries from exactly
+    one of these calls, and they end in one scatter, through which gradients reach the
+    selected entries only. Where an entry beyond some feature's capacity ties with its
+    cut-off (the order ``topk`` gives equal values is unspecified), the cut-offs go to
+    :func:`keep_top` instead, which applies the tie rule in a few passes over
+    ``acts``.
     """
     n_tokens, d_sae = acts.shape
-    if d_sae == 0 or n_tokens == 0:
-        return torch.zeros_like(acts)
     capacities = capacities.clamp(0, n_tokens)
-    # Host syncs: topk depths must be Python ints.
-    depth = int(capacities.max())
+    depth, total = 0, 0
+    if acts.numel() > 0:
+        # One host sync: topk depths must be Python ints.
+        depth, total = torch.stack([capacities.max(), capacities.sum()]).tolist()
     if depth == 0:
-        return torch.zeros_like(acts)
-    mean = float(capacities.sum()) / d_sae
-    shallow = max(8, 1 << max(0, math.ceil(math.log2(max(2 * mean, 1.0)))))
-    if depth <= 2 * shallow:
-        shallow = depth
-    parts = [_ranked_entries(acts, capacities, None, 0, shallow)]
-    if depth > shallow:
-        # bucket b holds capacities in (shallow * 2**(b-1), shallow * 2**b]
-        levels = torch.ceil(torch.log2(capacities.double() / shallow)).long()
-        deep = levels > 0
-        for level in levels[deep].unique().tolist():
-            columns = (levels == level).nonzero().squeeze(1)
-            bucket_depth = min(n_tokens, shallow << level)
-            parts.append(
-                _ranked_entries(acts, capacities, columns, shallow, bucket_depth)
-            )
-    indices = torch.cat([part[0] for part in parts])
-    values = torch.cat([part[1] for part in parts])
-    out = torch.zeros_like(acts).flatten().scatter(0, indices, values)
-    return out.view_as(acts)
+        return keep_top(acts, acts.new_full((d_sae,), torch.inf), capacities)
+    window = max(8, 1 << max(0, math.ceil(math.log2(max(2 * total / d_sae, 1.0)))))
+    if depth < 2 * window:
+        window = depth + 1  # one call covers every feature
+    window = min(window, n_tokens)
+    # A window one rank deeper than a capacity shows the entry after its cut-off.
+    deep = (capacities >= window) & (window < n_tokens)
+    parts = [_ColumnTop(acts, torch.where(deep, 0, capacities), None, window)]
+    if depth >= window and window < n_tokens:
+        # bucket b holds capacities in [window * 2**(b-1), window * 2**b)
+        levels = torch.floor(torch.log2(capacities.double() / window)).long() + 1
+        for level in levels[deep].unique().tolist():  # host sync
+            columns = ((levels == level) & deep).nonzero().squeeze(1)
+            depth_b = min(n_tokens, window << level)
+            parts.append(_ColumnTop(acts, capacities, columns, depth_b))
+    ties = torch.stack([part.ties.any() for part in parts]).any()
+    if bool(ties):  # host sync
+        # topk orders equal values arbitrarily: the tie rule takes a few passes.
+        with torch.no_grad():
+            cutoffs = parts[0].cutoffs.masked_fill(deep | (capacities == 0), torch.inf)
+            for part in parts[1:]:
+                cutoffs[part.columns] = part.cutoffs
+        return keep_top(acts, cutoffs, capacities, ties=True)
+    # Without ties each column's kept set is its first ranks. Entries beyond a
+    # capacity go to one extra slot that is dropped, so they overwrite nothing.
+    dropped = n_tokens * d_sae
+    kept = [part.kept_entries(d_sae, dropped) for part in parts]
+    indices = torch.cat([part[0] for part in kept])
+    values = torch.cat([part[1] for part in kept])
+    out = acts.new_zeros(dropped + 1).scatter_(0, indices, values)
+    return out[:dropped].view_as(acts)

@@ -22,10 +22,12 @@ buffers and updates them every step, without a host sync, by one of three rules
   rule's selection rate, which for ``sampled`` includes the chance of being in the
   pool. ``e_j`` approximates ``log(p_j / r_j)``, so the step is a damped Newton step
   for a tail ``P(h > t) ~ exp(-t / s_j)``: every feature converges at the same pace,
-  whatever its scale or rate. The first batch sets each threshold to the exact
-  quantile (the ``n_j + 1``-th largest ``h_ij``); a feature first selected later
-  starts at its smallest selected value; a feature never selected keeps ``inf`` and
-  never fires. A batch in which the rule selects nothing changes nothing.
+  whatever its scale or rate. A feature's first selection sets its threshold to its
+  smallest selected value (the start of the other rules too, and under data
+  parallelism a global statistic); a feature never selected keeps ``inf`` and never
+  fires. A batch in which the rule selects nothing changes nothing. Everything is
+  read from per-feature sums (``c_j``, the excess), so data-parallel ranks agree by
+  summing them.
 - ``"per_feature"``: EMA of each feature's smallest selected activation.
 - ``"global"``: one EMA of the batch's smallest selected activation (BatchTopK's).
 
@@ -38,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -185,26 +187,6 @@ def update_firing_rate(
     return firing_rate + weight.clamp(max=1.0) * (batch_rate - firing_rate)
 
 
-@torch.no_grad()
-def thresholds_matching_counts(
-    hidden_pre: torch.Tensor, fire_counts: torch.Tensor
-) -> torch.Tensor:
-    """Per-feature thresholds under which feature j fires on ``fire_counts[j]`` tokens.
-
-    ``hidden_pre`` is ``[n, d_sae]``. Feature j's threshold is its
-    ``(fire_counts[j] + 1)``-th largest pre-activation, so that exactly
-    ``fire_counts[j]`` tokens lie strictly above it (fewer on ties); a feature that
-    never fired gets ``inf`` and one that fired on every token gets ``-inf``.
-    """
-    n_tokens = hidden_pre.shape[0]
-    ordered = hidden_pre.sort(dim=0, descending=True).values
-    counts = fire_counts.to(torch.long).clamp(0, n_tokens)
-    picked = ordered.gather(0, counts.clamp(max=n_tokens - 1)[None]).squeeze(0)
-    thresholds = picked.to(torch.float64)
-    thresholds = torch.where(counts == n_tokens, -torch.inf, thresholds)
-    return torch.where(counts == 0, torch.inf, thresholds)
-
-
 # ---------------------------------------------------------------------------
 # The training SAE's threshold state
 
@@ -246,9 +228,6 @@ class ThresholdState:
             owner.register_buffer(
                 name, torch.zeros(d_sae, dtype=torch.float64, device=device)
             )
-        # Whether no threshold has been set yet; read from the buffers (one host
-        # sync) at the first update of this object's life, never again.
-        self._fresh: bool | None = None
 
     def __getattr__(self, name: str) -> torch.Tensor:
         # Buffers live on the owner, which moves and reloads them.
@@ -262,30 +241,27 @@ class ThresholdState:
         hidden_pre: torch.Tensor,
         selected: torch.Tensor,
         smallest: torch.Tensor,
+        n_tokens: int,
         n_tokens_seen: torch.Tensor,
+        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Update from one training batch; returns the per-token fire rates.
 
         ``hidden_pre`` ``[..., d_sae]`` in threshold units; ``selected`` and
         ``smallest``: the batch rule's positive selections per feature and the
-        smallest selected value (``inf`` if none); ``n_tokens_seen`` includes this
-        batch. The fire rates are taken at the thresholds before this update.
+        smallest selected value (``inf`` if none), over the batch of ``n_tokens``
+        tokens; ``n_tokens_seen`` includes this batch. Under data parallelism these
+        are global, ``hidden_pre`` holds this rank's rows, and ``sum_over_ranks``
+        sums a tensor over the ranks. The fire rates are taken at the thresholds
+        before this update.
         """
         cfg = self.owner.cfg
-        hidden_pre = hidden_pre.detach().flatten(end_dim=-2)
-        n_tokens = hidden_pre.shape[0]
         threshold = self.running_threshold
         if n_tokens == 0:
             return threshold.new_zeros(threshold.shape)
-        if cfg.threshold_mode == "rate":
-            if self._fresh is None:
-                self._fresh = not bool(torch.isfinite(threshold).any())
-            if self._fresh:
-                initial = thresholds_matching_counts(hidden_pre, selected)
-                threshold.copy_(initial.clamp_min(0.0))
-            self._fresh = False
-
         fired, excess = fired_and_excess(hidden_pre, threshold)
+        if sum_over_ranks is not None:
+            fired, excess = sum_over_ranks(torch.stack([fired, excess])).unbind(0)
         fired, excess = fired.to(threshold.dtype), excess.to(threshold.dtype)
         selected = selected.to(threshold.dtype)
         lr, gain = cfg.topk_threshold_lr, cfg.threshold_gain
@@ -517,6 +493,7 @@ def _fresh_pool_draws(rule: Any, seed: int, device: torch.device) -> Iterator[No
     """
     cfg = getattr(rule, "cfg", None)
     saved = getattr(cfg, "pool_seed", None)
+    draws = getattr(rule, "n_batch_draws", None)  # a seeded SAE's draw counter
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -527,6 +504,8 @@ def _fresh_pool_draws(rule: Any, seed: int, device: torch.device) -> Iterator[No
         finally:
             if saved is not None:
                 cfg.pool_seed = saved
+            if draws is not None:
+                rule.n_batch_draws = draws
 
 
 def _rechunk(batches: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:

@@ -69,6 +69,7 @@ def packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request):
     pkgs.write(pkgs.plugin, PLUGIN_INIT.format(target=pkgs.target))
     monkeypatch.setattr(autoload, "TARGET", pkgs.target)
     monkeypatch.setattr(autoload, "PLUGIN", pkgs.plugin)
+    monkeypatch.setattr(autoload, "REGISTRATION", pkgs.plugin)
     monkeypatch.delenv(autoload.ENV_VAR, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     saved_meta_path = sys.meta_path
@@ -169,6 +170,81 @@ def test_install_is_idempotent(packages):
     autoload.install()
     finders = [f for f in sys.meta_path if isinstance(f, autoload.AutoloadFinder)]
     assert len(finders) == 1
+
+
+# A plugin shaped like sae_lens_sampled: a light package that arms the hook, a heavy
+# module that imports the target at its top, and a registration module.
+LAZY_PLUGIN_INIT = """
+import sae_lens_sampled_autoload
+sae_lens_sampled_autoload.install(force=True)
+"""
+LAZY_PLUGIN_CORE = """
+from {target} import registry
+CORE_READY = True
+"""
+LAZY_PLUGIN_REGISTRATION = """
+import sys
+from {target} import registry
+from {plugin}.core import CORE_READY
+registry.KEYS.append("plugin")
+TARGET_WAS_COMPLETE = getattr(sys.modules["{target}"], "COMPLETE", False)
+"""
+
+
+@pytest.fixture
+def lazy_packages(packages, monkeypatch):
+    packages.write(packages.plugin, LAZY_PLUGIN_INIT)
+    root = packages.root / packages.plugin
+    (root / "core.py").write_text(LAZY_PLUGIN_CORE.format(target=packages.target))
+    (root / "_plugin.py").write_text(
+        LAZY_PLUGIN_REGISTRATION.format(target=packages.target, plugin=packages.plugin)
+    )
+    monkeypatch.setattr(autoload, "REGISTRATION", f"{packages.plugin}._plugin")
+    monkeypatch.setenv(autoload.ENV_VAR, "0")  # the package arms the hook itself
+    return packages
+
+
+def test_light_plugin_registers_when_the_target_is_imported(lazy_packages):
+    importlib.import_module(lazy_packages.plugin)
+    assert autoload.installed()
+    assert lazy_packages.target not in sys.modules
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        importlib.import_module(lazy_packages.target)
+    assert [str(w.message) for w in caught] == []
+    assert lazy_packages.keys() == ["builtin", "plugin"]
+    registration = sys.modules[f"{lazy_packages.plugin}._plugin"]
+    assert registration.TARGET_WAS_COMPLETE is True
+    assert not autoload.installed()
+
+
+def test_heavy_plugin_module_imported_first_registers_after_it(lazy_packages):
+    # core imports the target; registering at the end of the target's import would
+    # import core again while it is half-executed. Registration waits for core.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        core = importlib.import_module(f"{lazy_packages.plugin}.core")
+    assert [str(w.message) for w in caught] == []
+    assert core.CORE_READY is True
+    assert lazy_packages.keys() == ["builtin", "plugin"]
+    assert not autoload.installed()
+    assert autoload._executing == 0
+
+
+def test_light_plugin_registers_at_once_after_the_target(lazy_packages):
+    importlib.import_module(lazy_packages.target)
+    importlib.import_module(lazy_packages.plugin)
+    assert lazy_packages.keys() == ["builtin", "plugin"]
+    assert not autoload.installed()
+
+
+def test_runpy_main_of_the_plugin_is_left_to_runpy(lazy_packages):
+    (lazy_packages.root / lazy_packages.plugin / "__main__.py").write_text(
+        "RAN = True\n"
+    )
+    importlib.import_module(lazy_packages.plugin)
+    spec = importlib.util.find_spec(f"{lazy_packages.plugin}.__main__")
+    assert not isinstance(spec.loader, autoload._LoaderWrapper)
 
 
 def test_hook_module_imports_nothing_heavy():
@@ -436,26 +512,49 @@ def test_editable_wheel_ships_the_pth(tmp_path):
     assert line.startswith("import sae_lens_sampled_autoload;")
 
 
+def this_environments_site_packages() -> list[str]:
+    """The site-packages directories this interpreter imports from."""
+    return [
+        p
+        for p in sys.path
+        if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()
+    ]
+
+
+def make_venv_seeing_this_environment(venv: Path) -> str:
+    """A new venv whose own site-packages come first, then this environment's.
+
+    ``python -m venv --system-site-packages`` would not do: run from inside a
+    virtualenv it bases the new venv on the base interpreter, whose packages are not
+    this environment's. A ``.pth`` file in the new venv's site-packages appends this
+    environment's directories to ``sys.path`` instead; ``.pth`` files inside those
+    directories are not run (only site directories' are), so the only autoload hook
+    armed is the one the wheel installs.
+    """
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True
+    )
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    lines = "".join(f"{p}\n" for p in this_environments_site_packages())
+    (Path(purelib) / "outer_environment.pth").write_text(lines)
+    return python
+
+
 def test_wheel_install_registers_on_sae_lens_import(tmp_path):
-    # Takes ~15-25 s: build, a venv that reuses this environment's packages, and a
+    # Takes ~15-25 s: build, a venv that sees this environment's packages, and a
     # fresh interpreter importing SAELens.
     project = copy_project(tmp_path / "project")
     wheel = build("wheel", project, tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         assert {PTH_NAME, "sae_lens_sampled_autoload.py"} <= set(archive.namelist())
     venv = tmp_path / "venv"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "venv",
-            "--system-site-packages",
-            "--without-pip",
-            str(venv),
-        ],
-        check=True,
-    )
-    python = str(venv / "bin" / "python")
+    python = make_venv_seeing_this_environment(venv)
     subprocess.run(
         [
             sys.executable,

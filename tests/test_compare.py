@@ -15,6 +15,7 @@ from sae_lens_sampled.benchmark.specs import (
     parse_run_specs,
     resolve_runs,
 )
+from sae_lens_sampled.benchmark.summary import summarize
 from sae_lens_sampled.cli import main as cli_main
 from tests.helpers import HOOK, tiny_model, token_dataset
 
@@ -86,6 +87,10 @@ def test_compare_config_rejects_bad_values():
         CompareConfig(k=300, d_sae=256)
     with pytest.raises(ValueError, match="hook must be set"):
         CompareConfig(model="pythia-160m")
+    with pytest.raises(ValueError, match="seeds must be in"):
+        CompareConfig(seeds=0)
+    with pytest.raises(ValueError, match="normalize_activations must be one of"):
+        CompareConfig(normalize_activations="unit")
 
 
 def check_result_ranges(result: dict, d_sae: int) -> None:
@@ -147,6 +152,12 @@ def test_synthetic_compare_writes_one_sane_result_per_run(tmp_path, capsys):
         assert by_label["mutual_choice"][key] == pytest.approx(
             by_label["batchtopk"][key], rel=1e-3
         )
+    # Absorption is measured per token and under the batch rule (the default data
+    # has a hierarchy), for per-token architectures only per token.
+    for result in results:
+        assert 0 <= result["absorption"] <= 1
+    assert by_label["topk"]["absorption_batch"] is None
+    assert 0 <= by_label["mutual_choice"]["absorption_batch"] <= 1
     # The terminal table lists every run; the inference SAEs are saved.
     table = capsys.readouterr().out
     assert all(r["label"] in table for r in results)
@@ -209,9 +220,18 @@ def test_format_table_marks_missing_values_and_drops_empty_columns():
 def test_write_plots_makes_pngs(tmp_path):
     pytest.importorskip("matplotlib")
     results = [
-        {"label": "a", "l0": 2.0, "explained_variance": 0.5, "mcc": 0.7},
+        {
+            "label": "a",
+            "architecture": "topk",
+            "params": {},
+            "l0": 2.0,
+            "explained_variance": 0.5,
+            "mcc": 0.7,
+        },
         {
             "label": "b",
+            "architecture": "batchtopk",
+            "params": {},
             "l0": 3.0,
             "explained_variance": 0.4,
             "l0_batch": 2.0,
@@ -219,7 +239,8 @@ def test_write_plots_makes_pngs(tmp_path):
             "mcc": 0.6,
         },
     ]
-    paths = write_plots(results, tmp_path)
+    paths = write_plots(summarize(results), tmp_path)
+    # No two runs of one architecture: no spectrum.
     assert [p.name for p in paths] == ["ev_vs_l0.png", "mcc.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -264,7 +285,7 @@ def test_batch_rule_view_selects_over_the_batch_in_eval_mode():
 
 
 def test_replayed_activations_serve_the_same_batches():
-    from sae_lens_sampled.benchmark.compare import ReplayedActivations
+    from sae_lens_sampled.benchmark.synthetic import ReplayedActivations
 
     batches = [torch.ones(4, 3), torch.zeros(2, 3)]
     replay = ReplayedActivations(batches)
@@ -272,3 +293,32 @@ def test_replayed_activations_serve_the_same_batches():
     assert replay.sample(2) is batches[1]
     with pytest.raises(ValueError, match="replayed batch has 4 rows, not 5"):
         ReplayedActivations(batches).sample(5)
+
+
+def test_compare_absorption_is_the_metric_on_the_eval_samples(tmp_path):
+    """The absorption column equals absorption_metrics on the saved SAE and the
+    replayed eval samples, so compare adds nothing of its own to the metric."""
+    from sae_lens import SAE
+
+    from sae_lens_sampled.benchmark.absorption import absorption_metrics
+    from sae_lens_sampled.benchmark.synthetic import SyntheticSource
+
+    settings = dict(k=4, d_sae=64, steps=15, batch_size=256, eval_samples=1024)
+    payload = run_compare(
+        runs=parse_run_specs("mutual_choice"),
+        output=str(tmp_path),
+        plots=False,
+        **settings,
+    )
+    (result,) = payload["results"]
+    source = SyntheticSource(CompareConfig(**settings, output=None), None)
+    source.start_seed(0)
+    sae = SAE.load_from_disk(next((tmp_path / "saes").glob("*")))
+    direct = absorption_metrics(
+        sae.encode,
+        sae.W_dec,
+        source.model,
+        torch.cat(source.eval_batches),
+        batch_size=256,
+    )
+    assert result["absorption"] == pytest.approx(direct.absorption, abs=1e-9)

@@ -367,6 +367,8 @@ def test_inference_export_round_trip_is_bit_exact(arch, tmp_path: Path):
 
     loaded = SAE.load_from_disk(tmp_path)
     assert type(loaded) is get_sae_class(arch)[0]
+    # the batch rule's rank_scale is not in files from training: it loads as 1
+    expected["rank_scale"] = torch.ones(D_SAE)
     assert_same_state(loaded.state_dict(), expected)
     x = inputs(seed=5)
     with torch.no_grad():
@@ -412,6 +414,8 @@ def test_inference_fold_w_dec_norm_keeps_encode_batch(arch):
         before = sae.encode_batch(x)
         out_before = sae.decode(before)
         sae.fold_W_dec_norm()
+        if arch == "sampled":
+            sae.n_batch_draws = 0  # replay the first seeded pool draw
         after = sae.encode_batch(x)
     assert torch.equal(after != 0, before != 0)
     torch.testing.assert_close(after, before * norms, rtol=1e-5, atol=1e-5)

@@ -1,182 +1,153 @@
-"""Language-model mode of ``compare``: SAELens's LM runner and ``run_evals``.
+"""Language-model data source of ``compare``: SAELens's LM runner and ``run_evals``.
 
 Each run trains through ``LanguageModelSAETrainingRunner`` on the model's activations
 at ``hook`` (the model is loaded once and handed to every runner); evaluation is
-``sae_lens.evals.run_evals`` on the exported inference SAE (per token) and on the
-training SAE's batch rule, over the same tokens.
+``sae_lens.evals.run_evals`` over ``eval_samples`` tokens read from the start of the
+dataset, the same tokens for every pass.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from sae_lens import LoggingConfig
+from sae_lens.saes.sae import TrainingSAEConfig
 
-from sae_lens_sampled.benchmark.runs import (
-    base_result,
-    batch_rule_view,
-    finite,
-    quiet_sae_lens,
-    run_dir_name,
-    to_inference_sae,
-)
-from sae_lens_sampled.benchmark.specs import RunSpec, build_sae_config
-
-if TYPE_CHECKING:
-    from sae_lens_sampled.benchmark.compare import CompareConfig
-
-
-def compare_lm(
-    cfg: CompareConfig,
-    runs: list[RunSpec],
-    output: Path | None,
-    model: Any | None,
-    dataset: Any | None,
-) -> list[dict[str, Any]]:
-    assert cfg.hook is not None
-    if model is None:
-        from sae_lens.load_model import load_model
-
-        assert cfg.model is not None
-        # Loaded once and handed to every runner.
-        model = load_model(
-            cfg.model_class_name, cfg.model, device=cfg.device, hook_names=[cfg.hook]
-        )
-    d_in = _hook_width(model, cfg.hook)
-    results = []
-    for index, spec in enumerate(runs, start=1):
-        print(f"[{index}/{len(runs)}] {spec.label}", flush=True)
-        run_dir = output / "saes" / run_dir_name(index, spec) if output else None
-        results.append(_lm_run(cfg, spec, model, dataset, d_in, run_dir))
-    return results
+from sae_lens_sampled.benchmark.config import DEFAULT_EVAL_SAMPLES, CompareConfig
+from sae_lens_sampled.benchmark.metrics import finite
+from sae_lens_sampled.benchmark.runs import quiet_sae_lens
+from sae_lens_sampled.benchmark.source import DataSource
 
 
 @torch.no_grad()
-def _hook_width(model: Any, hook: str) -> int:
+def hook_width(model: Any, hook: str) -> int:
     device = next(model.parameters()).device
     tokens = torch.zeros((1, 2), dtype=torch.long, device=device)
     _, cache = model.run_with_cache(tokens, names_filter=[hook])
     return math.prod(cache[hook].shape[2:])
 
 
-def _lm_runner_config(
-    cfg: CompareConfig, sae_cfg: Any, model: Any, dataset: Any, run_dir: Path | None
-) -> Any:
-    from sae_lens import LanguageModelSAERunnerConfig
+class LanguageModelSource(DataSource):
+    """A language model's activations at one hook, streamed from a dataset."""
 
-    has_tokenizer = getattr(model, "tokenizer", None) is not None
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", 128)
-    context = cfg.context_size or min(128, n_ctx)
-    settings: dict[str, Any] = {
-        "sae": sae_cfg,
-        "model_name": cfg.model or "override_model",
-        "model_class_name": cfg.model_class_name,
-        "hook_name": cfg.hook,
-        "dataset_path": cfg.dataset if dataset is None else "",
-        "streaming": dataset is None,
-        "is_dataset_tokenized": dataset is not None,
-        "context_size": context,
-        "prepend_bos": has_tokenizer,
-        "training_tokens": cfg.steps * cfg.batch_size,
-        "train_batch_size_tokens": cfg.batch_size,
-        "store_batch_size_prompts": 16,
-        # The store's buffer must hold at least one training batch.
-        "n_batches_in_buffer": max(20, 2 * math.ceil(cfg.batch_size / context)),
-        "lr": cfg.lr,
-        "lr_decay_steps": cfg.steps // 5,
-        "dead_feature_window": cfg.dead_feature_window,
-        "feature_sampling_window": 2 * cfg.dead_feature_window,
-        "device": cfg.device,
-        "seed": cfg.seed,
-        "logger": LoggingConfig(log_to_wandb=False),
-        "n_checkpoints": 0,
-        "checkpoint_path": None,
-        "output_path": str(run_dir) if run_dir is not None else None,
-        "verbose": False,
-    }
-    settings.update(cfg.lm_settings)
-    return LanguageModelSAERunnerConfig(**settings)
+    mode = "language_model"
 
+    def __init__(self, cfg: CompareConfig, model: Any | None, dataset: Any | None):
+        if cfg.hook is None:
+            raise ValueError("hook must be set in language-model mode, got None")
+        self.cfg = cfg
+        self.hook: str = cfg.hook
+        if model is None:
+            from sae_lens.load_model import load_model
 
-def _lm_run(
-    cfg: CompareConfig,
-    spec: RunSpec,
-    model: Any,
-    dataset: Any,
-    d_in: int,
-    run_dir: Path | None,
-) -> dict[str, Any]:
-    from sae_lens import LanguageModelSAETrainingRunner
+            assert cfg.model is not None
+            # Loaded once and handed to every runner.
+            model = load_model(
+                cfg.model_class_name,
+                cfg.model,
+                device=cfg.device,
+                hook_names=[cfg.hook],
+            )
+        self.model = model
+        self.dataset = dataset
+        self.d_in = hook_width(model, self.hook)
+        self.eval_samples = cfg.eval_samples or DEFAULT_EVAL_SAMPLES
+        self._runner: Any = None
 
-    sae_cfg = build_sae_config(spec, d_in=d_in, d_sae=cfg.d_sae, k=cfg.k)
-    runner_cfg = _lm_runner_config(cfg, sae_cfg, model, dataset, run_dir)
-    torch.manual_seed(cfg.seed)
-    with quiet_sae_lens():
-        runner = LanguageModelSAETrainingRunner(
-            runner_cfg, override_model=model, override_dataset=dataset
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.cfg.model or "override_model",
+            "hook": self.hook,
+            "dataset": self.cfg.dataset if self.dataset is None else "override_dataset",
+            "d_in": self.d_in,
+            "eval_samples": self.eval_samples,
+        }
+
+    def _runner_config(self, sae_cfg: TrainingSAEConfig, seed: int) -> Any:
+        from sae_lens import LanguageModelSAERunnerConfig
+
+        cfg = self.cfg
+        has_tokenizer = getattr(self.model, "tokenizer", None) is not None
+        n_ctx = getattr(getattr(self.model, "cfg", None), "n_ctx", 128)
+        context = cfg.context_size or min(128, n_ctx)
+        settings: dict[str, Any] = {
+            "sae": sae_cfg,
+            "model_name": cfg.model or "override_model",
+            "model_class_name": cfg.model_class_name,
+            "hook_name": self.hook,
+            "dataset_path": cfg.dataset if self.dataset is None else "",
+            "streaming": self.dataset is None,
+            "is_dataset_tokenized": self.dataset is not None,
+            "context_size": context,
+            "prepend_bos": has_tokenizer,
+            "training_tokens": cfg.steps * cfg.batch_size,
+            "train_batch_size_tokens": cfg.batch_size,
+            "store_batch_size_prompts": 16,
+            # The store's buffer must hold at least one training batch.
+            "n_batches_in_buffer": max(20, 2 * math.ceil(cfg.batch_size / context)),
+            "lr": cfg.lr,
+            "lr_decay_steps": cfg.steps // 5,
+            "dead_feature_window": cfg.dead_feature_window,
+            "feature_sampling_window": 2 * cfg.dead_feature_window,
+            "device": cfg.device,
+            "seed": seed,
+            "logger": LoggingConfig(log_to_wandb=False),
+            "n_checkpoints": 0,
+            "checkpoint_path": None,
+            "output_path": None,
+            "verbose": False,
+        }
+        settings.update(cfg.lm_settings)
+        return LanguageModelSAERunnerConfig(**settings)
+
+    def train(self, sae_cfg: TrainingSAEConfig, seed: int) -> Any:
+        from sae_lens import LanguageModelSAETrainingRunner
+
+        runner_cfg = self._runner_config(sae_cfg, seed)
+        with quiet_sae_lens():
+            self._runner = LanguageModelSAETrainingRunner(
+                runner_cfg, override_model=self.model, override_dataset=self.dataset
+            )
+            return self._runner.run()
+
+    def evaluate(self, sae: Any) -> dict[str, Any]:
+        from sae_lens.evals import EvalConfig, run_evals
+        from sae_lens.training.activation_scaler import ActivationScaler
+
+        store = self._runner.activations_store
+        prompts = store.store_batch_size_prompts
+        n_batches = max(
+            1, math.ceil(self.eval_samples / (prompts * store.context_size))
         )
-        start = time.perf_counter()
-        sae = runner.run()
-        seconds = time.perf_counter() - start
-
-    result = base_result(spec, sae, runner_cfg.training_tokens, seconds)
-    exclude: bool = getattr(model, "tokenizer", None) is not None
-    inference = to_inference_sae(sae)
-    result.update(_lm_eval(cfg, runner, model, inference, exclude, ""))
-    view = batch_rule_view(sae)
-    result.update(_lm_eval(cfg, runner, model, view, exclude, "_batch"))
-    result.update(mcc=None, uniqueness=None, precision=None, recall=None, true_l0=None)
-    return result
-
-
-def _lm_eval(
-    cfg: CompareConfig,
-    runner: Any,
-    model: Any,
-    sae: Any | None,
-    exclude_special_tokens: bool,
-    suffix: str,
-) -> dict[str, Any]:
-    from sae_lens.evals import EvalConfig, run_evals
-    from sae_lens.training.activation_scaler import ActivationScaler
-
-    names = ("l0", "explained_variance", "dead_features", "ce_loss_score")
-    if sae is None:
-        return {name + suffix: None for name in names}
-    store = runner.activations_store
-    prompts = store.store_batch_size_prompts
-    n_batches = max(1, math.ceil(cfg.eval_samples / (prompts * store.context_size)))
-    eval_cfg = EvalConfig(
-        batch_size_prompts=prompts,
-        n_eval_reconstruction_batches=n_batches,
-        n_eval_sparsity_variance_batches=n_batches,
-        compute_ce_loss=True,
-        compute_sparsity_metrics=True,
-        compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True,
-    )
-    # Both passes read the same tokens.
-    store.reset_input_dataset()
-    metrics, feature_metrics = run_evals(
-        sae,
-        store,
-        model,
-        ActivationScaler(),
-        eval_cfg,
-        exclude_special_tokens=exclude_special_tokens,
-    )
-    density = torch.tensor(feature_metrics["feature_density"])
-    return {
-        "l0" + suffix: metrics["sparsity"]["l0"],
-        "explained_variance" + suffix: finite(
-            metrics["reconstruction_quality"]["explained_variance"]
-        ),
-        "dead_features" + suffix: int((density == 0).sum()),
-        "ce_loss_score" + suffix: finite(
-            metrics["model_performance_preservation"]["ce_loss_score"]
-        ),
-    }
+        eval_cfg = EvalConfig(
+            batch_size_prompts=prompts,
+            n_eval_reconstruction_batches=n_batches,
+            n_eval_sparsity_variance_batches=n_batches,
+            compute_ce_loss=True,
+            compute_sparsity_metrics=True,
+            compute_variance_metrics=True,
+            compute_featurewise_density_statistics=True,
+        )
+        # Every pass reads the same tokens.
+        store.reset_input_dataset()
+        metrics, feature_metrics = run_evals(
+            sae,
+            store,
+            self.model,
+            ActivationScaler(),
+            eval_cfg,
+            exclude_special_tokens=getattr(self.model, "tokenizer", None) is not None,
+        )
+        density = torch.tensor(feature_metrics["feature_density"])
+        return {
+            "l0": metrics["sparsity"]["l0"],
+            "explained_variance": finite(
+                metrics["reconstruction_quality"]["explained_variance"]
+            ),
+            "dead_features": int((density == 0).sum()),
+            "ce_loss_score": finite(
+                metrics["model_performance_preservation"]["ce_loss_score"]
+            ),
+        }

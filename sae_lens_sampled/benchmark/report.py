@@ -7,11 +7,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sae_lens_sampled.benchmark.metrics import SUMMARY_METRICS
+from sae_lens_sampled.benchmark.summary import (
+    SpectrumSeries,
+    reference_entry,
+    spectrum_series,
+)
+
 RESULTS_FILENAME = "results.json"
 TRADEOFF_PLOT = "ev_vs_l0.png"
 MCC_PLOT = "mcc.png"
 
-# (header, result key, format) of the terminal table.
+# (header, result key, format) of the terminal table; a column empty in every row is
+# left out.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("L0", "l0", "{:.2f}"),
     ("L0 batch", "l0_batch", "{:.2f}"),
@@ -19,10 +27,12 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("EV", "explained_variance", "{:.3f}"),
     ("EV batch", "explained_variance_batch", "{:.3f}"),
     ("EV calib", "explained_variance_calibrated", "{:.3f}"),
-    ("dead", "dead_features", "{:d}"),
-    ("dead batch", "dead_features_batch", "{:d}"),
+    ("dead", "dead_features", "{:.0f}"),
+    ("dead batch", "dead_features_batch", "{:.0f}"),
     ("MCC", "mcc", "{:.3f}"),
     ("F1", "f1", "{:.3f}"),
+    ("absorption", "absorption", "{:.3f}"),
+    ("absorption batch", "absorption_batch", "{:.3f}"),
     ("CE score", "ce_loss_score", "{:.3f}"),
     ("tok/s", "tokens_per_second", "{:,.0f}"),
 )
@@ -31,19 +41,18 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
-    if fmt.endswith("d}"):
-        value = int(value)
     return fmt.format(value)
 
 
-def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table, one row per run; columns empty in every row are left out."""
-    columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in results)]
-    header = ["run", *(name for name, _, _ in columns)]
-    rows = [
-        [r["label"], *(_cell(r.get(key), fmt) for _, key, fmt in columns)]
-        for r in results
-    ]
+def _spread_cell(mean: Any, std: Any, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    if std is None:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def _layout(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -57,6 +66,44 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table, one row per result."""
+    columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in results)]
+    header = ["run", *(name for name, _, _ in columns)]
+    rows = [
+        [r["label"], *(_cell(r.get(key), fmt) for _, key, fmt in columns)]
+        for r in results
+    ]
+    return _layout(header, rows)
+
+
+def _mean_format(fmt: str) -> str:
+    # Counts (dead features) averaged over seeds keep one decimal.
+    return "{:.1f}" if fmt == "{:.0f}" else fmt
+
+
+def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table of mean ± std over seeds, one row per run label."""
+    columns = [
+        c for c in COLUMNS if any(e.get(c[1] + "_mean") is not None for e in summary)
+    ]
+    header = ["run", "seeds", *(name for name, _, _ in columns)]
+    rows = [
+        [
+            e["label"],
+            str(e["n_seeds"]),
+            *(
+                _spread_cell(
+                    e.get(key + "_mean"), e.get(key + "_std"), _mean_format(fmt)
+                )
+                for _, key, fmt in columns
+            ),
+        ]
+        for e in summary
+    ]
+    return _layout(header, rows)
+
+
 def write_json(payload: dict[str, Any], output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     path = output / RESULTS_FILENAME
@@ -64,8 +111,23 @@ def write_json(payload: dict[str, Any], output: Path) -> Path:
     return path
 
 
-def write_plots(results: Sequence[dict[str, Any]], output: Path) -> list[Path]:
-    """EV vs L0 (per-token and batch rule) and MCC per run; needs matplotlib.
+def mean_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary entries as result-like rows: ``<metric>`` holds the mean over seeds,
+    ``<metric>_std`` the spread."""
+    rows = []
+    for entry in summary:
+        row: dict[str, Any] = {"label": entry["label"]}
+        for name in SUMMARY_METRICS:
+            row[name] = entry.get(name + "_mean")
+            row[name + "_std"] = entry.get(name + "_std")
+        rows.append(row)
+    return rows
+
+
+def write_plots(summary: Sequence[dict[str, Any]], output: Path) -> list[Path]:
+    """EV vs L0 (per-token and batch rule), MCC per run and one
+    ``spectrum_<field>.png`` per spectrum (:func:`spectrum_series`), from the
+    summary over seeds; needs matplotlib.
 
     Raises ImportError when matplotlib is missing.
     """
@@ -75,10 +137,19 @@ def write_plots(results: Sequence[dict[str, Any]], output: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     output.mkdir(parents=True, exist_ok=True)
-    paths = [_plot_tradeoff(plt, results, output / TRADEOFF_PLOT)]
-    if any(r.get("mcc") is not None for r in results):
-        paths.append(_plot_mcc(plt, results, output / MCC_PLOT))
+    rows = mean_rows(summary)
+    paths = [_plot_tradeoff(plt, rows, output / TRADEOFF_PLOT)]
+    if any(r.get("mcc") is not None for r in rows):
+        paths.append(_plot_mcc(plt, rows, output / MCC_PLOT))
+    reference = reference_entry(summary)
+    for field, series in spectrum_series(summary).items():
+        path = output / spectrum_filename(field)
+        paths.append(_plot_spectrum(plt, field, series, reference, path))
     return paths
+
+
+def spectrum_filename(field: str) -> str:
+    return f"spectrum_{field}.png"
 
 
 # Explained variances below this are drawn on it (a "v" marker, value printed), so
@@ -163,7 +234,8 @@ def _plot_mcc(plt: Any, results: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4))
     labels = [r["label"] for r in results]
     values = [r["mcc"] if r.get("mcc") is not None else 0.0 for r in results]
-    ax.bar(range(len(labels)), values, color="tab:blue")
+    errors = [r.get("mcc_std") or 0.0 for r in results]
+    ax.bar(range(len(labels)), values, yerr=errors, capsize=3, color="tab:blue")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("MCC with ground-truth features")
@@ -171,5 +243,140 @@ def _plot_mcc(plt: Any, results: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# (title, [(metric, line style, what)]) of the spectrum panels.
+SPECTRUM_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
+    (
+        "explained variance",
+        (
+            ("explained_variance", "-", "per token"),
+            ("explained_variance_batch", "--", "batch rule"),
+        ),
+    ),
+    ("MCC", (("mcc", "-", "per token"),)),
+    (
+        "absorption",
+        (
+            ("absorption", "-", "per token"),
+            ("absorption_batch", "--", "batch rule"),
+        ),
+    ),
+    (
+        "dead features",
+        (
+            ("dead_features", "-", "per token"),
+            ("dead_features_batch", "--", "batch rule"),
+        ),
+    ),
+)
+
+
+def _draw_series(
+    ax: Any,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    errs: Sequence[float],
+    style: str,
+    color: Any,
+    label: str,
+    floor: float | None,
+) -> None:
+    """Means with error bars; values below ``floor`` drawn on it as "v", printed."""
+    shown = [y if floor is None else max(y, floor) for y in ys]
+    clipped = [floor is not None and y < floor for y in ys]
+    bars = [0.0 if c else e for c, e in zip(clipped, errs, strict=True)]
+    ax.errorbar(xs, shown, yerr=bars, fmt=style, color=color, capsize=3, label=label)
+    for x, y, low, c in zip(xs, ys, shown, clipped, strict=True):
+        ax.scatter(x, low, marker="v" if c else "o", color=color, zorder=3)
+        if c:
+            ax.annotate(
+                f"{y:.1f}",
+                (x, low),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=color,
+            )
+
+
+def _plot_spectrum(
+    plt: Any,
+    field: str,
+    series: Sequence[SpectrumSeries],
+    reference: dict[str, Any] | None,
+    path: Path,
+) -> Path:
+    fig, axes = plt.subplots(1, len(SPECTRUM_PANELS), figsize=(16, 4.2), sharex=True)
+    colors = plt.get_cmap("tab10")
+    all_values = [v for s in series for v in s.values]
+    n_seeds = max(e["n_seeds"] for s in series for e in s.entries)
+    for ax, (title, metrics) in zip(axes, SPECTRUM_PANELS, strict=True):
+        drawn = []
+        for i, one in enumerate(series):
+            for name, style, what in metrics:
+                means = [e.get(name + "_mean") for e in one.entries]
+                if all(m is None for m in means):
+                    continue
+                points = [
+                    (x, m, e.get(name + "_std") or 0.0)
+                    for x, m, e in zip(one.values, means, one.entries, strict=True)
+                    if m is not None
+                ]
+                xs, ys, errs = zip(*points, strict=True)
+                label = one.label if len(metrics) == 1 else f"{one.label}, {what}"
+                floor = EV_FLOOR if title == "explained variance" else None
+                _draw_series(ax, xs, ys, errs, style, colors(i % 10), label, floor)
+                drawn.extend(ys)
+        for name, style, what in metrics:
+            value = reference.get(name + "_mean") if reference else None
+            if value is None:
+                continue
+            assert reference is not None
+            ax.axhline(
+                value,
+                color="black",
+                linestyle=style,
+                alpha=0.6,
+                label=f"{reference['label']} ({what})"
+                if len(metrics) > 1
+                else reference["label"],
+            )
+            spread = reference.get(name + "_std")
+            if spread:
+                ax.axhspan(value - spread, value + spread, color="black", alpha=0.08)
+            drawn.append(value)
+        if not drawn:
+            ax.text(
+                0.5,
+                0.5,
+                "not measured",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="gray",
+            )
+        if title == "explained variance" and drawn and min(drawn) < EV_FLOOR:
+            ax.set_ylim(EV_FLOOR - 0.05, max(1.0, *drawn) + 0.05)
+        if min(all_values) > 0:
+            ax.set_xscale("log")
+        # The runs' own values as ticks, written plainly (not as 4 x 10^0).
+        ticks = sorted(set(all_values))
+        ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+        ax.minorticks_off()
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(field)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=6, loc="best")
+    fig.suptitle(
+        f"{field} spectrum (mean ± std over {n_seeds} seed"
+        f"{'s' if n_seeds > 1 else ''}; black: reference)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

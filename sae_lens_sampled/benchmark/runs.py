@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,11 +50,6 @@ def batch_rule_view(sae: TrainingSAE[Any]) -> BatchRuleView | None:
 
 def run_dir_name(index: int, spec: RunSpec) -> str:
     return f"{index:02d}_" + re.sub(r"[^A-Za-z0-9.]+", "_", spec.label).strip("_")
-
-
-def finite(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 @contextmanager

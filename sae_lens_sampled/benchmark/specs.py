@@ -143,9 +143,15 @@ def _field_is_int(cfg_class: type, name: str) -> bool:
 
 
 def build_sae_config(
-    spec: RunSpec, *, d_in: int, d_sae: int, k: float
+    spec: RunSpec,
+    *,
+    d_in: int,
+    d_sae: int,
+    k: float,
+    normalize_activations: str = "none",
 ) -> TrainingSAEConfig:
-    """The training config of ``spec`` at the shared ``d_in``, ``d_sae`` and ``k``."""
+    """The training config of ``spec`` at the shared ``d_in``, ``d_sae``, ``k`` and
+    ``normalize_activations``; the spec's own settings override them."""
     cfg_class = SAE_TRAINING_CLASS_REGISTRY[spec.architecture][1]
     names = {f.name for f in dataclasses.fields(cfg_class)}
     unknown = sorted(set(spec.params) - names)
@@ -155,6 +161,8 @@ def build_sae_config(
             f"allowed: {', '.join(sorted(names - {'metadata'}))}"
         )
     settings: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae}
+    if normalize_activations != "none":
+        settings["normalize_activations"] = normalize_activations
     if "k" in names:
         if _field_is_int(cfg_class, "k"):
             if k != int(k):

@@ -6,9 +6,12 @@ Inference SAEs are ``JumpReLUSAE``s (per-token ``encode`` with a per-feature
 ``threshold``) that also offer the architecture's batch rule as :meth:`encode_batch`.
 """
 
+import dataclasses
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -50,9 +53,20 @@ AuxLoss = Literal["aux_k", "aux_zipf", "none"]
 AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
 
 
+class FieldValueError(ValueError):
+    """A config field holds a value outside its allowed set (``name``, ``value``)."""
+
+    def __init__(self, message: str, name: str, value: Any) -> None:
+        super().__init__(message)
+        self.name = name
+        self.value = value
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise FieldValueError(
+            f"{name} must be one of {allowed}, got {value!r}", name, value
+        )
 
 
 def check_range(
@@ -70,7 +84,42 @@ def check_range(
     if too_low or too_high or value != value:  # value != value catches NaN
         left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low}"
         right = "inf)" if high is None else f"{high}" + ("]" if high_inclusive else ")")
-        raise ValueError(f"{name} must be in {left}, {right}, got {value!r}")
+        raise FieldValueError(
+            f"{name} must be in {left}, {right}, got {value!r}", name, value
+        )
+
+
+def is_default(cfg: Any, name: str) -> bool:
+    """Whether dataclass ``cfg``'s field ``name`` holds its declared default."""
+    for field in dataclasses.fields(cfg):
+        if field.name != name:
+            continue
+        if field.default is not dataclasses.MISSING:
+            return bool(getattr(cfg, name) == field.default)
+        if field.default_factory is not dataclasses.MISSING:
+            return bool(getattr(cfg, name) == field.default_factory())
+    return False
+
+
+def shown(cfg: Any, name: str) -> str:
+    """``name=value`` for an error message, saying when the value is the default."""
+    note = " (the default)" if is_default(cfg, name) else ""
+    return f"{name}={getattr(cfg, name)!r}{note}"
+
+
+@contextmanager
+def noting_defaults(cfg: Any) -> Iterator[None]:
+    """Add "(the default)" to a :class:`FieldValueError` whose value is the default.
+
+    A value the user never set can still be out of range (``k`` against a small
+    ``d_sae``); the message should say where it came from.
+    """
+    try:
+        yield
+    except FieldValueError as err:
+        if is_default(cfg, err.name) and err.args:
+            err.args = (f"{err.args[0]} (the default)", *err.args[1:])
+        raise
 
 
 def check_input_width(x: torch.Tensor, cfg: Any) -> None:
@@ -90,15 +139,30 @@ def check_input_width(x: torch.Tensor, cfg: Any) -> None:
     )
 
 
-def check_finite(x: torch.Tensor) -> None:
+def check_finite(
+    x: torch.Tensor,
+    what: str = "training batch",
+    consequence: str = "nothing was updated",
+) -> None:
     """Raise a ValueError if ``x`` holds NaN or Inf (one device sync)."""
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(
-            f"training batch contains non-finite activations ({n_nan} NaN, {n_inf} "
-            f"Inf, shape {tuple(x.shape)}); nothing was updated"
+            f"{what} contains non-finite activations ({n_nan} NaN, {n_inf} "
+            f"Inf, shape {tuple(x.shape)}); {consequence}"
         )
+
+
+def check_batch_rule_input(x: torch.Tensor) -> None:
+    """``encode_batch``'s input check: one NaN would change every token's codes."""
+    check_finite(
+        x,
+        what="encode_batch input",
+        consequence="the batch rule ranks all tokens together, so one non-finite "
+        "token would change the codes of every other; drop or fix those tokens, or "
+        "use the per-token encode",
+    )
 
 
 def apply_to_last_dim(
@@ -164,7 +228,8 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.validate()
+        with noting_defaults(self):
+            self.validate()
 
     def validate(self) -> None:
         """Check every field; raise a ValueError naming the field and allowed range."""
@@ -195,8 +260,8 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             # SAELens's aux-k loss raises on these at the first step with dead
             # features, possibly thousands of steps in; say so now.
             raise ValueError(
-                f"aux_loss={self.aux_loss!r} cannot be combined with "
-                f"normalize_activations={self.normalize_activations!r}: the auxiliary "
+                f"{shown(self, 'aux_loss')} cannot be combined with "
+                f"{shown(self, 'normalize_activations')}: the auxiliary "
                 "reconstruction would be in normalized space; use aux_loss='none' or "
                 "normalize_activations in ('none', 'expected_average_only_in')"
             )
@@ -223,6 +288,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         "n_tokens_seen",
         *ThresholdState.training_buffers,
     )
+    # Set (to a distributed.DataParallelStep) only inside a data-parallel training
+    # step: select and update the state from the global batch.
+    data_parallel: Any = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -249,6 +317,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     def batch_rule(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """:meth:`select` on ``relu(hidden_pre)`` of any leading shape."""
+        if self.data_parallel is not None:
+            return apply_to_last_dim(
+                partial(self.data_parallel.select, self), hidden_pre.relu()
+            )
         return apply_to_last_dim(self.select, hidden_pre.relu())
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,10 +338,33 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         return hidden_pre.relu() * (hidden_pre > threshold)
 
     @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # With use_error_term, SAELens encodes x a second time for the error term; both
+        # encodes of one forward must make the same selection for sae(x) to equal x.
+        with self.one_selection_draw():
+            return super().forward(x)
+
+    def one_selection_draw(self) -> AbstractContextManager[None]:
+        """A context in which repeated selections on the same input agree.
+
+        Every rule here is a function of its input except ``sampled`` without a
+        ``pool_seed``, which overrides this.
+        """
+        return nullcontext()
+
+    @override
     def encode_with_hidden_pre(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training and not _has_hooks(self.hook_sae_acts_pre):
+        # The sparse path decodes from the selected values, not from the tensor that
+        # hook_sae_acts_post passes on: a hook there (e.g. one that calls retain_grad)
+        # needs the dense path to see its gradient. An empty batch has nothing to gain.
+        if (
+            self.training
+            and not _has_hooks(self.hook_sae_acts_pre)
+            and not _has_hooks(self.hook_sae_acts_post)
+            and x.numel() > 0
+        ):
             return self._encode_sparse(x)
         hidden_pre = self.hidden_pre(x)
         if self.training:
@@ -288,8 +383,15 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         """
         check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
-        # In place: same values as `sae_in @ W_enc + b_enc`, one [n, d_sae] fewer.
-        pre = self.hook_sae_acts_pre((sae_in @ self.W_enc).add_(self.b_enc))
+        pre = sae_in @ self.W_enc
+        if pre.dtype == torch.promote_types(pre.dtype, self.b_enc.dtype):
+            # In place: same values as `sae_in @ W_enc + b_enc`, one [n, d_sae] fewer.
+            pre = pre.add_(self.b_enc)
+        else:
+            # Under autocast the product is bf16/fp16; the dense path (and SAELens's
+            # BatchTopK) add the float32 b_enc out of place, in float32.
+            pre = pre + self.b_enc
+        pre = self.hook_sae_acts_pre(pre)
         hidden_pre = pre
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = pre * self.W_dec.norm(dim=-1)
@@ -314,20 +416,34 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        # Codes are in units of hidden_pre * ||W_dec||. A zero decoder row ranks 0, so
+        # its codes are 0; the clamp keeps 0 * (1 / 0) from turning them into NaN.
+        inverse_norms = 1 / self.W_dec.norm(dim=-1).clamp_min(
+            torch.finfo(self.W_dec.dtype).tiny
+        )
         sparse = getattr(feature_acts, "sparse_codes", None)
         if sparse is None or sparse[2] != feature_acts._version:
-            return super().decode(feature_acts)
-        codes, values, _ = sparse
-        if self.cfg.rescale_acts_by_decoder_norm:
-            values = values * (1 / self.W_dec.norm(dim=-1))[codes.cols]
-        sae_out_pre = sparse_decode(values, self.W_dec, codes) + self.b_dec
-        sae_out_pre = sae_out_pre.reshape(*feature_acts.shape[:-1], -1)
+            if self.cfg.rescale_acts_by_decoder_norm:
+                feature_acts = feature_acts * inverse_norms
+            sae_out_pre = act_times_W_dec(feature_acts, self.W_dec, False) + self.b_dec
+        else:
+            codes, values, _ = sparse
+            if self.cfg.rescale_acts_by_decoder_norm:
+                values = values * inverse_norms[codes.cols]
+            sae_out_pre = sparse_decode(values, self.W_dec, codes) + self.b_dec
+            sae_out_pre = sae_out_pre.reshape(
+                *feature_acts.shape[:-1], self.W_dec.shape[1]
+            )
         sae_out_pre = self.hook_sae_recons(sae_out_pre)
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """The batch rule over every token of ``x`` (any leading shape), in any mode."""
+        """The batch rule over every token of ``x`` (any leading shape), in any mode.
+
+        Raises a ValueError on NaN or Inf input (the rule ranks all tokens together).
+        """
+        check_batch_rule_input(x)
         return self.hook_sae_acts_post(self.activation_fn(self.hidden_pre(x)))
 
     def set_thresholds(self, thresholds: torch.Tensor) -> None:
@@ -491,6 +607,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             dense = feature_acts.detach().flatten(end_dim=-2)
             counts, smallest = column_stats_dense(dense)
             n_tokens = dense.shape[0]
+        if self.data_parallel is not None:
+            counts, smallest, n_tokens = self.data_parallel.column_stats(
+                counts, smallest, n_tokens
+            )
         # autocast would run the EMAs in low precision
         with torch.autocast(self.W_dec.device.type, enabled=False):
             self.n_tokens_seen += n_tokens
@@ -503,8 +623,16 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                     self.cfg.zipf_ema_tokens,
                 )
             )
+            sum_over_ranks = None
+            if self.data_parallel is not None:
+                sum_over_ranks = self.data_parallel.sum_floats
             return self.thresholds.update(
-                hidden_pre, counts, smallest, self.n_tokens_seen
+                hidden_pre,
+                counts,
+                smallest,
+                n_tokens,
+                self.n_tokens_seen,
+                sum_over_ranks,
             )
 
     @override
@@ -579,22 +707,48 @@ class BatchLevelSAEConfig(JumpReLUSAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
+        with noting_defaults(self):
+            check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
 
 
 class BatchLevelSAE(JumpReLUSAE):
     """Inference SAE: per-token JumpReLU ``encode`` plus the batch rule.
 
     ``encode`` is a plain SAELens JumpReLU encode with the per-feature ``threshold``
-    learned during training, so any token is encoded alone, for any leading shape.
-    ``encode_batch`` applies the architecture's training rule over all tokens given.
+    learned during training, so any token is encoded alone, for any leading shape, and
+    a NaN or Inf in one token changes that token's codes only. ``encode_batch``
+    applies the architecture's training rule over all tokens given.
+
+    The batch rule ranks ``relu(hidden_pre) * rank_scale``. ``rank_scale`` (a
+    per-feature buffer) starts at 1: the saved encoder already computes the values
+    training ranked, in every configuration (decoder norms folded in on export when
+    training rescaled by them; SAELens's end-of-training folds keep the pre-activations
+    of the raw input equal to those training saw). Folds on this SAE that rescale a
+    feature's pre-activations (``fold_W_dec_norm``) divide its ``rank_scale`` by the
+    same factor, so the selection never changes. Files saved without it (all files
+    from training, and from earlier versions) load with 1.
     """
 
     cfg: BatchLevelSAEConfig  # type: ignore[assignment]
+    rank_scale: torch.Tensor
+
+    def __init__(self, cfg: BatchLevelSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.register_buffer(
+            "rank_scale",
+            torch.ones(cfg.d_sae, dtype=self.dtype, device=self.W_dec.device),
+        )
 
     @abstractmethod
+    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
+        """The training rule on ranking values ``[n_tokens, d_sae]``: the values where
+        selected, 0 elsewhere."""
+
     def select(self, acts: torch.Tensor) -> torch.Tensor:
-        """The batch rule on post-ReLU activations ``[n_tokens, d_sae]``."""
+        """The batch rule on post-ReLU activations ``[n_tokens, d_sae]`` in this SAE's
+        units: ranks ``acts * rank_scale``, returns ``acts`` where selected."""
+        ranked = self.select_ranked(acts * self.rank_scale.to(acts.dtype))
+        return acts * (ranked != 0)
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -610,13 +764,38 @@ class BatchLevelSAE(JumpReLUSAE):
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The batch rule over every token of ``x`` (any leading shape).
 
-        The rule ranks ``relu(hidden_pre) * ||W_dec||``, the units training selected
-        in (saved SAEs have unit decoder rows, where the two agree), so that
-        ``fold_W_dec_norm`` keeps the selection; the codes are JumpReLU's units.
+        Selects exactly what the training SAE selected on the same input (ranking
+        ``relu(hidden_pre) * rank_scale``); the codes are in JumpReLU's units, those of
+        ``encode``. Raises a ValueError on NaN or Inf input, since the rule ranks all
+        tokens together.
         """
-        acts = self.hidden_pre(x).relu()
-        ranked = apply_to_last_dim(self.select, acts * self.W_dec.norm(dim=-1))
-        return self.hook_sae_acts_post(acts * (ranked != 0))
+        check_batch_rule_input(x)
+        return self.hook_sae_acts_post(
+            apply_to_last_dim(self.select, self.hidden_pre(x).relu())
+        )
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        # JumpReLU's fold multiplies feature j's pre-activation (and threshold) by
+        # its decoder norm; the batch rule must keep ranking the unfolded values.
+        norms = self.get_W_dec_norm()
+        super().fold_W_dec_norm()
+        self.rank_scale.div_(norms.to(self.rank_scale.dtype))
+
+    @override
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Files from training (and from before rank_scale existed) carry none: their
+        # encoder computes the training ranking values as is.
+        key = prefix + "rank_scale"
+        if key not in state_dict and prefix + "W_dec" in state_dict:
+            like = state_dict[prefix + "W_dec"]
+            state_dict[key] = torch.ones(
+                like.shape[0], dtype=like.dtype, device=like.device
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def set_thresholds(self, thresholds: torch.Tensor) -> None:

@@ -231,13 +231,17 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
             return
         if self.cfg.rank_by == "demand":
             acts = hidden_pre.detach().flatten(end_dim=-2).relu()
-            wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
+            if self.data_parallel is None:
+                wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
+                counts, n_tokens = (wanted > 0).sum(dim=0), acts.shape[0]
+            else:
+                counts, n_tokens = self.data_parallel.demand_counts(acts, self.cfg.k)
             with torch.autocast(self.W_dec.device.type, enabled=False):
                 self.demand_rate.copy_(
                     update_firing_rate(
                         self.demand_rate,
-                        (wanted > 0).sum(dim=0),
-                        acts.shape[0],
+                        counts,
+                        n_tokens,
                         self.n_tokens_seen,
                         self.cfg.zipf_ema_tokens,
                     )
@@ -294,5 +298,5 @@ class FeatureChoiceSAE(BatchLevelSAE):
         return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
 
     @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
-        return feature_choice_select(acts, self.capacities(acts.shape[0]))
+    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
+        return feature_choice_select(ranking, self.capacities(ranking.shape[0]))

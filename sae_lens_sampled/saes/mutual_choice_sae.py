@@ -85,5 +85,5 @@ class MutualChoiceSAE(BatchLevelSAE):
     cfg: MutualChoiceSAEConfig  # type: ignore[assignment]
 
     @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
-        return mutual_choice_select(acts, self.cfg.k)
+    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
+        return mutual_choice_select(ranking, self.cfg.k)

@@ -8,6 +8,8 @@ proportion to the score by default, or the best scores), and keeps the batch's
 ``k * pool_factor >= d_sae`` the rule is exactly BatchTopK.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,10 +107,29 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         )
 
     def _generator(self) -> torch.Generator | None:
+        if self._draw_seed is not None:
+            return seeded_generator(self._draw_seed, 0, self.W_dec.device)
         if self.cfg.pool_seed is None:
             return None
         step = int(self.n_selection_steps)
         return seeded_generator(self.cfg.pool_seed, step, self.W_dec.device)
+
+    _draw_seed: int | None = None
+
+    @override
+    @contextmanager
+    def one_selection_draw(self) -> Iterator[None]:
+        # A seeded draw depends on the step count alone, which a forward does not
+        # move; an unseeded one takes one seed from torch's global RNG for the whole
+        # forward, so the error term's second encode draws the same pool.
+        if self.cfg.pool_seed is not None or self._draw_seed is not None:
+            yield
+            return
+        self._draw_seed = int(torch.randint(0, 2**62, ()))
+        try:
+            yield
+        finally:
+            self._draw_seed = None
 
     @override
     def select(self, acts: torch.Tensor) -> torch.Tensor:
@@ -140,8 +161,12 @@ class SampledSAEConfig(BatchLevelSAEConfig):
         pool_factor (float): Pool size factor ``l`` (>= 1).
         score (str): ``"l2"``, ``"squared_l2"``, ``"entropy"`` or ``"uniform"``.
         pool_mode (str): ``"sample"`` or ``"top"``.
-        pool_seed (int | None): Seed of the pool draw in ``encode_batch``; ``None``
-            uses torch's global RNG.
+        pool_seed (int | None): Seed of the pool draws in ``encode_batch``. With a
+            seed, the i-th draw since the SAE was built or loaded uses the stream of
+            ``(pool_seed, i)``, as training step i did: successive calls draw fresh
+            pools, and a reloaded SAE replays the same sequence (set
+            ``n_batch_draws`` to restart it). ``None`` uses torch's global RNG, so two
+            calls on the same input can give different codes.
     """
 
     pool_factor: float = 3.0
@@ -164,13 +189,22 @@ class SampledSAE(BatchLevelSAE):
 
     cfg: SampledSAEConfig  # type: ignore[assignment]
 
+    def __init__(self, cfg: SampledSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        # Pool draws made so far; with a pool_seed, draw i replays training step i's
+        # stream. Not saved: a loaded SAE starts again at 0.
+        self.n_batch_draws = 0
+
     @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
+    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
         generator = None
         if self.cfg.pool_seed is not None:
-            generator = seeded_generator(self.cfg.pool_seed, 0, acts.device)
+            generator = seeded_generator(
+                self.cfg.pool_seed, self.n_batch_draws, ranking.device
+            )
+        self.n_batch_draws += 1
         return sampled_topk(
-            acts,
+            ranking,
             k=self.cfg.k,
             pool_factor=self.cfg.pool_factor,
             score=self.cfg.score,

@@ -1,0 +1,139 @@
+"""Settings of ``compare``, shared by every data source."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sae_lens_sampled.benchmark.specs import DEFAULT_RUNS, RunSpec
+from sae_lens_sampled.saes.base import check_range
+
+# SAELens's ``normalize_activations`` options (TrainingSAEConfig).
+NORMALIZE_OPTIONS: tuple[str, ...] = (
+    "none",
+    "expected_average_only_in",
+    "constant_norm_rescale",
+    "layer_norm",
+    "covariance_whitening",
+)
+
+# Eval samples in synthetic and language-model mode; in activations mode the default
+# is a tenth of the file's rows, at most this many.
+DEFAULT_EVAL_SAMPLES = 65_536
+
+
+@dataclass
+class CompareConfig:
+    """Settings of a comparison.
+
+    Args:
+        runs (list[RunSpec]): Architectures and their settings (default: topk,
+            batchtopk, sampled x3, feature_choice, mutual_choice).
+        k (float): Mean active features per token, shared by every run (whole number
+            when ``topk`` is in the set).
+        d_sae (int): Number of SAE features.
+        steps (int): Training steps per run.
+        batch_size (int): Training batch size in tokens (samples); batch-rule evals
+            use it too, so their budget matches training.
+        lr (float): Adam learning rate (the last fifth of training decays it 10x).
+        seed (int): First seed. Seed ``s`` drives the data (synthetic model and eval
+            samples; the shuffling of an activations file), the initialisation and
+            the Sampled-SAE pool draws: torch's global RNG is set to ``s`` at the
+            start of each run.
+        seeds (int): Number of seeds: every run is repeated with seeds ``seed``,
+            ``seed + 1``, ..., ``seed + seeds - 1``; the summary reports mean and
+            standard deviation over them.
+        eval_samples (int | None): Tokens (samples) per evaluation. None: 65,536,
+            or in activations mode a tenth of the file's rows (at most 65,536).
+        output (str | None): Directory for results.json, plots and the trained
+            inference SAEs (``saes/``); None writes nothing.
+        plots (bool): Write PNG plots (needs matplotlib, the ``plot`` extra).
+        device (str): Torch device.
+        threads (int | None): CPU threads for torch during the comparison; None
+            uses 1 in synthetic and activations mode (the SAEs are too small to
+            gain from more, and spare threads spin when the cores are shared) and
+            torch's setting in language-model mode.
+        dead_feature_window (int): SAELens trainer setting, in steps: a feature not
+            selected for this many steps is dead for the aux-k loss.
+        normalize_activations (str): SAELens's ``normalize_activations`` for every
+            run (``none``, ``expected_average_only_in``, ``constant_norm_rescale``,
+            ``layer_norm``, ``covariance_whitening``); a run spec may override it.
+        activations (str | None): Activations mode: a directory written by
+            SAELens's ``CacheActivationsRunner`` or a tensor file ``[n_tokens,
+            d_in]`` (``.npy``, ``.safetensors``, ``.pt``).
+        model (str | None): Language-model mode: a SAELens/TransformerLens model
+            name (e.g. ``pythia-160m``); None uses the synthetic default.
+        hook (str | None): Language-model mode: the hook name (e.g.
+            ``blocks.6.hook_resid_post``). Activations mode: the column of a cached
+            dataset, or the tensor's name in a file holding several.
+        model_class_name (str): SAELens ``model_class_name``.
+        dataset (str): Hugging Face dataset for language-model mode.
+        context_size (int | None): Tokens per prompt (None: min(128, model n_ctx)).
+        lm_settings (dict[str, Any]): Further ``LanguageModelSAERunnerConfig`` fields.
+    """
+
+    runs: list[RunSpec] = field(
+        default_factory=lambda: [
+            RunSpec(s.architecture, dict(s.params)) for s in DEFAULT_RUNS
+        ]
+    )
+    k: float = 6
+    d_sae: int = 256
+    steps: int = 1500
+    batch_size: int = 1024
+    lr: float = 3e-3
+    seed: int = 0
+    seeds: int = 1
+    eval_samples: int | None = None
+    output: str | None = "compare-results"
+    plots: bool = True
+    device: str = "cpu"
+    threads: int | None = None
+    dead_feature_window: int = 100
+    normalize_activations: str = "none"
+    activations: str | None = None
+    model: str | None = None
+    hook: str | None = None
+    model_class_name: str = "HookedTransformer"
+    dataset: str = "monology/pile-uncopyrighted"
+    context_size: int | None = None
+    lm_settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
+        check_range("d_sae", self.d_sae, low=1)
+        check_range("steps", self.steps, low=1)
+        check_range("batch_size", self.batch_size, low=1)
+        check_range("lr", self.lr, low=0, low_inclusive=False)
+        check_range("seed", self.seed, low=0)
+        check_range("seeds", self.seeds, low=1)
+        if self.eval_samples is not None:
+            check_range("eval_samples", self.eval_samples, low=1)
+        check_range("dead_feature_window", self.dead_feature_window, low=1)
+        if self.threads is not None:
+            check_range("threads", self.threads, low=1)
+        if self.context_size is not None:
+            check_range("context_size", self.context_size, low=1)
+        if self.normalize_activations not in NORMALIZE_OPTIONS:
+            raise ValueError(
+                "normalize_activations must be one of "
+                f"{', '.join(NORMALIZE_OPTIONS)}; got {self.normalize_activations!r}"
+            )
+        if self.model is not None and self.activations is not None:
+            raise ValueError(
+                "model and activations are exclusive (language-model mode or "
+                f"activations mode), got model={self.model!r} and "
+                f"activations={self.activations!r}"
+            )
+        if self.model is not None and self.hook is None:
+            raise ValueError(f"hook must be set with model={self.model!r}, got None")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.seeds))
+
+    def to_dict(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self)
+        settings["runs"] = [spec.label for spec in self.runs]
+        return settings

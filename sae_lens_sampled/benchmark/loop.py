@@ -1,0 +1,131 @@
+"""The training-and-evaluation loop of ``compare``, the same for every data source.
+
+For each seed and each run: build the SAE config, seed torch, train through the
+source (SAELens's runner or trainer), export the inference SAE in memory, evaluate
+it per token, with calibrated thresholds (where the source offers calibration
+samples) and under the training SAE's batch rule, add the ground-truth metrics and
+save the inference SAE.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import TrainingSAEConfig
+
+from sae_lens_sampled.benchmark.config import CompareConfig
+from sae_lens_sampled.benchmark.metrics import ground_truth_fields, rule_fields
+from sae_lens_sampled.benchmark.runs import (
+    base_result,
+    batch_rule_view,
+    run_dir_name,
+    to_inference_sae,
+)
+from sae_lens_sampled.benchmark.source import DataSource
+from sae_lens_sampled.benchmark.specs import RunSpec, build_sae_config
+from sae_lens_sampled.thresholds import calibrate_thresholds
+
+# Batch-rule draws per calibration batch that calibrate_thresholds averages
+# (Sampled-SAE pools).
+CALIBRATION_POOL_DRAWS = 8
+
+
+def sae_config(cfg: CompareConfig, spec: RunSpec, d_in: int) -> TrainingSAEConfig:
+    return build_sae_config(
+        spec,
+        d_in=d_in,
+        d_sae=cfg.d_sae,
+        k=cfg.k,
+        normalize_activations=cfg.normalize_activations,
+    )
+
+
+def check_runs(cfg: CompareConfig, source: DataSource, runs: list[RunSpec]) -> None:
+    """Build every run's config before anything trains, so that a bad setting or a
+    ``d_in`` that does not match the data stops the comparison at once."""
+    for spec in runs:
+        built = sae_config(cfg, spec, source.d_in)
+        if built.d_in != source.d_in:
+            raise ValueError(
+                f"architectures: {spec.label} sets d_in={built.d_in}, but the "
+                f"{source.mode} data have d_in={source.d_in}"
+            )
+
+
+def compare_runs(
+    cfg: CompareConfig,
+    source: DataSource,
+    runs: list[RunSpec],
+    output: Path | None,
+) -> list[dict[str, Any]]:
+    """One result per run and seed, seed by seed."""
+    check_runs(cfg, source, runs)
+    seeds = cfg.seed_list
+    results = []
+    for seed in seeds:
+        source.start_seed(seed)
+        for index, spec in enumerate(runs, start=1):
+            tag = f"[seed {seed}] " if len(seeds) > 1 else ""
+            print(f"{tag}[{index}/{len(runs)}] {spec.label}", flush=True)
+            run_dir = None
+            if output is not None:
+                run_dir = output / "saes"
+                if len(seeds) > 1:
+                    run_dir = run_dir / f"seed{seed}"
+                run_dir = run_dir / run_dir_name(index, spec)
+            results.append(train_and_evaluate(cfg, source, spec, seed, run_dir))
+    return results
+
+
+def train_and_evaluate(
+    cfg: CompareConfig,
+    source: DataSource,
+    spec: RunSpec,
+    seed: int,
+    run_dir: Path | None,
+) -> dict[str, Any]:
+    """Train one run with ``seed`` and measure it; save its inference SAE."""
+    sae_cfg = sae_config(cfg, spec, source.d_in)
+    # Same initialisation, data stream and pool draws for every run of a seed.
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    sae = source.train(sae_cfg, seed)
+    seconds = time.perf_counter() - start
+
+    result: dict[str, Any] = {"seed": seed}
+    result.update(base_result(spec, sae, cfg.steps * cfg.batch_size, seconds))
+    inference = to_inference_sae(sae)
+    per_token = source.evaluate(inference)
+    result.update(rule_fields(per_token, ""))
+    calibrated = None
+    batches = (
+        source.calibration_batches() if hasattr(inference, "set_thresholds") else None
+    )
+    if batches is not None:
+        # Per-token thresholds re-fitted so each feature fires as often as under
+        # the batch rule, on samples that are neither training nor eval data.
+        recalibrated = copy.deepcopy(inference)
+        with warnings.catch_warnings():  # rare features: expected on few samples
+            warnings.simplefilter("ignore")
+            calibrate_thresholds(
+                recalibrated,
+                batches,
+                batch_size=cfg.batch_size,
+                pool_draws=CALIBRATION_POOL_DRAWS,
+            )
+        calibrated = source.evaluate(recalibrated)
+    result.update(rule_fields(calibrated, "_calibrated"))
+    view = batch_rule_view(sae)
+    batch = source.evaluate(view) if view is not None else None
+    result.update(rule_fields(batch, "_batch"))
+    result.update(ground_truth_fields(per_token))
+    result["absorption"] = source.absorption(inference)
+    result["absorption_batch"] = source.absorption(view) if view is not None else None
+    if run_dir is not None:
+        inference.save_model(run_dir)
+    return result

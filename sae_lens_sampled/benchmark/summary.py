@@ -1,0 +1,115 @@
+"""Seeds and spectra: per-run summaries over seeds, and the runs that form a
+spectrum along one numeric setting (e.g. Sampled-SAE's ``pool_factor``)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sae_lens_sampled.benchmark.metrics import SUMMARY_METRICS
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per run label, in order of first appearance.
+
+    Each holds ``label``, ``architecture``, ``params``, ``n_seeds``, ``seeds`` and,
+    for every metric of ``SUMMARY_METRICS``, ``<metric>_mean`` and ``<metric>_std``
+    (sample standard deviation) over the seeds where the metric is defined: the
+    mean is None when no seed defines it, the std when fewer than two do.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault(result["label"], []).append(result)
+    summary = []
+    for label, rows in groups.items():
+        entry: dict[str, Any] = {
+            "label": label,
+            "architecture": rows[0]["architecture"],
+            "params": rows[0]["params"],
+            "n_seeds": len(rows),
+            "seeds": [row.get("seed") for row in rows],
+        }
+        for name in SUMMARY_METRICS:
+            values = [float(row[name]) for row in rows if row.get(name) is not None]
+            entry[name + "_mean"] = statistics.fmean(values) if values else None
+            entry[name + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+        summary.append(entry)
+    return summary
+
+
+@dataclass
+class SpectrumSeries:
+    """Runs of one architecture that differ only in ``field``.
+
+    Attributes:
+        architecture: The architecture key.
+        field: The numeric setting that varies.
+        fixed: The settings every run of the series shares.
+        entries: Summary entries, sorted by the value of ``field``.
+    """
+
+    architecture: str
+    field: str
+    fixed: dict[str, Any]
+    entries: list[dict[str, Any]]
+
+    @property
+    def values(self) -> list[float]:
+        return [float(entry["params"][self.field]) for entry in self.entries]
+
+    @property
+    def label(self) -> str:
+        shared = {k: v for k, v in self.fixed.items() if k not in ("k", "d_sae")}
+        if not shared:
+            return self.architecture
+        settings = ",".join(f"{name}={value}" for name, value in shared.items())
+        return f"{self.architecture} ({settings})"
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def spectrum_series(
+    summary: Sequence[dict[str, Any]],
+) -> dict[str, list[SpectrumSeries]]:
+    """Series of at least two runs of one architecture whose settings differ in a
+    single numeric field, keyed by that field (e.g. ``pool_factor``)."""
+    found: dict[str, list[SpectrumSeries]] = {}
+    architectures = dict.fromkeys(entry["architecture"] for entry in summary)
+    for architecture in architectures:
+        entries = [e for e in summary if e["architecture"] == architecture]
+        fields = dict.fromkeys(
+            name
+            for entry in entries
+            for name, value in entry["params"].items()
+            if _numeric(value)
+        )
+        for field in fields:
+            groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}
+            for entry in entries:
+                params = entry["params"]
+                if not _numeric(params.get(field)):
+                    continue
+                others = tuple(
+                    sorted((k, repr(v)) for k, v in params.items() if k != field)
+                )
+                groups.setdefault(others, []).append(entry)
+            for members in groups.values():
+                if len({float(m["params"][field]) for m in members}) < 2:
+                    continue
+                members = sorted(members, key=lambda m: float(m["params"][field]))
+                fixed = {k: v for k, v in members[0]["params"].items() if k != field}
+                found.setdefault(field, []).append(
+                    SpectrumSeries(architecture, field, fixed, members)
+                )
+    return found
+
+
+def reference_entry(
+    summary: Sequence[dict[str, Any]], architecture: str = "batchtopk"
+) -> dict[str, Any] | None:
+    """The first summary entry of ``architecture`` (the spectra's reference line)."""
+    return next((e for e in summary if e["architecture"] == architecture), None)
