@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -242,26 +242,25 @@ class ThresholdState:
         selected: torch.Tensor,
         smallest: torch.Tensor,
         n_tokens: int,
-        n_tokens_seen: torch.Tensor,
-        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        data_parallel: Any = None,
     ) -> torch.Tensor:
         """Update from one training batch; returns the per-token fire rates.
 
         ``hidden_pre`` ``[..., d_sae]`` in threshold units; ``selected`` and
         ``smallest``: the batch rule's positive selections per feature and the
         smallest selected value (``inf`` if none), over the batch of ``n_tokens``
-        tokens; ``n_tokens_seen`` includes this batch. Under data parallelism these
-        are global, ``hidden_pre`` holds this rank's rows, and ``sum_over_ranks``
-        sums a tensor over the ranks. The fire rates are taken at the thresholds
-        before this update.
+        tokens, which the owner's ``n_tokens_seen`` already counts. Under data
+        parallelism (``data_parallel``, a ``DataParallelStep``) these are global and
+        ``hidden_pre`` holds this rank's rows. The fire rates are taken at the
+        thresholds before this update.
         """
         cfg = self.owner.cfg
         threshold = self.running_threshold
         if n_tokens == 0:
             return threshold.new_zeros(threshold.shape)
         fired, excess = fired_and_excess(hidden_pre, threshold)
-        if sum_over_ranks is not None:
-            fired, excess = sum_over_ranks(torch.stack([fired, excess])).unbind(0)
+        if data_parallel is not None:  # sums over the ranks' rows
+            fired, excess = data_parallel.sum_floats(torch.stack([fired, excess]))
         fired, excess = fired.to(threshold.dtype), excess.to(threshold.dtype)
         selected = selected.to(threshold.dtype)
         lr, gain = cfg.topk_threshold_lr, cfg.threshold_gain
@@ -269,7 +268,7 @@ class ThresholdState:
         # says nothing about rates or thresholds.
         informative = (selected.sum() > 0).to(threshold.dtype)
         # The plain running mean at first, so early estimates carry no zero bias.
-        warm_up = n_tokens / n_tokens_seen.clamp_min(n_tokens)
+        warm_up = n_tokens / self.owner.n_tokens_seen.clamp_min(n_tokens)
         weight = warm_up.clamp_min(lr) * informative
         fast_weight = warm_up.clamp_min(gain) * informative
         self.selection_rate.add_(weight * (selected / n_tokens - self.selection_rate))

@@ -623,16 +623,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                     self.cfg.zipf_ema_tokens,
                 )
             )
-            sum_over_ranks = None
-            if self.data_parallel is not None:
-                sum_over_ranks = self.data_parallel.sum_floats
             return self.thresholds.update(
-                hidden_pre,
-                counts,
-                smallest,
-                n_tokens,
-                self.n_tokens_seen,
-                sum_over_ranks,
+                hidden_pre, counts, smallest, n_tokens, self.data_parallel
             )
 
     @override
