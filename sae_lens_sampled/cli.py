@@ -127,7 +127,10 @@ def train_help_header() -> str:
             for name, value in _defaults(classes[3]).items()
             if name not in saelens and shared.get(name, dataclasses.MISSING) != value
         }
-        lines.append(_wrapped_flags(f"  {key:16s}", own))
+        if own:
+            lines.append(_wrapped_flags(f"  {key:16s}", own))
+        else:
+            lines.append(f"  {key:16s}(the shared flags below only)")
     lines.append(_wrapped_flags(f"  {'all three:':16s}", shared))
     lines += [
         "  and SAELens's SAE flags (--d_in, --d_sae, ...).",

@@ -230,7 +230,7 @@ def test_config_defaults():
     cfg = FeatureChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3.0)
     assert cfg.capacity_schedule == "zipf"
     assert cfg.zipf_alpha == 1.0
-    assert cfg.threshold_mode == "per_feature"
+    assert cfg.threshold_mode == "rate"
     assert cfg.rank_by == "firing_rate"
     assert cfg.rerank_every >= 1
     assert cfg.get_inference_config_class() is FeatureChoiceSAEConfig
@@ -375,7 +375,7 @@ def test_batch_shape_scales_capacities():
 
 
 def test_per_feature_threshold_is_smallest_selected_on_first_step():
-    sae = make_sae()
+    sae = make_sae(threshold_mode="per_feature")
     out = sae.training_forward_pass(step_input(torch.randn(20, D_IN) * 2))
     acts = out.feature_acts.detach()
     smallest = torch.where(acts > 0, acts, torch.inf).amin(0).double()

@@ -105,8 +105,9 @@ def selection_bytes(
 
 def stats_bytes(shape: Shape, world: int, act_bytes: int = 4) -> float:
     """Per-feature statistics: the SAE's counts (int32) and smallest selected values,
-    and the trainer's firing counts (int32)."""
-    return _ring_all_reduce((4 + act_bytes + 4) * shape.d_sae, world)
+    the thresholds' per-token counts and excess sums (float32), and the trainer's
+    firing counts (int32)."""
+    return _ring_all_reduce((4 + act_bytes + 8 + 4) * shape.d_sae, world)
 
 
 def gradient_bytes(shape: Shape, world: int, param_bytes: int = 4) -> float:
@@ -160,6 +161,7 @@ def _measure_worker(
             codes = SparseCodes.from_dense(selected)
             counts, smallest = column_stats(codes, selected[codes.rows, codes.cols])
             step.column_stats(counts, smallest, rows)
+            step.sum_floats(torch.zeros(2, shape.d_sae, device=device))  # thresholds
             step.sum_counts(counts)  # the trainer's firing counts
             results.append(
                 {

@@ -8,7 +8,9 @@ for three things, and nothing else changes:
 - ``select(sae, acts)``: the architecture's batch rule over the global batch, for this
   rank's rows (called from ``BatchLevelTrainingSAE.batch_rule``);
 - ``column_stats(counts, smallest, n_tokens)``: per-feature statistics of the global
-  batch for the threshold and firing-rate updates (``update_state``);
+  batch for the threshold and firing-rate updates (``update_state``), and
+  ``sum_floats(tensor)`` for the per-token counts and excess sums of the rate-matched
+  thresholds;
 - ``demand_counts(acts, k)``: feature_choice's ``rank_by="demand"`` counts.
 
 The trainer sets it around ``training_forward_pass`` only, so ``encode`` called
@@ -128,6 +130,11 @@ class DataParallelStep:
             )
         counts, smallest = reduce_column_stats(counts, smallest, self.comm)
         return counts, smallest, self.n_tokens
+
+    @torch.no_grad()
+    def sum_floats(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over ranks (a copy), in their own dtype."""
+        return self.comm.all_reduce(values.clone(), "sum", "stats")
 
     @torch.no_grad()
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:

@@ -41,17 +41,16 @@ from sae_lens_sampled.sparse import (
     sparse_decode,
 )
 from sae_lens_sampled.thresholds import (
+    THRESHOLD_MODES,
+    ThresholdMode,
+    ThresholdState,
     column_stats_dense,
     update_firing_rate,
-    update_global_threshold,
-    update_per_feature_threshold,
 )
 
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
-ThresholdMode = Literal["global", "per_feature"]
 
 AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
-THRESHOLD_MODES: tuple[str, ...] = ("global", "per_feature")
 
 
 class FieldValueError(ValueError):
@@ -195,10 +194,12 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             (0: full weight from the first step, exactly as SAELens's aux-k loss).
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``, as
             SAELens's TopK family does; folded into the weights on export.
-        topk_threshold_lr (float): EMA rate of the inference thresholds, in (0, 1]
-            (SAELens BatchTopK's name).
-        threshold_mode (str): ``"global"`` (one threshold shared by all features,
-            BatchTopK's convention) or ``"per_feature"``.
+        threshold_mode (str): Per-token inference thresholds: ``"rate"`` (default;
+            each feature fires per token as often as the batch rule selects it),
+            ``"per_feature"`` or ``"global"`` (``sae_lens_sampled.thresholds``).
+        topk_threshold_lr (float): EMA weight per step of the threshold state, in
+            (0, 1] (SAELens BatchTopK's name).
+        threshold_gain (float): Step gain of ``"rate"`` thresholds, in (0, 1].
         zipf_alpha (float): Exponent (> 0) of the Zipf law of target firing rates by
             usage rank, ``p_r ~ r ** -zipf_alpha`` (used by ``aux_zipf`` and by
             feature_choice's Zipf capacities).
@@ -217,8 +218,9 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     aux_loss_coefficient: float = 1.0
     aux_loss_warm_up_steps: int = 0
     rescale_acts_by_decoder_norm: bool = True
-    topk_threshold_lr: float = 0.01
-    threshold_mode: ThresholdMode = "per_feature"
+    topk_threshold_lr: float = 0.03
+    threshold_mode: ThresholdMode = "rate"
+    threshold_gain: float = 0.1
     zipf_alpha: float = 1.0
     zipf_tau: float = 0.1
     zipf_ema_tokens: int = 1_000_000
@@ -245,6 +247,9 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             low_inclusive=False,
         )
         check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        check_range(
+            "threshold_gain", self.threshold_gain, low=0, high=1, low_inclusive=False
+        )
         check_range("zipf_alpha", self.zipf_alpha, low=0, low_inclusive=False)
         check_range("zipf_tau", self.zipf_tau, low=0)
         check_range("zipf_ema_tokens", self.zipf_ema_tokens, low=1)
@@ -278,25 +283,22 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     n_tokens_seen: torch.Tensor
 
     # Training-only buffers, dropped from the inference state dict.
-    training_buffers: tuple[str, ...] = ("firing_rate", "n_tokens_seen")
+    training_buffers: tuple[str, ...] = (
+        "firing_rate",
+        "n_tokens_seen",
+        *ThresholdState.training_buffers,
+    )
     # Set (to a distributed.DataParallelStep) only inside a data-parallel training
     # step: select and update the state from the global batch.
     data_parallel: Any = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
-        # float64: the EMA moves by small steps that float32 would lose. Thresholds
-        # start at inf: the first selection sets them outright, and a feature that was
-        # never selected never fires at inference.
-        self.register_buffer(
-            "running_threshold",
-            torch.full(
-                (cfg.d_sae,), torch.inf, dtype=torch.float64, device=self.W_dec.device
-            ),
-        )
+        device = self.W_dec.device
+        # Per-token inference thresholds (`running_threshold`) and their update rule.
+        self.thresholds = ThresholdState(self, cfg.d_sae, device)
         # Fraction of tokens on which each feature is selected (EMA over
         # zipf_ema_tokens tokens), and the token count that de-biases its warm-up.
-        device = self.W_dec.device
         self.register_buffer(
             "firing_rate", torch.zeros(cfg.d_sae, dtype=torch.float64, device=device)
         )
@@ -444,9 +446,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         check_batch_rule_input(x)
         return self.hook_sae_acts_post(self.activation_fn(self.hidden_pre(x)))
 
-    @torch.no_grad()
     def set_thresholds(self, thresholds: torch.Tensor) -> None:
-        self.running_threshold.copy_(thresholds.to(self.running_threshold))
+        self.thresholds.set(thresholds)
 
     @override
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
@@ -572,13 +573,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if self.cfg.check_finite_inputs:
             check_finite(step_input.sae_in)
         output = super().training_forward_pass(step_input)
-        self.update_state(output.feature_acts)
-        threshold = self.running_threshold
-        output.metrics["threshold_mean"] = lambda: threshold[
-            threshold.isfinite()
-        ].mean()
+        fire_rates = self.update_state(output.feature_acts, output.hidden_pre)
         # Callables: SAELens evaluates them on logging steps only, so other steps
         # never sync. They read the state as updated by this batch.
+        output.metrics.update(self.thresholds.metrics(fire_rates))
         firing_rate, n_tokens_seen = self.firing_rate, self.n_tokens_seen
         dead_mask = step_input.dead_neuron_mask
         output.metrics["underutilised_features"] = lambda: self.underutilised(
@@ -591,12 +589,14 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         return output
 
     @torch.no_grad()
-    def update_state(self, feature_acts: torch.Tensor) -> None:
-        """Update thresholds and firing rates (and subclass state) from a batch's codes.
+    def update_state(
+        self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
+    ) -> torch.Tensor:
+        """Update firing rates and thresholds (and subclass state) from a batch.
 
-        Reads only per-feature counts and smallest positive selections: from the
-        selected entries when the codes carry them (the training fast path, O(selected)),
-        else from the dense codes.
+        Reads per-feature counts and smallest positive selections: from the selected
+        entries when the codes carry them (the training fast path, O(selected)), else
+        from the dense codes. Returns each feature's per-token fire rate.
         """
         sparse = getattr(feature_acts, "sparse_codes", None)
         if sparse is not None and sparse[2] == feature_acts._version:
@@ -623,13 +623,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                     self.cfg.zipf_ema_tokens,
                 )
             )
-            update = (
-                update_global_threshold
-                if self.cfg.threshold_mode == "global"
-                else update_per_feature_threshold
-            )
-            self.running_threshold.copy_(
-                update(self.running_threshold, smallest, self.cfg.topk_threshold_lr)
+            return self.thresholds.update(
+                hidden_pre, counts, smallest, n_tokens, self.data_parallel
             )
 
     @override
@@ -639,7 +634,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if self.cfg.rescale_acts_by_decoder_norm:
             # Thresholds are in units of hidden_pre * ||W_dec||, and the fold just
             # divided W_dec by the scaling factor.
-            self.running_threshold /= scaling_factor
+            self.thresholds.rescale(1 / scaling_factor)
 
     @override
     def process_state_dict_for_saving_inference(
@@ -648,6 +643,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         threshold = state_dict.pop("running_threshold")
         for name in self.training_buffers:
             state_dict.pop(name)
+        self.thresholds.record_metadata(self.cfg.metadata)
         # TopK's version folds the decoder norms into W_enc and b_enc, which puts the
         # inference hidden_pre in the units the thresholds were learned in.
         super().process_state_dict_for_saving_inference(state_dict)
@@ -664,6 +660,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving(state_dict)
+        self.thresholds.record_metadata(self.cfg.metadata)
         # SAELens's loader casts every saved tensor to the cfg dtype. Bytes (0..255)
         # survive a cast to any float dtype, bfloat16 included, so float64 EMAs and
         # int64 counters are saved as their raw bytes and restored bit-exactly.

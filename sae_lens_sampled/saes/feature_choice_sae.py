@@ -104,15 +104,17 @@ class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             global top ``round(k * B)`` entries). A feature's firing rate cannot exceed
             its own capacity, so ``"firing_rate"`` ranks tend to stay where they
             started; ``"demand"`` does not depend on the current capacities.
-        threshold_mode (str): Inference thresholds: ``"per_feature"`` (default; EMA of
-            each feature's smallest selected activation) or ``"global"``.
+        threshold_mode (str): Per-token inference thresholds: ``"rate"`` (default;
+            each feature fires per token as often as it picks tokens in training),
+            ``"per_feature"`` (EMA of its smallest selected activation) or
+            ``"global"``.
         aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``. With every
             capacity >= 1 SAELens's dead mask stays empty and aux-k adds nothing.
         aux_loss_coefficient (float): Weight of the auxiliary loss.
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``
             (a per-feature scale: it changes the thresholds' units, not which tokens
             a feature picks).
-        topk_threshold_lr (float): EMA rate of the thresholds, in (0, 1].
+        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
         zipf_tau (float): ``aux_zipf`` underutilisation factor (>= 0).
         zipf_ema_tokens (int): Horizon in tokens of the firing-rate EMA used for the
             usage ranks.

@@ -61,13 +61,15 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
         pool_seed (int | None): Seed for pool sampling. With a seed, the draw depends
             only on the seed and the step count (a saved buffer), so runs, resumes and
             ``encode_batch`` are reproducible; ``None`` uses torch's global RNG.
-        threshold_mode (str): Inference thresholds: ``"per_feature"`` (default; an EMA
-            over the batches in which the feature was selected, features never
-            selected never fire) or ``"global"``.
+        threshold_mode (str): Per-token inference thresholds: ``"rate"`` (default;
+            each feature fires per token as often as the batch rule selects it,
+            counting the chance of being in the pool), ``"per_feature"`` (EMA of its
+            smallest selected activation) or ``"global"``. Features never selected
+            never fire.
         aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``.
         aux_loss_coefficient (float): Weight of the auxiliary loss.
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``.
-        topk_threshold_lr (float): EMA rate of the thresholds, in (0, 1].
+        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
         decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
         d_in (int): Input dimension.
         d_sae (int): Number of features.
@@ -142,9 +144,12 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
 
     @override
     @torch.no_grad()
-    def update_state(self, feature_acts: torch.Tensor) -> None:
-        super().update_state(feature_acts)
+    def update_state(
+        self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
+    ) -> torch.Tensor:
+        fire_rates = super().update_state(feature_acts, hidden_pre)
         self.n_selection_steps += 1
+        return fire_rates
 
 
 @dataclass
