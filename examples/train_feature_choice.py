@@ -1,9 +1,9 @@
 """Train a Feature Choice SAE on Pythia-160M, layer 6 residual stream.
 
 NEEDS THE HUGGING FACE HUB (model, tokenizer, dataset) and, at this size, a GPU;
-``--offline`` trains the same way on a tiny random stand-in instead (seconds on a
-CPU, nothing downloaded; see ``pythia_setup.py``). Prints the L0 and the dead
-features the saved SAE recorded at the end of training.
+``--offline`` trains the same way on a tiny random stand-in instead (nothing
+downloaded; 6 s wall on a 2-core CPU; see ``pythia_setup.py``). Prints the L0 and the
+dead features the saved SAE recorded at the end of training.
 
 The output directory holds an inference ``feature_choice`` SAE (per-token ``encode``
 with per-feature thresholds, ``encode_batch`` for the batch rule).

@@ -534,7 +534,7 @@ def _fresh_pool_draws(
     A seeded ``sampled`` SAE would otherwise replay one draw on every call; the
     caller's RNG state is restored afterwards.
     """
-    cfg: Any = rule.cfg  # only a sampled SAE's config has a pool_seed
+    cfg: Any = getattr(rule, "cfg", None)  # a sampled SAE's has a pool_seed
     saved = getattr(cfg, "pool_seed", None)
     draws = getattr(rule, "n_batch_draws", None)  # a seeded SAE's draw counter
     devices = [device] if device.type == "cuda" else []
