@@ -2,11 +2,14 @@
 
 Pass the output directory of one of the train_*.py examples (or of
 `sae-lens-sampled train`). The model named in the SAE's metadata (Pythia-160M for the
-train_*.py examples) comes from the Hugging Face hub: `load_model_from_hub` is the
-only part that needs it. The test suite runs `walk_through` on a tiny random model.
+train_*.py examples) and its tokenizer come from the Hugging Face hub:
+`load_model_and_tokens_from_hub` is the only part that needs it. The test suite runs
+`main` with that function replaced by a tiny random model and random tokens.
 
     python examples/load_into_hooked_sae_transformer.py sampled_l6
 """
+
+from __future__ import annotations
 
 import sys
 
@@ -23,11 +26,15 @@ TEXTS = [
 ]
 
 
-def load_model_from_hub(sae: SAE) -> HookedSAETransformer:
-    """NEEDS THE HUGGING FACE HUB: the model the SAE was trained on."""
-    return HookedSAETransformer.from_pretrained_no_processing(
+def load_model_and_tokens_from_hub(
+    sae: SAE,
+) -> tuple[HookedSAETransformer, torch.Tensor]:
+    """NEEDS THE HUGGING FACE HUB: the model the SAE was trained on, and ``TEXTS``
+    through its tokenizer (padded to the longest text)."""
+    model = HookedSAETransformer.from_pretrained_no_processing(
         sae.cfg.metadata.model_name, device=sae.device
     )
+    return model, model.to_tokens(TEXTS)
 
 
 @torch.no_grad()
@@ -60,13 +67,12 @@ def walk_through(
     return {"l0_token": l0_token, "l0_batch": l0_batch}
 
 
-def main(sae_path: str) -> None:
+def main(sae_path: str) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sae = SAE.load_from_disk(sae_path, device=device)
     print(type(sae).__name__, sae.cfg.metadata.hook_name, "d_sae =", sae.cfg.d_sae)
-    model = load_model_from_hub(sae)
-    tokens = model.to_tokens(TEXTS)  # padded to the longest text
-    walk_through(model, sae, tokens)
+    model, tokens = load_model_and_tokens_from_hub(sae)
+    return walk_through(model, sae, tokens)
 
 
 if __name__ == "__main__":

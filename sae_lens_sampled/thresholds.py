@@ -43,9 +43,23 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import torch
+from typing_extensions import TypeIs
+
+if TYPE_CHECKING:
+    from sae_lens import JumpReLUSAE
+    from sae_lens.saes.sae import SAEMetadata
+
+    from sae_lens_sampled.distributed.step import DataParallelStep
+    from sae_lens_sampled.saes.base import BatchLevelSAE, BatchLevelTrainingSAE
+
+# What calibration reads and re-fits: a plugin SAE (inference or training), or a
+# SAELens JumpReLU SAE (a plugin SAE's export, whose metadata names its batch rule).
+ThresholdedSAE: TypeAlias = "JumpReLUSAE | BatchLevelTrainingSAE"
+# What applies a batch rule (``encode_batch``).
+BatchRuleSAE: TypeAlias = "BatchLevelSAE | BatchLevelTrainingSAE"
 
 ThresholdMode = Literal["rate", "per_feature", "global"]
 THRESHOLD_MODES: tuple[str, ...] = ("rate", "per_feature", "global")
@@ -216,7 +230,7 @@ class ThresholdState:
     )
     training_buffers: tuple[str, ...] = buffers[1:]
 
-    def __init__(self, owner: torch.nn.Module, d_sae: int, device: torch.device):
+    def __init__(self, owner: BatchLevelTrainingSAE, d_sae: int, device: torch.device):
         self.owner = owner
         # float64: the EMAs move by steps that float32 would lose. Thresholds start
         # at inf: a feature the batch rule never selected never fires per token.
@@ -232,7 +246,8 @@ class ThresholdState:
     def __getattr__(self, name: str) -> torch.Tensor:
         # Buffers live on the owner, which moves and reloads them.
         if name in ThresholdState.buffers:
-            return getattr(self.owner, name)
+            buffer: torch.Tensor = getattr(self.owner, name)
+            return buffer
         raise AttributeError(name)
 
     @torch.no_grad()
@@ -242,7 +257,7 @@ class ThresholdState:
         selected: torch.Tensor,
         smallest: torch.Tensor,
         n_tokens: int,
-        data_parallel: Any = None,
+        data_parallel: DataParallelStep | None = None,
     ) -> torch.Tensor:
         """Update from one training batch; returns the per-token fire rates.
 
@@ -324,7 +339,7 @@ class ThresholdState:
             "l0_per_token": lambda: fire_rates.sum(),
         }
 
-    def record_metadata(self, metadata: Any) -> None:
+    def record_metadata(self, metadata: SAEMetadata) -> None:
         """Write the L0s of the end of training into SAELens ``metadata``.
 
         ``l0_per_token`` (per-token rule, EMA over about ``1 / threshold_gain``
@@ -416,6 +431,7 @@ class _LogHistogram:
         bucket that holds it (log-linear, linear in bucket 0), capped at the maximum.
         """
         assert self.counts is not None and self.log_low is not None
+        assert self.maximum is not None
         counts = self.counts.double()
         above = counts.flip(1).cumsum(1).flip(1)  # values in bucket b or higher
         target = targets.double()[:, None]
@@ -438,29 +454,49 @@ class _LogHistogram:
         return torch.where(n_higher == 0, 0.0, value)
 
 
-def _pre_activations(sae: Any, x: torch.Tensor) -> torch.Tensor:
+def _is_plugin(sae: object) -> TypeIs[BatchLevelSAE | BatchLevelTrainingSAE]:
+    # Imported here: the SAE classes import this module.
+    from sae_lens_sampled.saes.base import BatchLevelSAE, BatchLevelTrainingSAE
+
+    return isinstance(sae, (BatchLevelSAE, BatchLevelTrainingSAE))
+
+
+def _is_training(sae: object) -> TypeIs[BatchLevelTrainingSAE]:
+    from sae_lens_sampled.saes.base import BatchLevelTrainingSAE
+
+    return isinstance(sae, BatchLevelTrainingSAE)
+
+
+def _pre_activations(sae: ThresholdedSAE, x: torch.Tensor) -> torch.Tensor:
     """``sae``'s pre-activations in the units of its thresholds, ``[n, d_sae]``."""
-    if hasattr(sae, "hidden_pre"):
+    if _is_plugin(sae):
         return sae.hidden_pre(x).flatten(end_dim=-2)
     sae_in = sae.process_sae_in(x)  # a plain SAELens JumpReLUSAE
     return (sae_in @ sae.W_enc + sae.b_enc).flatten(end_dim=-2)
 
 
-def _current_thresholds(sae: Any) -> torch.Tensor:
-    if hasattr(sae, "running_threshold"):
+def _current_thresholds(sae: ThresholdedSAE) -> torch.Tensor:
+    if _is_training(sae):
         return sae.running_threshold.detach().double()
-    return sae.threshold.detach().double()
+    return _jumprelu_threshold(sae).detach().double()
 
 
 @torch.no_grad()
-def _set_thresholds(sae: Any, thresholds: torch.Tensor) -> None:
-    if hasattr(sae, "set_thresholds"):
+def _set_thresholds(sae: ThresholdedSAE, thresholds: torch.Tensor) -> None:
+    if _is_plugin(sae):
         sae.set_thresholds(thresholds)
     else:
-        sae.threshold.data.copy_(thresholds.to(sae.threshold))
+        threshold = _jumprelu_threshold(sae)
+        threshold.data.copy_(thresholds.to(threshold))
 
 
-def _rule_from_metadata(sae: Any) -> Any:
+def _jumprelu_threshold(sae: JumpReLUSAE) -> torch.Tensor:
+    # A parameter SAELens assigns in __init__, so the type checker sees
+    # Module.__getattr__'s union.
+    return cast(torch.Tensor, sae.threshold)
+
+
+def _rule_from_metadata(sae: JumpReLUSAE) -> BatchLevelSAE:
     """The plugin SAE whose batch rule an exported JumpReLU SAE records, if any."""
     from sae_lens import SAE
 
@@ -477,20 +513,28 @@ def _rule_from_metadata(sae: Any) -> Any:
             "does not keep; pass batch_rule=<the feature_choice SAE>"
         )
     cfg = {**sae.cfg.to_dict(), **rule}
-    plugin = SAE.from_dict(cfg)
+    plugin: SAE[Any] = SAE.from_dict(cfg)
+    if not _is_plugin(plugin) or _is_training(plugin):
+        raise ValueError(
+            "calibrate_thresholds: the batch rule in this SAE's metadata names "
+            f"architecture {plugin.cfg.architecture()!r}, not a plugin architecture; "
+            "pass batch_rule=<the plugin SAE it came from>"
+        )
     state = {name: value for name, value in sae.state_dict().items()}
     plugin.load_state_dict(state, strict=False)
     return plugin.to(sae.device)
 
 
 @contextlib.contextmanager
-def _fresh_pool_draws(rule: Any, seed: int, device: torch.device) -> Iterator[None]:
+def _fresh_pool_draws(
+    rule: BatchRuleSAE, seed: int, device: torch.device
+) -> Iterator[None]:
     """Every batch-rule call draws a new pool, from torch's RNG seeded with ``seed``.
 
     A seeded ``sampled`` SAE would otherwise replay one draw on every call; the
     caller's RNG state is restored afterwards.
     """
-    cfg = getattr(rule, "cfg", None)
+    cfg: Any = getattr(rule, "cfg", None)  # a sampled SAE's has a pool_seed
     saved = getattr(cfg, "pool_seed", None)
     draws = getattr(rule, "n_batch_draws", None)  # a seeded SAE's draw counter
     devices = [device] if device.type == "cuda" else []
@@ -529,10 +573,10 @@ def _rechunk(batches: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tenso
 
 
 def calibrate_thresholds(
-    sae: Any,
+    sae: ThresholdedSAE,
     batches: Iterable[torch.Tensor],
     *,
-    batch_rule: Any | None = None,
+    batch_rule: BatchRuleSAE | None = None,
     batch_size: int = 4096,
     pool_draws: int = 1,
     seed: int = 0,
@@ -574,7 +618,7 @@ def calibrate_thresholds(
     if not 0 < accuracy < 0.5:
         raise ValueError(f"accuracy must be in (0, 0.5), got {accuracy!r}")
     if batch_rule is None:
-        batch_rule = sae if hasattr(sae, "encode_batch") else _rule_from_metadata(sae)
+        batch_rule = sae if _is_plugin(sae) else _rule_from_metadata(sae)
     with torch.no_grad():
         old = _current_thresholds(sae)
         histogram = _LogHistogram(accuracy)
@@ -632,7 +676,9 @@ def calibrate_thresholds(
 
 
 @torch.no_grad()
-def export_jumprelu(sae: Any, path: str | Path | None = None) -> Any:
+def export_jumprelu(
+    sae: BatchLevelSAE | BatchLevelTrainingSAE, path: str | Path | None = None
+) -> JumpReLUSAE:
     """Convert a plugin SAE into a plain SAELens ``JumpReLUSAE``.
 
     ``sae`` is one of the plugin's inference SAEs or training SAEs (training SAEs are

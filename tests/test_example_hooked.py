@@ -1,4 +1,5 @@
-"""The HookedSAETransformer walk-through (examples/) runs offline on a tiny model."""
+"""The HookedSAETransformer walk-through (examples/) runs offline on a tiny model:
+its one hub-loading function is replaced by the tests' tiny random model."""
 
 import importlib.util
 from pathlib import Path
@@ -47,7 +48,9 @@ def tiny_hooked_model() -> HookedSAETransformer:
     ],
     ids=["mutual_choice", "sampled"],
 )
-def test_walk_through_runs_offline_without_calibration(sae_cfg, tmp_path, capsys):
+def test_walk_through_runs_offline_without_calibration(
+    sae_cfg, tmp_path, capsys, monkeypatch
+):
     model = tiny_hooked_model()
     cfg = runner_config(sae_cfg, tmp_path, steps=150)
     LanguageModelSAETrainingRunner(
@@ -56,11 +59,21 @@ def test_walk_through_runs_offline_without_calibration(sae_cfg, tmp_path, capsys
     sae = SAE.load_from_disk(tmp_path / "final")  # what a user loads
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, VOCAB, (64, CONTEXT), generator=generator)
+    example = load_example()
+    monkeypatch.setattr(
+        example, "load_model_and_tokens_from_hub", lambda _sae: (model, tokens)
+    )
+    capsys.readouterr()
 
-    figures = load_example().walk_through(model, sae, tokens)
+    figures = example.main(str(tmp_path / "final"))
 
-    printed = capsys.readouterr().out
-    assert "mean L0 per token" in printed and "top features" in printed
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{type(sae).__name__} {HOOK} d_sae = 64"
+    assert printed[1] == (
+        f"mean L0 per token {figures['l0_token']:.2f}, under the batch rule "
+        f"{figures['l0_batch']:.2f}"
+    )
+    assert printed[2].startswith("top features of the last token: [(")
     # the cached codes are the SAE's per-token encode of the hook's activations
     _, cache = model.run_with_cache(tokens, names_filter=HOOK)
     expected = (sae.encode(cache[HOOK]) > 0).sum(-1).float().mean().item()

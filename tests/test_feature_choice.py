@@ -140,7 +140,7 @@ def test_capacities_exact_sum_bounds_and_order(weights, n_tokens, budget_share):
 
 
 def test_capacities_at_realistic_scale():
-    # the research note's example: B=4096, k=32, F=24576, Zipf alpha=1
+    # a Pythia-160M-scale setting: B=4096, k=32, F=24576, Zipf alpha=1
     fractions = zipf_capacity_fractions(torch.randperm(24576) + 1, 32.0, 1.0)
     capacities = capacities_for_batch(fractions, 4096, 32 * 4096)
     assert int(capacities.sum()) == 32 * 4096

@@ -57,7 +57,7 @@ class Comm:
 
     def __init__(
         self,
-        group: Any = None,
+        group: dist.ProcessGroup | None = None,
         counter: TrafficCounter | None = None,
         always: bool = False,
     ) -> None:

@@ -22,11 +22,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sae_lens_sampled.benchmark.speed import Shape
+
+if TYPE_CHECKING:
+    from sae_lens_sampled.selection import ScoreName
 
 MIB = 2**20
 TRAFFIC_SHAPES = (
@@ -186,11 +189,16 @@ def _selection_sae(arch: str, shape: Shape, device: str) -> Any:
         SampledTrainingSAEConfig,
     )
 
-    common = {"d_in": 1, "d_sae": shape.d_sae, "k": shape.k, "device": device}
+    common: dict[str, Any] = {
+        "d_in": 1,
+        "d_sae": shape.d_sae,
+        "k": shape.k,
+        "device": device,
+    }
     if arch == "mutual_choice":
         return MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(**common))
     if arch in ("sampled", "sampled_entropy"):
-        score = "entropy" if arch == "sampled_entropy" else "l2"
+        score: ScoreName = "entropy" if arch == "sampled_entropy" else "l2"
         cfg = SampledTrainingSAEConfig(**common, score=score, pool_seed=0)
         return SampledTrainingSAE(cfg)
     return FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(**common))

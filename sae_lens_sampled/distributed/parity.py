@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
+from torch.multiprocessing.spawn import ProcessRaisedException, start_processes
 
 from sae_lens_sampled import (
     FeatureChoiceTrainingSAE,
@@ -64,13 +65,14 @@ def _init(sae: TrainingSAE[Any], seed: int) -> TrainingSAE[Any]:
     with torch.no_grad():
         for param in sae.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-        sae.b_enc.add_(0.05)
+        # b_enc is declared on SAELens's subclasses, not on TrainingSAE
+        cast(torch.Tensor, sae.b_enc).add_(0.05)
     return sae
 
 
 def parity_cases() -> dict[str, Case]:
     """The settings checked: every architecture, both pool modes, every aux loss."""
-    common = {"d_in": D_IN, "d_sae": D_SAE, "k": K}
+    common: dict[str, Any] = {"d_in": D_IN, "d_sae": D_SAE, "k": K}
 
     def mutual_choice() -> TrainingSAE[Any]:
         cfg = MutualChoiceTrainingSAEConfig(**common, threshold_mode="global")
@@ -309,7 +311,7 @@ def spawn(
         start_method = "fork" if fork else "spawn"
     for attempt in range(attempts):
         try:
-            mp.start_processes(
+            start_processes(
                 _entry,
                 args=(fn, world_size, free_port(), device, args),
                 nprocs=world_size,
@@ -317,7 +319,7 @@ def spawn(
                 start_method=start_method,
             )
             return
-        except mp.ProcessRaisedException as error:
+        except ProcessRaisedException as error:
             in_use = "address already in use" in str(error).lower()
             if not in_use or attempt == attempts - 1:
                 raise
@@ -525,7 +527,7 @@ def run_logged(device: str, distributed: bool) -> dict[str, Any]:
         batches = make_batches(8, 64, D_IN, seed=2)
         train_case(case, batches, device, distributed=distributed, evaluator=evaluator)
     finally:
-        wandb.log = original  # type: ignore[assignment]
+        wandb.log = original
     return {"logged": logged, "evaluated": evaluated}
 
 

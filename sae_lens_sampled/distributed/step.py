@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from sae_lens_sampled.distributed.global_select import (
     sum_counts,
 )
 from sae_lens_sampled.selection import batch_budget, pool_size
+
+if TYPE_CHECKING:
+    from sae_lens.saes.sae import TrainingSAE
 
 Rule = Callable[[Any, torch.Tensor, "DataParallelStep"], torch.Tensor]
 _RULES: dict[str, Rule] = {}
@@ -91,7 +94,7 @@ class DataParallelStep:
                 f"{self.local_tokens}"
             )
 
-    def select(self, sae: Any, acts: torch.Tensor) -> torch.Tensor:
+    def select(self, sae: TrainingSAE[Any], acts: torch.Tensor) -> torch.Tensor:
         """``sae``'s batch rule over the global batch, on this rank's ``acts``."""
         self._check_rows(acts)
         architecture = sae.cfg.architecture()
@@ -150,14 +153,17 @@ class DataParallelStep:
 
 
 @contextmanager
-def data_parallel_step(sae: Any, step: DataParallelStep | None) -> Iterator[None]:
+def data_parallel_step(
+    sae: TrainingSAE[Any], step: DataParallelStep | None
+) -> Iterator[None]:
     """Make ``sae`` select and update its state from the global batch of ``step``."""
+    # A plain attribute: nn.Module's __setattr__ is typed for tensors and modules.
     previous = getattr(sae, "data_parallel", None)
-    sae.data_parallel = step
+    sae.data_parallel = step  # type: ignore[assignment]
     try:
         yield
     finally:
-        sae.data_parallel = previous
+        sae.data_parallel = previous  # type: ignore[assignment]
 
 
 # --- the plugin's architectures ---

@@ -129,7 +129,7 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
             )
         else:
             self.model = override_model
-        self._compile_llm_if_needed()
+        self._compile_llm_if_needed()  # type: ignore[no-untyped-call]  # SAELens: unannotated
         dataset = override_dataset
         if dataset is None:
             from datasets import load_dataset
@@ -170,7 +170,7 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
 
     @override
     def run(self) -> TrainingSAE[Any]:
-        self._set_sae_metadata()
+        self._set_sae_metadata()  # type: ignore[no-untyped-call]  # SAELens: unannotated
         log_to_wandb = self.cfg.logger.log_to_wandb
         if log_to_wandb and self.is_main:
             wandb.init(
@@ -201,7 +201,7 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
             )
             if self.cfg.resume_from_checkpoint is not None:
                 self.resume(trainer, Path(self.cfg.resume_from_checkpoint))
-            sae = self.run_trainer_with_interruption_handling(trainer)
+            sae: TrainingSAE[Any] = self.run_trainer_with_interruption_handling(trainer)
             if self.cfg.output_path is not None and self.is_main:
                 self.save_final_sae(
                     sae=sae,

@@ -26,9 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import wandb
 from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import (
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
 from sae_lens.training.activation_scaler import ActivationScaler, ActivationWhitening
 from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointFn
 from sae_lens.training.types import DataProvider
@@ -136,7 +142,7 @@ def replica_spread(module: torch.nn.Module, comm: Comm) -> float:
     return spread
 
 
-class DistributedSAETrainer(SAETrainer[Any, Any]):
+class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
     """SAELens's ``SAETrainer`` over a batch split across ``torch.distributed`` ranks.
 
     Args:
@@ -162,10 +168,10 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         cfg: SAETrainerConfig,
         sae: TrainingSAE[Any],
         data_provider: DataProvider,
-        evaluator: Evaluator[Any] | None = None,
+        evaluator: Evaluator[TrainingSAE[Any]] | None = None,
         save_checkpoint_fn: SaveCheckpointFn | None = None,
         *,
-        group: Any = None,
+        group: dist.ProcessGroup | None = None,
         comm: Comm | None = None,
         oversample: float = 2.0,
         check_replicas_every: int = 0,
@@ -196,7 +202,7 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         return self.comm.rank == 0
 
     @override
-    def fit(self) -> Any:
+    def fit(self) -> TrainingSAE[Any]:
         self.sae.to(self.cfg.device)
         pbar = tqdm(
             total=self.cfg.total_training_samples,
@@ -211,7 +217,7 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
             if self.cfg.logger.log_to_wandb:
                 self._log_train_step(step_output)
                 self._run_and_log_evals()
-            self._checkpoint_if_needed()
+            self._checkpoint_if_needed()  # type: ignore[no-untyped-call]  # SAELens: unannotated
             self.n_training_steps += 1
             self._check_replicas()
             self._update_pbar(step_output, pbar)
@@ -275,7 +281,9 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         return self._train_step(sae=self.sae, sae_in=self.activation_scaler(batch))
 
     @override
-    def _train_step(self, sae: Any, sae_in: torch.Tensor) -> TrainStepOutput:
+    def _train_step(
+        self, sae: TrainingSAE[Any], sae_in: torch.Tensor
+    ) -> TrainStepOutput:
         sae.train()
         if getattr(sae.cfg, "check_finite_inputs", False):
             self._check_finite_everywhere(sae_in)
@@ -362,7 +370,7 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
             return
         # Rank 0 alone: encode in eval mode runs no collective (the data-parallel
         # step is only set inside training_forward_pass).
-        super()._run_and_log_evals()
+        super()._run_and_log_evals()  # type: ignore[no-untyped-call]  # SAELens: unannotated
 
     @override
     def save_checkpoint(

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
@@ -47,6 +47,9 @@ from sae_lens_sampled.thresholds import (
     column_stats_dense,
     update_firing_rate,
 )
+
+if TYPE_CHECKING:
+    from sae_lens_sampled.distributed.step import DataParallelStep
 
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
 
@@ -227,7 +230,7 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     check_finite_inputs: bool = True
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[no-untyped-call]  # SAELens: unannotated
         with noting_defaults(self):
             self.validate()
 
@@ -290,7 +293,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     )
     # Set (to a distributed.DataParallelStep) only inside a data-parallel training
     # step: select and update the state from the global batch.
-    data_parallel: Any = None
+    data_parallel: "DataParallelStep | None" = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -327,7 +330,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         """Pre-activations in the units the selection and thresholds use."""
         check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        hidden_pre: torch.Tensor = self.hook_sae_acts_pre(
+            sae_in @ self.W_enc + self.b_enc
+        )
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         return hidden_pre
@@ -411,7 +416,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         feature_acts = attach_values(values, selected, codes)
         # decode() takes the sparse path only for this very tensor, unmodified (a
         # hook returning another tensor, or an in-place edit, gets the dense path).
-        feature_acts.sparse_codes = (codes, values, feature_acts._version)
+        feature_acts.sparse_codes = (codes, values, feature_acts._version)  # type: ignore[attr-defined]
         return self.hook_sae_acts_post(feature_acts), hidden_pre
 
     @override
@@ -435,8 +440,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 *feature_acts.shape[:-1], self.W_dec.shape[1]
             )
         sae_out_pre = self.hook_sae_recons(sae_out_pre)
-        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
-        return self.reshape_fn_out(sae_out_pre, self.d_head)
+        # SAELens assigns these two as unannotated functions in SAE.__init__.
+        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)  # type: ignore[has-type]
+        sae_out: torch.Tensor = self.reshape_fn_out(sae_out_pre, self.d_head)  # type: ignore[no-untyped-call]
+        return sae_out
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The batch rule over every token of ``x`` (any leading shape), in any mode.
@@ -444,7 +451,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         Raises a ValueError on NaN or Inf input (the rule ranks all tokens together).
         """
         check_batch_rule_input(x)
-        return self.hook_sae_acts_post(self.activation_fn(self.hidden_pre(x)))
+        acts: torch.Tensor = self.hook_sae_acts_post(
+            self.activation_fn(self.hidden_pre(x))
+        )
+        return acts
 
     def set_thresholds(self, thresholds: torch.Tensor) -> None:
         self.thresholds.set(thresholds)
@@ -458,7 +468,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             for name, buffer in self._buffers.items()
             if buffer is not None and buffer.dtype == torch.float64
         }
-        result = super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch
         for name, original in float64_buffers.items():
             moved = self._buffers[name]
             if moved is not None and moved.dtype != torch.float64:
@@ -562,8 +572,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         recons = act_times_W_dec(
             aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
         )
-        recons = self.reshape_fn_out(recons, self.d_head)
-        aux_loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[no-untyped-call]
+        aux_loss: torch.Tensor = (recons - residual).pow(2).sum(dim=-1).mean()
         scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
         return coefficient * scale * aux_loss
 
@@ -698,7 +708,7 @@ class BatchLevelSAEConfig(JumpReLUSAEConfig):
     k: float = 100
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[no-untyped-call]  # SAELens: unannotated
         with noting_defaults(self):
             check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
 
@@ -721,7 +731,7 @@ class BatchLevelSAE(JumpReLUSAE):
     from training, and from earlier versions) load with 1.
     """
 
-    cfg: BatchLevelSAEConfig  # type: ignore[assignment]
+    cfg: BatchLevelSAEConfig
     rank_scale: torch.Tensor
 
     def __init__(self, cfg: BatchLevelSAEConfig, use_error_term: bool = False):
@@ -751,7 +761,10 @@ class BatchLevelSAE(JumpReLUSAE):
         """Pre-activations, in the units of ``threshold``."""
         check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
-        return self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        hidden_pre: torch.Tensor = self.hook_sae_acts_pre(
+            sae_in @ self.W_enc + self.b_enc
+        )
+        return hidden_pre
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The batch rule over every token of ``x`` (any leading shape).
@@ -762,9 +775,10 @@ class BatchLevelSAE(JumpReLUSAE):
         tokens together.
         """
         check_batch_rule_input(x)
-        return self.hook_sae_acts_post(
+        acts: torch.Tensor = self.hook_sae_acts_post(
             apply_to_last_dim(self.select, self.hidden_pre(x).relu())
         )
+        return acts
 
     @override
     @torch.no_grad()
@@ -772,7 +786,7 @@ class BatchLevelSAE(JumpReLUSAE):
         # JumpReLU's fold multiplies feature j's pre-activation (and threshold) by
         # its decoder norm; the batch rule must keep ranking the unfolded values.
         norms = self.get_W_dec_norm()
-        super().fold_W_dec_norm()
+        super().fold_W_dec_norm()  # type: ignore[no-untyped-call]  # SAELens: unannotated
         self.rank_scale.div_(norms.to(self.rank_scale.dtype))
 
     @override

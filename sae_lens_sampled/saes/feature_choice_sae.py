@@ -65,7 +65,7 @@ def storable_fractions(fractions: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def initial_capacity_fractions(
-    schedule: str, d_sae: int, k: float, alpha: float, device: torch.device
+    schedule: str, d_sae: int, k: float, alpha: float, device: torch.device | str
 ) -> torch.Tensor:
     """Capacities before any usage is known: uniform, or Zipf by feature index."""
     if schedule == "uniform":
@@ -143,7 +143,7 @@ class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
 class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
     """Feature Choice training SAE: feature j keeps its top-``m_j`` tokens."""
 
-    cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
+    cfg: FeatureChoiceTrainingSAEConfig
     capacity_fractions: torch.Tensor
     n_selection_steps: torch.Tensor
     demand_rate: torch.Tensor
@@ -281,7 +281,7 @@ class FeatureChoiceSAEConfig(BatchLevelSAEConfig):
 class FeatureChoiceSAE(BatchLevelSAE):
     """Feature Choice inference SAE: per-token thresholds; ``encode_batch`` for the rule."""
 
-    cfg: FeatureChoiceSAEConfig  # type: ignore[assignment]
+    cfg: FeatureChoiceSAEConfig
     capacity_fractions: torch.Tensor
 
     def __init__(self, cfg: FeatureChoiceSAEConfig, use_error_term: bool = False):

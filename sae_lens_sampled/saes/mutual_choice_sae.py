@@ -58,7 +58,7 @@ class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
 class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
     """Mutual Choice training SAE: global top-``k * B`` over the batch."""
 
-    cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
+    cfg: MutualChoiceTrainingSAEConfig
 
     @override
     def select(self, acts: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ class MutualChoiceSAEConfig(BatchLevelSAEConfig):
 class MutualChoiceSAE(BatchLevelSAE):
     """Mutual Choice inference SAE: per-token thresholds; ``encode_batch`` for the rule."""
 
-    cfg: MutualChoiceSAEConfig  # type: ignore[assignment]
+    cfg: MutualChoiceSAEConfig
 
     @override
     def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:

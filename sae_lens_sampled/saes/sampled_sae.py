@@ -94,7 +94,7 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
 class SampledTrainingSAE(BatchLevelTrainingSAE):
     """Sampled-SAE training SAE: score, pool, then batch top-k inside the pool."""
 
-    cfg: SampledTrainingSAEConfig  # type: ignore[assignment]
+    cfg: SampledTrainingSAEConfig
     n_selection_steps: torch.Tensor
     training_buffers = (*BatchLevelTrainingSAE.training_buffers, "n_selection_steps")
 
@@ -187,7 +187,7 @@ class SampledSAEConfig(BatchLevelSAEConfig):
 class SampledSAE(BatchLevelSAE):
     """Sampled-SAE inference SAE: per-token thresholds; ``encode_batch`` for the rule."""
 
-    cfg: SampledSAEConfig  # type: ignore[assignment]
+    cfg: SampledSAEConfig
 
     def __init__(self, cfg: SampledSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
