@@ -59,20 +59,7 @@ def offending_lines(path: Path) -> list[str]:
     return found
 
 
-def _param(path: Path) -> object:
-    marks = []
-    if path.name == "CHANGELOG.md":
-        marks.append(
-            pytest.mark.xfail(
-                strict=True,
-                reason='CHANGELOG.md says "DESIGN\'s reading"; whoever next edits the '
-                "CHANGELOG rewords it and removes this mark",
-            )
-        )
-    return pytest.param(path, id=relative(path), marks=marks)
-
-
-@pytest.mark.parametrize("path", [_param(p) for p in TEXTS])
+@pytest.mark.parametrize("path", TEXTS, ids=relative)
 def test_no_reference_outside_the_project(path):
     assert offending_lines(path) == []
 
