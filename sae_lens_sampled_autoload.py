@@ -27,6 +27,19 @@ with ``warnings.warn`` and never breaks ``import sae_lens``. Set
 import os
 import sys
 
+# Names for the type checker only (it reads this constant as True): at run time the
+# module still imports nothing beyond os and sys.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.abc import Loader
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
+    _LoaderBase = Loader
+else:
+    _LoaderBase = object  # a Loader by duck typing; importlib.abc is not imported
+
 ENV_VAR = "SAE_LENS_SAMPLED_AUTOLOAD"
 TARGET = "sae_lens"
 PLUGIN = "sae_lens_sampled"
@@ -78,7 +91,7 @@ def _after_import() -> None:
         load_plugin()
 
 
-class _LoaderWrapper:
+class _LoaderWrapper(_LoaderBase):
     """Runs a module's real loader, then :func:`_after_import`.
 
     Before the module's code runs, the real loader is put back on the spec and the
@@ -87,18 +100,18 @@ class _LoaderWrapper:
     loader.
     """
 
-    def __init__(self, loader):  # an importlib Loader; no typing import here
+    def __init__(self, loader: "Loader") -> None:
         self.loader = loader
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> object:
         if name == "loader":  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.loader, name)
 
-    def create_module(self, spec):
+    def create_module(self, spec: "ModuleSpec") -> "ModuleType | None":
         return self.loader.create_module(spec)
 
-    def exec_module(self, module) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         global _executing
         spec = module.__spec__
         if spec is not None and spec.loader is self:
@@ -121,8 +134,11 @@ class AutoloadFinder:
     """
 
     def find_spec(
-        self, fullname: str, path: object = None, target: object = None
-    ) -> object:
+        self,
+        fullname: str,
+        path: "Sequence[str] | None" = None,
+        target: "ModuleType | None" = None,
+    ) -> "ModuleSpec | None":
         if fullname != TARGET and not _is_plugin_module(fullname):
             return None
         if REGISTRATION in sys.modules:  # registered, or registering right now
@@ -144,14 +160,19 @@ class AutoloadFinder:
             uninstall()
             return None
 
-    def _real_spec(self, fullname: str, path: object, target: object) -> object:
+    def _real_spec(
+        self,
+        fullname: str,
+        path: "Sequence[str] | None",
+        target: "ModuleType | None",
+    ) -> "ModuleSpec | None":
         finders = list(sys.meta_path)
         position = finders.index(self) if self in finders else -1
         for finder in finders[position + 1 :]:
             find_spec = getattr(finder, "find_spec", None)
             if find_spec is None:
                 continue
-            spec = find_spec(fullname, path, target)
+            spec: ModuleSpec | None = find_spec(fullname, path, target)
             if spec is not None:
                 return spec
         return None

@@ -5,7 +5,8 @@ loss through SAELens's own ``SyntheticSAERunner`` and trainer, then reports SAEL
 synthetic evals (explained variance, MCC against the ground-truth features, latents
 that never fire) next to the plugin's own measures from the training firing rates
 (dead = no firing expected in the rate window, underutilised = aux_zipf's set U at
-``--tau-measure``). Runs offline on CPU in a few minutes::
+``--tau-measure``). Runs offline; the defaults (two runs of 1500 steps) take 62 s wall
+on a 2-core CPU with one torch thread::
 
     python examples/aux_zipf_synthetic.py
     python examples/aux_zipf_synthetic.py --steps 1500 --seeds 0 1 --variants aux_k aux_zipf:0.5:1.0
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,7 +127,8 @@ def train_one(
     }
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> list[dict[str, float | str]]:
+    """Run every variant and seed; print one table row per run and return the rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-features", type=int, default=512)
     parser.add_argument("--hidden-dim", type=int, default=64)
@@ -146,7 +149,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=["aux_k", "aux_zipf:0.1:1.0"])
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     model = synthetic_model(args)
@@ -163,16 +166,19 @@ def main() -> None:
         f"{'rdead':>7}{'underU':>7}{'Uhead':>7}{'zipf':>7}{'sec':>6}"
     )
     print(header)
+    rows: list[dict[str, float | str]] = []
     for text in args.variants:
         variant = Variant.parse(text)
         for seed in args.seeds:
             r = train_one(args, model, variant, seed)
+            rows.append({"variant": variant.label, "seed": seed, **r})
             print(
                 f"{variant.label:<28}{seed:>5}{r['ev']:>8.4f}{r['mcc']:>8.4f}"
                 f"{r['l0']:>7.2f}{r['eval_dead']:>7}{r['rate_dead']:>7}"
                 f"{r['underutil']:>7}{r['under_head']:>7}{r['zipf_fit']:>7.2f}{r['seconds']:>6.0f}",
                 flush=True,
             )
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Load a trained plugin SAE into HookedSAETransformer and look at its features.
 
-NEEDS THE HUGGING FACE HUB for the model (Pythia-160M here). Pass the output directory
-of one of the train_*.py examples (or of `sae-lens-sampled train`).
+Pass the output directory of one of the train_*.py examples (or of
+`sae-lens-sampled train`). The model named in the SAE's metadata (Pythia-160M for the
+train_*.py examples) and its tokenizer come from the Hugging Face hub:
+`load_model_and_tokens_from_hub` is the only part that needs it. The test suite runs
+`main` with that function replaced by a tiny random model and random tokens.
 
     python examples/load_into_hooked_sae_transformer.py sampled_l6
 """
+
+from __future__ import annotations
 
 import sys
 
@@ -12,42 +17,63 @@ import torch
 from sae_lens import SAE, HookedSAETransformer
 
 import sae_lens_sampled  # noqa: F401  (registers the architectures; the autoload hook also does)
-from sae_lens_sampled import calibrate_thresholds
 
-sae_path = sys.argv[1] if len(sys.argv) > 1 else "sampled_l6"
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Sparse autoencoders split a model's activations into features.",
+    "In 1969 the first humans walked on the Moon.",
+    "def add(a, b):\n    return a + b",
+]
 
-# %% Load the SAE (a SampledSAE, MutualChoiceSAE or FeatureChoiceSAE) and the model.
-sae = SAE.load_from_disk(
-    sae_path, device="cuda" if torch.cuda.is_available() else "cpu"
-)
-print(type(sae).__name__, sae.cfg.metadata.hook_name, "d_sae =", sae.cfg.d_sae)
-model = HookedSAETransformer.from_pretrained_no_processing(
-    sae.cfg.metadata.model_name, device=sae.device
-)
 
-# %% Per-token features inside the model: the SAE's hooks appear in the cache.
-text = "The quick brown fox jumps over the lazy dog. Sparse autoencoders find features."
-tokens = model.to_tokens(text)
-_, cache = model.run_with_cache_with_saes(tokens, saes=[sae])
-hook = sae.cfg.metadata.hook_name
-acts = cache[f"{hook}.hook_sae_acts_post"][0]  # [seq, d_sae], each token encoded alone
-print("L0 per token:", (acts > 0).sum(-1).tolist())
+def load_model_and_tokens_from_hub(
+    sae: SAE,
+) -> tuple[HookedSAETransformer, torch.Tensor]:
+    """NEEDS THE HUGGING FACE HUB: the model the SAE was trained on, and ``TEXTS``
+    through its tokenizer (padded to the longest text)."""
+    model = HookedSAETransformer.from_pretrained_no_processing(
+        sae.cfg.metadata.model_name, device=sae.device
+    )
+    return model, model.to_tokens(TEXTS)
 
-# %% The batch-level training rule over the same tokens, for comparison.
-resid = cache[hook][0]
-batch_acts = sae.encode_batch(resid)
-print(
-    "mean L0 per token under the batch rule:",
-    (batch_acts > 0).sum(-1).float().mean().item(),
-)
 
-# %% Re-fit the thresholds on more text if per-token L0 drifts from k (small pools,
-# short runs), then look at the strongest features of one token.
-_, cache = model.run_with_cache(model.to_tokens([text] * 8), names_filter=hook)
-calibrate_thresholds(sae, [cache[hook].flatten(0, 1)])
-acts = sae.encode(resid)
-values, features = acts[-1].topk(5)
-print(
-    "top features of the last token:",
-    list(zip(features.tolist(), values.tolist(), strict=True)),
-)
+@torch.no_grad()
+def walk_through(
+    model: HookedSAETransformer, sae: SAE, tokens: torch.Tensor
+) -> dict[str, float]:
+    """Run the SAE inside the model; compare per-token codes with the batch rule."""
+    # %% Per-token features inside the model: the SAE replaces its hook point, so
+    # the cache holds the SAE's own hooks (its input is `<hook>.hook_sae_input`).
+    _, cache = model.run_with_cache_with_saes(tokens, saes=[sae])
+    hook = sae.cfg.metadata.hook_name
+    acts = cache[f"{hook}.hook_sae_acts_post"]  # [batch, seq, d_sae]
+    sae_in = cache[f"{hook}.hook_sae_input"]
+    # Each token is encoded alone (JumpReLU thresholds learned in training), so a
+    # token's code does not depend on the rest of the batch.
+    l0_token = (acts > 0).sum(-1).float().mean().item()
+
+    # %% The batch-level training rule over the same tokens, for comparison. The
+    # thresholds were learned so that each feature fires per token about as often as
+    # this rule selects it; no calibration step is needed.
+    batch_acts = sae.encode_batch(sae_in.flatten(0, 1))
+    l0_batch = (batch_acts > 0).sum(-1).float().mean().item()
+    print(f"mean L0 per token {l0_token:.2f}, under the batch rule {l0_batch:.2f}")
+
+    # %% The strongest features of the last token.
+    values, features = acts[0, -1].topk(5)
+    rounded = [round(v, 3) for v in values.tolist()]
+    top = list(zip(features.tolist(), rounded, strict=True))
+    print("top features of the last token:", top)
+    return {"l0_token": l0_token, "l0_batch": l0_batch}
+
+
+def main(sae_path: str) -> dict[str, float]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sae = SAE.load_from_disk(sae_path, device=device)
+    print(type(sae).__name__, sae.cfg.metadata.hook_name, "d_sae =", sae.cfg.d_sae)
+    model, tokens = load_model_and_tokens_from_hub(sae)
+    return walk_through(model, sae, tokens)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "sampled_l6")

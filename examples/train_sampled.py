@@ -1,18 +1,26 @@
 """Train a Sampled-SAE on Pythia-160M, layer 6 residual stream (the paper's setting).
 
-NEEDS THE HUGGING FACE HUB (model, tokenizer, dataset) and, at this size, a GPU.
+NEEDS THE HUGGING FACE HUB (model, tokenizer, dataset) and, at this size, a GPU;
+``--offline`` trains the same way on a tiny random stand-in instead (nothing
+downloaded; 6 s wall on a 2-core CPU; see ``pythia_setup.py``). Prints the L0 the
+saved SAE recorded at the end of training, under the batch rule and per token.
 
     python examples/train_sampled.py --output sampled_l6            # the defaults
     python examples/train_sampled.py --output sampled_l6_l4 --pool-factor 4 --score l2
+    python examples/train_sampled.py --offline --output /tmp/sampled_tiny --k 4
 """
 
-from pythia_setup import base_parser, runner_config, sae_fields
-from sae_lens import LanguageModelSAETrainingRunner
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pythia_setup import base_parser, sae_fields, train
 
 from sae_lens_sampled import SampledTrainingSAEConfig
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--pool-factor", type=float, default=16.0, help="the paper's l (default 16)"
@@ -24,7 +32,7 @@ def main() -> None:
     )
     parser.add_argument("--pool-mode", default="sample", choices=["sample", "top"])
     parser.add_argument("--pool-seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sae_cfg = SampledTrainingSAEConfig(
         **sae_fields(args),
         pool_factor=args.pool_factor,
@@ -32,8 +40,7 @@ def main() -> None:
         pool_mode=args.pool_mode,
         pool_seed=args.pool_seed,
     )
-    LanguageModelSAETrainingRunner(runner_config(sae_cfg, args)).run()
-    print(f"saved to {args.output}")
+    return train(sae_cfg, args)
 
 
 if __name__ == "__main__":

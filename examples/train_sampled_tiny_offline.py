@@ -4,12 +4,19 @@ A smoke-sized version of the real thing: SAELens's runner, activations store and
 with a random-weight HookedTransformer and an in-memory token dataset. Prints L0 and
 explained variance of `sampled`, `mutual_choice` and SAELens `batchtopk` at equal k, on
 held-out tokens: under the batch rule, per token with the thresholds learned in training
-(the saved SAE's `encode`), and per token after `calibrate_thresholds`.
+(the saved SAE's `encode`), and per token after `calibrate_thresholds`. The default
+400 steps per architecture take 19 s wall on a 2-core AMD EPYC VM (torch 2.13 CPU,
+one thread).
 
     python examples/train_sampled_tiny_offline.py
+    python examples/train_sampled_tiny_offline.py --steps 100
 """
 
+from __future__ import annotations
+
+import argparse
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,10 +36,22 @@ from sae_lens_sampled import (
     calibrate_thresholds,
 )
 
-D_MODEL, CONTEXT, VOCAB, K, D_SAE, STEPS, BATCH = 64, 32, 512, 8, 512, 400, 512
+D_MODEL, CONTEXT, VOCAB, K, D_SAE, BATCH = 64, 32, 512, 8, 512, 512
+COLUMNS = ("L0 batch", "EV batch", "L0 token", "EV token", "L0 calib", "EV calib")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, tuple[float, ...]]:
+    """Print one row per architecture (the columns of ``COLUMNS``) and return them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400, help="training steps")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (these matrices are too small to gain from more)",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = HookedTransformer(
         HookedTransformerConfig(
@@ -62,14 +81,14 @@ def main() -> None:
         "mutual_choice": MutualChoiceTrainingSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K),
         "batchtopk": BatchTopKTrainingSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K),
     }
-    print(f"{'architecture':15s} {'L0 batch':>9s} {'EV batch':>9s} {'L0 token':>9s} "
-          f"{'EV token':>9s} {'L0 calib':>9s} {'EV calib':>9s}")  # fmt: skip
+    print(f"{'architecture':15s} " + " ".join(f"{c:>9s}" for c in COLUMNS))
+    rows: dict[str, tuple[float, ...]] = {}
     for name, sae_cfg in configs.items():
         with tempfile.TemporaryDirectory() as tmp:
             cfg = LanguageModelSAERunnerConfig(
                 sae=sae_cfg, hook_name=hook, dataset_path="",
                 streaming=False, context_size=CONTEXT, prepend_bos=False,
-                training_tokens=STEPS * BATCH, train_batch_size_tokens=BATCH,
+                training_tokens=args.steps * BATCH, train_batch_size_tokens=BATCH,
                 store_batch_size_prompts=16, n_batches_in_buffer=32, lr=3e-4,
                 device="cpu", seed=0, logger=LoggingConfig(log_to_wandb=False),
                 n_checkpoints=0, checkpoint_path=str(Path(tmp) / "ckpt"),
@@ -88,11 +107,15 @@ def main() -> None:
         if plugin:
             calibrate_thresholds(saved, [calibration.reshape(-1, D_MODEL)])
         row += measure(saved.encode, saved, x) if plugin else nan
+        rows[name] = tuple(row)
         print(f"{name:15s} " + " ".join(f"{v:9.3f}" for v in row))
+    return rows
 
 
 @torch.no_grad()
-def measure(encode, sae, x: torch.Tensor) -> tuple[float, float]:
+def measure(
+    encode: Callable[[torch.Tensor], torch.Tensor], sae: SAE, x: torch.Tensor
+) -> tuple[float, float]:
     """Mean L0 and explained variance of ``sae.decode(encode(x))`` on ``x``."""
     acts = encode(x)
     recon = sae.decode(acts)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sae_lens import register_sae_class, register_sae_training_class
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+if TYPE_CHECKING:
+    from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
 
 _PACKAGE = __name__.split(".")[0]
 
@@ -30,10 +33,10 @@ def _register_one(
 
 def register_architecture(
     key: str,
-    sae_class: type,
-    sae_config_class: type,
-    training_sae_class: type,
-    training_config_class: type,
+    sae_class: type[SAE[Any]],
+    sae_config_class: type[SAEConfig],
+    training_sae_class: type[TrainingSAE[Any]],
+    training_config_class: type[TrainingSAEConfig],
 ) -> None:
     """Register ``key`` in both SAELens registries; safe to call again."""
     _register_one(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -126,7 +127,10 @@ def train_help_header() -> str:
             for name, value in _defaults(classes[3]).items()
             if name not in saelens and shared.get(name, dataclasses.MISSING) != value
         }
-        lines.append(_wrapped_flags(f"  {key:16s}", own))
+        if own:
+            lines.append(_wrapped_flags(f"  {key:16s}", own))
+        else:
+            lines.append(f"  {key:16s}(the shared flags below only)")
     lines.append(_wrapped_flags(f"  {'all three:':16s}", shared))
     lines += [
         "  and SAELens's SAE flags (--d_in, --d_sae, ...).",
@@ -169,6 +173,10 @@ def run_saelens_training_cli(argv: Sequence[str], prog: str) -> None:
 
 
 def _train(argv: Sequence[str]) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun with N > 1
+        from sae_lens_sampled.distributed.train import main as train_data_parallel
+
+        return train_data_parallel(argv)
     from sae_lens_sampled._plugin import register_all
 
     register_all()  # already done by the import; again after any reload

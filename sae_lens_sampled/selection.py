@@ -160,6 +160,7 @@ def _batch_topk_settled(
     """
     flat = acts.flatten()
     n_rows, n_cols = acts.shape
+    pool: torch.Tensor | None
     with torch.no_grad():
         rows = torch.arange(n_rows, device=acts.device)[:, None]
         if open_rows is not None:
@@ -225,8 +226,11 @@ def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
         columns[:, :n_tokens].copy_(acts.t())
         totals = columns.sum(dim=-1, keepdim=True)
         probs = columns / totals.clamp_min(torch.finfo(wide).tiny)
-        return -torch.special.xlogy(probs, probs).sum(dim=-1).to(torch.float64)
-    norms = torch.linalg.vector_norm(acts, dim=0, dtype=wide).to(torch.float64)
+        plogp: torch.Tensor = torch.special.xlogy(probs, probs).sum(dim=-1)
+        return -plogp.to(torch.float64)
+    norms: torch.Tensor = torch.linalg.vector_norm(acts, dim=0, dtype=wide).to(
+        torch.float64
+    )
     return norms if score == "l2" else norms.square()
 
 

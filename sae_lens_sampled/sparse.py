@@ -129,9 +129,10 @@ def _entry_dots(
     try:
         # embedding_bag's own per-sample-weight gradient: the dots without gathering
         # an [n_selected, d] copy of either operand.
-        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        dots: torch.Tensor = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             row_vectors, col_vectors, codes.cols, codes.row_offsets, codes.rows, 0, -1
         )
+        return dots
     except (RuntimeError, AttributeError):  # pragma: no cover - private op changed
         chunk = 1 << 14
         return torch.cat(
@@ -146,7 +147,7 @@ def _entry_dots(
 
 class _GatherLinear(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         product: torch.Tensor,
         x: torch.Tensor,
@@ -160,7 +161,7 @@ class _GatherLinear(torch.autograd.Function):
         return product.detach()[codes.rows, codes.cols]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
         grad_x = grad_weight = grad_bias = None
@@ -192,12 +193,13 @@ def gather_linear(
     ``[n, d_in]``, ``weight`` ``[d_in, d_sae]`` and ``bias`` ``[d_sae]`` in
     ``O(n_selected * d_in)``.
     """
-    return _GatherLinear.apply(product, x, weight, bias, codes)
+    out: torch.Tensor = _GatherLinear.apply(product, x, weight, bias, codes)  # type: ignore[no-untyped-call]
+    return out
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, values: torch.Tensor, weight: torch.Tensor, codes: SparseCodes
     ) -> torch.Tensor:
         ctx.save_for_backward(values, weight)
@@ -206,7 +208,7 @@ class _SparseDecode(torch.autograd.Function):
             return _sum_by_row(codes, weight, values)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         values, weight = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
         grad = grad.to(weight.dtype).contiguous()
@@ -227,12 +229,13 @@ def sparse_decode(
     ``values[e]`` is the code at ``(codes.rows[e], codes.cols[e])``; ``weight`` is
     ``[n_cols, d_out]``. Gradients flow into ``values`` and ``weight``.
     """
-    return _SparseDecode.apply(values, weight, codes)
+    out: torch.Tensor = _SparseDecode.apply(values, weight, codes)  # type: ignore[no-untyped-call]
+    return out
 
 
 class _Densify(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         values: torch.Tensor,  # noqa: ARG004  (differentiated, not read)
         holder: list[torch.Tensor],
@@ -244,7 +247,7 @@ class _Densify(torch.autograd.Function):
         return holder.pop()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         codes: SparseCodes = ctx.codes
         return grad.reshape(-1, codes.n_cols)[codes.rows, codes.cols], None, None
 
@@ -260,4 +263,5 @@ def attach_values(
     nothing unless something back-propagates through the dense tensor. ``dense`` must
     not require grad; the result shares its memory.
     """
-    return _Densify.apply(values, [dense.detach()], codes)
+    out: torch.Tensor = _Densify.apply(values, [dense.detach()], codes)  # type: ignore[no-untyped-call]
+    return out

@@ -552,7 +552,12 @@ def test_wheel_install_registers_on_sae_lens_import(tmp_path):
     project = copy_project(tmp_path / "project")
     wheel = build("wheel", project, tmp_path)
     with zipfile.ZipFile(wheel) as archive:
-        assert {PTH_NAME, "sae_lens_sampled_autoload.py"} <= set(archive.namelist())
+        shipped = {
+            PTH_NAME,
+            "sae_lens_sampled_autoload.py",
+            "sae_lens_sampled/py.typed",
+        }
+        assert shipped <= set(archive.namelist())
     venv = tmp_path / "venv"
     python = make_venv_seeing_this_environment(venv)
     subprocess.run(

@@ -205,7 +205,7 @@ def test_cli_rejects_bad_plugin_value():
 def test_mutual_choice_cli_defaults():
     cfg = _parse_cfg_args(["--architecture", "mutual_choice", "-k", "8"])
     assert isinstance(cfg.sae, MutualChoiceTrainingSAEConfig)
-    assert cfg.sae.threshold_mode == "global"
+    assert cfg.sae.threshold_mode == "rate"
     assert cfg.sae.k == 8
 
 

@@ -140,7 +140,7 @@ def test_capacities_exact_sum_bounds_and_order(weights, n_tokens, budget_share):
 
 
 def test_capacities_at_realistic_scale():
-    # the research note's example: B=4096, k=32, F=24576, Zipf alpha=1
+    # a Pythia-160M-scale setting: B=4096, k=32, F=24576, Zipf alpha=1
     fractions = zipf_capacity_fractions(torch.randperm(24576) + 1, 32.0, 1.0)
     capacities = capacities_for_batch(fractions, 4096, 32 * 4096)
     assert int(capacities.sum()) == 32 * 4096
@@ -230,7 +230,7 @@ def test_config_defaults():
     cfg = FeatureChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3.0)
     assert cfg.capacity_schedule == "zipf"
     assert cfg.zipf_alpha == 0.5  # the other architectures keep 1.0 (aux_zipf)
-    assert cfg.threshold_mode == "per_feature"
+    assert cfg.threshold_mode == "rate"
     assert cfg.rank_by == "firing_rate"
     assert cfg.rerank_every >= 1
     assert cfg.get_inference_config_class() is FeatureChoiceSAEConfig
@@ -379,7 +379,7 @@ def test_batch_shape_scales_capacities():
 
 
 def test_per_feature_threshold_is_smallest_selected_on_first_step():
-    sae = make_sae()
+    sae = make_sae(threshold_mode="per_feature")
     out = sae.training_forward_pass(step_input(torch.randn(20, D_IN) * 2))
     acts = out.feature_acts.detach()
     smallest = torch.where(acts > 0, acts, torch.inf).amin(0).double()

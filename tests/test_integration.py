@@ -56,7 +56,10 @@ BATCH_TOKENS = 128
 # Fields each architecture adds to the CLI (besides -k and the shared ones).
 CLI_FLAGS = {
     "sampled": ["--pool_factor float", "--score {", "--pool_mode {", "--pool_seed"],
-    "mutual_choice": ["--threshold_mode {global,per_feature}"],
+    "mutual_choice": [
+        "--threshold_mode {rate,per_feature,global}",
+        "--threshold_gain float",
+    ],
     "feature_choice": ["--capacity_schedule {", "--rerank_every int", "--rank_by {"],
 }
 

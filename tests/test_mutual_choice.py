@@ -14,9 +14,11 @@ from tests.helpers import step_input
 D_IN, D_SAE = 16, 64
 
 
-def twin_saes(k: float = 4.0) -> tuple[MutualChoiceTrainingSAE, BatchTopKTrainingSAE]:
+def twin_saes(
+    k: float = 4.0, **fields
+) -> tuple[MutualChoiceTrainingSAE, BatchTopKTrainingSAE]:
     mc = MutualChoiceTrainingSAE(
-        MutualChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=k)
+        MutualChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=k, **fields)
     )
     bt = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=k))
     with torch.no_grad():
@@ -54,7 +56,7 @@ def test_aux_k_loss_equals_saelens():
 
 
 def test_global_threshold_is_ema_of_batch_minimum_selected():
-    mc, bt = twin_saes()
+    mc, bt = twin_saes(threshold_mode="global")
     lr = mc.cfg.topk_threshold_lr
     assert torch.isinf(mc.running_threshold).all()  # unable to fire before training
     expected = None

@@ -50,6 +50,8 @@ def trained(name: str, **fields):
         ("zipf_ema_tokens", 0, r"zipf_ema_tokens must be in \[1"),
         ("topk_threshold_lr", 0.0, r"topk_threshold_lr must be in \(0, 1\]"),
         ("topk_threshold_lr", 1.5, r"topk_threshold_lr must be in \(0, 1\]"),
+        ("threshold_gain", 0.0, r"threshold_gain must be in \(0, 1\], got 0.0"),
+        ("threshold_gain", 2.0, r"threshold_gain must be in \(0, 1\], got 2.0"),
         ("aux_loss_coefficient", -1.0, "aux_loss_coefficient must be in"),
         ("k", float("nan"), "k must be in"),
     ],

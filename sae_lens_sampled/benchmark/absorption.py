@@ -17,11 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sae_lens_sampled.saes.base import check_range
+
+if TYPE_CHECKING:
+    from sae_lens.training.activation_scaler import ActivationScaler
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -271,7 +274,8 @@ class AbsorptionResult:
 
 
 def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
-    return matrix / matrix.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    norms: torch.Tensor = matrix.norm(dim=-1, keepdim=True)
+    return matrix / norms.clamp(min=1e-12)
 
 
 @dataclass
@@ -641,7 +645,9 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 # Entry point
 
 
-def decoder_in_input_units(W_dec: torch.Tensor, activation_scaler: Any) -> torch.Tensor:
+def decoder_in_input_units(
+    W_dec: torch.Tensor, activation_scaler: ActivationScaler | None
+) -> torch.Tensor:
     """Decoder rows mapped back through the linear part of the activation scaler.
 
     An SAE trained on scaled inputs (SAELens ``ActivationScaler``: a norm factor
@@ -663,7 +669,7 @@ def absorption_metrics(
     hidden: torch.Tensor | None = None,
     *,
     batch_size: int | None = None,
-    activation_scaler: Any | None = None,
+    activation_scaler: ActivationScaler | None = None,
     thresholds: AbsorptionThresholds | None = None,
 ) -> AbsorptionResult:
     """Ground-truth absorption of an SAE on samples of a SAELens ``SyntheticModel``.

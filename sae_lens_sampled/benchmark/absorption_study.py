@@ -113,14 +113,15 @@ class _Recorder:
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], decode: Any):
         self.encode, self.decode = encode, decode
         self.active = self.rows = 0
-        self.error = self.sum = self.sum_sq = 0.0
+        self.error = self.sum_sq = 0.0
+        self.sum = torch.zeros((), dtype=torch.float64)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.encode(x)
         self.active += int((codes != 0).sum())
         self.rows += x.shape[0]
         self.error += float((self.decode(codes) - x).pow(2).sum())
-        self.sum += x.sum(dim=0).double()
+        self.sum = self.sum + x.sum(dim=0).double()  # [] grows to [d_in]
         self.sum_sq += float(x.double().pow(2).sum())
         return codes
 

@@ -159,7 +159,8 @@ class SafetensorsFile(ActivationFile):
         self._check_float(stored in _SAFETENSORS_FLOATS)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        return self._slice[start:stop].to(torch.float32)
+        rows: torch.Tensor = self._slice[start:stop]
+        return rows.to(torch.float32)
 
     def data_files(self) -> list[Path]:
         return [self.path]
@@ -286,7 +287,8 @@ def open_activations(path: str | Path, key: str | None = None) -> ActivationFile
 def nonfinite_rows(file: ActivationFile, limit: int = 5) -> tuple[int, list[int]]:
     """How many rows hold a NaN or Inf (after conversion to float32), and the
     first ``limit`` of them. Streams through the whole file."""
-    count, first = 0, []
+    count = 0
+    first: list[int] = []
     for start in range(0, file.n_rows, SCAN_ROWS):
         rows = file.read(start, min(start + SCAN_ROWS, file.n_rows))
         bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten()

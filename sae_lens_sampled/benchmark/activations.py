@@ -226,7 +226,9 @@ class ActivationsSource(DataSource):
         )
         sae_class, _ = get_sae_training_class(sae_cfg.architecture())
         sae = sae_class(sae_cfg).to(cfg.device)
-        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=self.batches(seed))
+        trainer: SAETrainer[Any, Any] = SAETrainer(
+            cfg=trainer_cfg, sae=sae, data_provider=self.batches(seed)
+        )
         return trainer.fit()
 
     def evaluate(self, sae: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,12 @@ from sae_lens_sampled.benchmark.runs import (
 )
 from sae_lens_sampled.benchmark.source import DataSource
 from sae_lens_sampled.benchmark.specs import RunSpec, build_sae_config
+from sae_lens_sampled.saes.base import BatchLevelSAE
 from sae_lens_sampled.thresholds import calibrate_thresholds
+
+# Batch-rule draws per calibration batch that calibrate_thresholds averages
+# (Sampled-SAE pools).
+CALIBRATION_POOL_DRAWS = 8
 
 
 def sae_config(cfg: CompareConfig, spec: RunSpec, d_in: int) -> TrainingSAEConfig:
@@ -98,14 +104,20 @@ def train_and_evaluate(
     per_token = source.evaluate(inference)
     result.update(rule_fields(per_token, ""))
     calibrated = None
-    batches = (
-        source.calibration_batches() if hasattr(inference, "set_thresholds") else None
-    )
-    if batches is not None:
+    plugin = inference if isinstance(inference, BatchLevelSAE) else None
+    batches = source.calibration_batches() if plugin is not None else None
+    if plugin is not None and batches is not None:
         # Per-token thresholds re-fitted so each feature fires as often as under
         # the batch rule, on samples that are neither training nor eval data.
-        recalibrated = copy.deepcopy(inference)
-        calibrate_thresholds(recalibrated, batches)
+        recalibrated = copy.deepcopy(plugin)
+        with warnings.catch_warnings():  # rare features: expected on few samples
+            warnings.simplefilter("ignore")
+            calibrate_thresholds(
+                recalibrated,
+                batches,
+                batch_size=cfg.batch_size,
+                pool_draws=CALIBRATION_POOL_DRAWS,
+            )
         calibrated = source.evaluate(recalibrated)
     result.update(rule_fields(calibrated, "_calibrated"))
     view = batch_rule_view(sae)

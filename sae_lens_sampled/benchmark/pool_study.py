@@ -202,7 +202,9 @@ def dictionary_ceiling(
     inference = to_inference_sae(source.train(sae_cfg, seed))
     out = {}
     for rule in rules:
-        encoder = RuleEncoder(inference, rule, seeded_generator(seed, 0, "cpu"))
+        encoder = RuleEncoder(
+            inference, rule, seeded_generator(seed, 0, torch.device("cpu"))
+        )
         metrics = source.evaluate(BatchRuleView(inference, encoder))
         out[rule.label] = {
             "explained_variance": metrics["explained_variance"],
@@ -227,6 +229,9 @@ class RunTrace:
     dead_but_unpooled: list[int] = field(default_factory=list)
     fired_steps: torch.Tensor | None = None
     pooled_steps: torch.Tensor | None = None
+    # steps each feature has missed in the pool since it last fired, and last pool
+    missed: torch.Tensor | None = None
+    last_pool: torch.Tensor | None = None
     n_steps: int = 0
 
     def summary(self) -> dict[str, Any]:
@@ -297,8 +302,8 @@ def tracing(dead_window: int = 100) -> Iterator[list[RunTrace]]:
             trace.fired_steps = torch.zeros(d_sae, dtype=torch.long)
             if hasattr(sae, "pool_staleness"):
                 trace.pooled_steps = torch.zeros(d_sae, dtype=torch.long)
-                trace.missed = torch.zeros(d_sae, dtype=torch.long)  # type: ignore[attr-defined]
-                trace.last_pool = None  # type: ignore[attr-defined]
+                trace.missed = torch.zeros(d_sae, dtype=torch.long)
+                trace.last_pool = None
         dead = trainer.dead_neurons.cpu()
         current.append(trace)
         try:
@@ -319,20 +324,21 @@ def tracing(dead_window: int = 100) -> Iterator[list[RunTrace]]:
         if trace.pooled_steps is not None:
             pooled = (sae.pool_staleness == 0).cpu()
             trace.pooled_steps += pooled
-            last = trace.last_pool  # type: ignore[attr-defined]
+            last = trace.last_pool
             if last is not None and pooled.sum() > 0:
                 same = (pooled & last).sum()
                 trace.churn.append(1.0 - float(same) / float(pooled.sum()))
-            trace.last_pool = pooled  # type: ignore[attr-defined]
-            missed = trace.missed  # type: ignore[attr-defined]
+            trace.last_pool = pooled
+            missed = trace.missed
+            assert missed is not None
             # the trainer's mask of this step against the pooled misses before it
             trace.dead_but_unpooled.append(int((dead & (missed <= dead_window)).sum()))
             missed = torch.where(fired, 0, torch.where(pooled, missed + 1, missed))
-            trace.missed = missed  # type: ignore[attr-defined]
+            trace.missed = missed
         trace.n_steps += 1
         return output
 
-    SAETrainer._train_step = step  # type: ignore[method-assign]
+    SAETrainer._train_step = step  # type: ignore[method-assign,assignment]
     torch.nn.utils.clip_grad_norm_ = clip  # type: ignore[assignment]
     try:
         yield traces

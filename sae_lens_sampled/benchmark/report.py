@@ -314,7 +314,7 @@ def _plot_spectrum(
     all_values = [v for s in series for v in s.values]
     n_seeds = max(e["n_seeds"] for s in series for e in s.entries)
     for ax, (title, metrics) in zip(axes, SPECTRUM_PANELS, strict=True):
-        drawn = []
+        drawn: list[float] = []
         for i, one in enumerate(series):
             for name, style, what in metrics:
                 means = [e.get(name + "_mean") for e in one.entries]

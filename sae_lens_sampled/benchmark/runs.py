@@ -19,7 +19,7 @@ def to_inference_sae(sae: TrainingSAE[Any]) -> SAE[Any]:
     """The inference SAE that ``save_inference_model`` would write, in memory."""
     state = {name: value.detach().clone() for name, value in sae.state_dict().items()}
     sae.process_state_dict_for_saving_inference(state)
-    inference = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
+    inference: SAE[Any] = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
     inference.load_state_dict(state)
     return inference.to(sae.W_dec.device)
 
@@ -30,7 +30,7 @@ class BatchRuleView:
     Lets SAELens's evaluators, which call ``sae.encode``, measure the batch rule.
     """
 
-    def __init__(self, sae: TrainingSAE[Any], encode: Callable[..., torch.Tensor]):
+    def __init__(self, sae: SAE[Any], encode: Callable[..., torch.Tensor]):
         self._sae = sae
         self.encode = encode
 
@@ -40,8 +40,9 @@ class BatchRuleView:
 
 def batch_rule_view(sae: TrainingSAE[Any]) -> BatchRuleView | None:
     """A view applying ``sae``'s batch rule, or None for per-token architectures."""
-    if hasattr(sae, "encode_batch"):
-        return BatchRuleView(sae, sae.encode_batch)
+    encode_batch = getattr(sae, "encode_batch", None)  # the plugin's architectures
+    if encode_batch is not None:
+        return BatchRuleView(sae, encode_batch)
     if isinstance(sae.activation_fn, BatchTopK):
         # SAELens's BatchTopK training SAEs select over the batch in any mode.
         return BatchRuleView(sae, sae.encode)

@@ -107,7 +107,9 @@ def build_sae(name: str, shape: Shape, device: str, seed: int = 0) -> Any:
     import sae_lens_sampled  # noqa: F401
 
     sae_class, cfg_class = get_sae_training_class(name)
-    cfg = cfg_class(d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k, device=device)
+    # k is a field of every architecture benchmarked, not of the base config class
+    fields: dict[str, Any] = {"d_in": shape.d_in, "d_sae": shape.d_sae, "k": shape.k}
+    cfg = cfg_class(**fields, device=device)
     torch.manual_seed(seed)
     sae = sae_class(cfg)
     generator = torch.Generator().manual_seed(seed)

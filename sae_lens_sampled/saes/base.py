@@ -11,7 +11,8 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
@@ -40,17 +41,19 @@ from sae_lens_sampled.sparse import (
     sparse_decode,
 )
 from sae_lens_sampled.thresholds import (
+    THRESHOLD_MODES,
+    ThresholdMode,
+    ThresholdState,
     column_stats_dense,
     update_firing_rate,
-    update_global_threshold,
-    update_per_feature_threshold,
 )
 
+if TYPE_CHECKING:
+    from sae_lens_sampled.distributed.step import DataParallelStep
+
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
-ThresholdMode = Literal["global", "per_feature"]
 
 AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
-THRESHOLD_MODES: tuple[str, ...] = ("global", "per_feature")
 
 
 class FieldValueError(ValueError):
@@ -194,10 +197,12 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             (0: full weight from the first step, exactly as SAELens's aux-k loss).
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``, as
             SAELens's TopK family does; folded into the weights on export.
-        topk_threshold_lr (float): EMA rate of the inference thresholds, in (0, 1]
-            (SAELens BatchTopK's name).
-        threshold_mode (str): ``"global"`` (one threshold shared by all features,
-            BatchTopK's convention) or ``"per_feature"``.
+        threshold_mode (str): Per-token inference thresholds: ``"rate"`` (default;
+            each feature fires per token as often as the batch rule selects it),
+            ``"per_feature"`` or ``"global"`` (``sae_lens_sampled.thresholds``).
+        topk_threshold_lr (float): EMA weight per step of the threshold state, in
+            (0, 1] (SAELens BatchTopK's name).
+        threshold_gain (float): Step gain of ``"rate"`` thresholds, in (0, 1].
         zipf_alpha (float): Exponent (> 0) of the Zipf law of target firing rates by
             usage rank, ``p_r ~ r ** -zipf_alpha`` (used by ``aux_zipf`` and by
             feature_choice's Zipf capacities).
@@ -216,15 +221,16 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     aux_loss_coefficient: float = 1.0
     aux_loss_warm_up_steps: int = 0
     rescale_acts_by_decoder_norm: bool = True
-    topk_threshold_lr: float = 0.01
-    threshold_mode: ThresholdMode = "per_feature"
+    topk_threshold_lr: float = 0.03
+    threshold_mode: ThresholdMode = "rate"
+    threshold_gain: float = 0.1
     zipf_alpha: float = 1.0
     zipf_tau: float = 0.1
     zipf_ema_tokens: int = 1_000_000
     check_finite_inputs: bool = True
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[no-untyped-call]  # SAELens: unannotated
         with noting_defaults(self):
             self.validate()
 
@@ -244,6 +250,9 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             low_inclusive=False,
         )
         check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        check_range(
+            "threshold_gain", self.threshold_gain, low=0, high=1, low_inclusive=False
+        )
         check_range("zipf_alpha", self.zipf_alpha, low=0, low_inclusive=False)
         check_range("zipf_tau", self.zipf_tau, low=0)
         check_range("zipf_ema_tokens", self.zipf_ema_tokens, low=1)
@@ -277,22 +286,22 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     n_tokens_seen: torch.Tensor
 
     # Training-only buffers, dropped from the inference state dict.
-    training_buffers: tuple[str, ...] = ("firing_rate", "n_tokens_seen")
+    training_buffers: tuple[str, ...] = (
+        "firing_rate",
+        "n_tokens_seen",
+        *ThresholdState.training_buffers,
+    )
+    # Set (to a distributed.DataParallelStep) only inside a data-parallel training
+    # step: select and update the state from the global batch.
+    data_parallel: "DataParallelStep | None" = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
-        # float64: the EMA moves by small steps that float32 would lose. Thresholds
-        # start at inf: the first selection sets them outright, and a feature that was
-        # never selected never fires at inference.
-        self.register_buffer(
-            "running_threshold",
-            torch.full(
-                (cfg.d_sae,), torch.inf, dtype=torch.float64, device=self.W_dec.device
-            ),
-        )
+        device = self.W_dec.device
+        # Per-token inference thresholds (`running_threshold`) and their update rule.
+        self.thresholds = ThresholdState(self, cfg.d_sae, device)
         # Fraction of tokens on which each feature is selected (EMA over
         # zipf_ema_tokens tokens), and the token count that de-biases its warm-up.
-        device = self.W_dec.device
         self.register_buffer(
             "firing_rate", torch.zeros(cfg.d_sae, dtype=torch.float64, device=device)
         )
@@ -311,13 +320,19 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     def batch_rule(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """:meth:`select` on ``relu(hidden_pre)`` of any leading shape."""
+        if self.data_parallel is not None:
+            return apply_to_last_dim(
+                partial(self.data_parallel.select, self), hidden_pre.relu()
+            )
         return apply_to_last_dim(self.select, hidden_pre.relu())
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations in the units the selection and thresholds use."""
         check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        hidden_pre: torch.Tensor = self.hook_sae_acts_pre(
+            sae_in @ self.W_enc + self.b_enc
+        )
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         return hidden_pre
@@ -401,7 +416,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         feature_acts = attach_values(values, selected, codes)
         # decode() takes the sparse path only for this very tensor, unmodified (a
         # hook returning another tensor, or an in-place edit, gets the dense path).
-        feature_acts.sparse_codes = (codes, values, feature_acts._version)
+        feature_acts.sparse_codes = (codes, values, feature_acts._version)  # type: ignore[attr-defined]
         return self.hook_sae_acts_post(feature_acts), hidden_pre
 
     @override
@@ -425,8 +440,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 *feature_acts.shape[:-1], self.W_dec.shape[1]
             )
         sae_out_pre = self.hook_sae_recons(sae_out_pre)
-        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
-        return self.reshape_fn_out(sae_out_pre, self.d_head)
+        # SAELens assigns these two as unannotated functions in SAE.__init__.
+        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)  # type: ignore[has-type]
+        sae_out: torch.Tensor = self.reshape_fn_out(sae_out_pre, self.d_head)  # type: ignore[no-untyped-call]
+        return sae_out
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The batch rule over every token of ``x`` (any leading shape), in any mode.
@@ -434,11 +451,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         Raises a ValueError on NaN or Inf input (the rule ranks all tokens together).
         """
         check_batch_rule_input(x)
-        return self.hook_sae_acts_post(self.activation_fn(self.hidden_pre(x)))
+        acts: torch.Tensor = self.hook_sae_acts_post(
+            self.activation_fn(self.hidden_pre(x))
+        )
+        return acts
 
-    @torch.no_grad()
     def set_thresholds(self, thresholds: torch.Tensor) -> None:
-        self.running_threshold.copy_(thresholds.to(self.running_threshold))
+        self.thresholds.set(thresholds)
 
     @override
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
@@ -449,7 +468,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             for name, buffer in self._buffers.items()
             if buffer is not None and buffer.dtype == torch.float64
         }
-        result = super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch
         for name, original in float64_buffers.items():
             moved = self._buffers[name]
             if moved is not None and moved.dtype != torch.float64:
@@ -553,8 +572,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         recons = act_times_W_dec(
             aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
         )
-        recons = self.reshape_fn_out(recons, self.d_head)
-        aux_loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[no-untyped-call]
+        aux_loss: torch.Tensor = (recons - residual).pow(2).sum(dim=-1).mean()
         scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
         return coefficient * scale * aux_loss
 
@@ -564,13 +583,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if self.cfg.check_finite_inputs:
             check_finite(step_input.sae_in)
         output = super().training_forward_pass(step_input)
-        self.update_state(output.feature_acts)
-        threshold = self.running_threshold
-        output.metrics["threshold_mean"] = lambda: threshold[
-            threshold.isfinite()
-        ].mean()
+        fire_rates = self.update_state(output.feature_acts, output.hidden_pre)
         # Callables: SAELens evaluates them on logging steps only, so other steps
         # never sync. They read the state as updated by this batch.
+        output.metrics.update(self.thresholds.metrics(fire_rates))
         firing_rate, n_tokens_seen = self.firing_rate, self.n_tokens_seen
         dead_mask = step_input.dead_neuron_mask
         output.metrics["underutilised_features"] = lambda: self.underutilised(
@@ -583,12 +599,14 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         return output
 
     @torch.no_grad()
-    def update_state(self, feature_acts: torch.Tensor) -> None:
-        """Update thresholds and firing rates (and subclass state) from a batch's codes.
+    def update_state(
+        self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
+    ) -> torch.Tensor:
+        """Update firing rates and thresholds (and subclass state) from a batch.
 
-        Reads only per-feature counts and smallest positive selections: from the
-        selected entries when the codes carry them (the training fast path, O(selected)),
-        else from the dense codes.
+        Reads per-feature counts and smallest positive selections: from the selected
+        entries when the codes carry them (the training fast path, O(selected)), else
+        from the dense codes. Returns each feature's per-token fire rate.
         """
         sparse = getattr(feature_acts, "sparse_codes", None)
         if sparse is not None and sparse[2] == feature_acts._version:
@@ -599,6 +617,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             dense = feature_acts.detach().flatten(end_dim=-2)
             counts, smallest = column_stats_dense(dense)
             n_tokens = dense.shape[0]
+        if self.data_parallel is not None:
+            counts, smallest, n_tokens = self.data_parallel.column_stats(
+                counts, smallest, n_tokens
+            )
         # autocast would run the EMAs in low precision
         with torch.autocast(self.W_dec.device.type, enabled=False):
             self.n_tokens_seen += n_tokens
@@ -611,13 +633,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                     self.cfg.zipf_ema_tokens,
                 )
             )
-            update = (
-                update_global_threshold
-                if self.cfg.threshold_mode == "global"
-                else update_per_feature_threshold
-            )
-            self.running_threshold.copy_(
-                update(self.running_threshold, smallest, self.cfg.topk_threshold_lr)
+            return self.thresholds.update(
+                hidden_pre, counts, smallest, n_tokens, self.data_parallel
             )
 
     @override
@@ -627,7 +644,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if self.cfg.rescale_acts_by_decoder_norm:
             # Thresholds are in units of hidden_pre * ||W_dec||, and the fold just
             # divided W_dec by the scaling factor.
-            self.running_threshold /= scaling_factor
+            self.thresholds.rescale(1 / scaling_factor)
 
     @override
     def process_state_dict_for_saving_inference(
@@ -636,6 +653,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         threshold = state_dict.pop("running_threshold")
         for name in self.training_buffers:
             state_dict.pop(name)
+        self.thresholds.record_metadata(self.cfg.metadata)
         # TopK's version folds the decoder norms into W_enc and b_enc, which puts the
         # inference hidden_pre in the units the thresholds were learned in.
         super().process_state_dict_for_saving_inference(state_dict)
@@ -652,6 +670,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving(state_dict)
+        self.thresholds.record_metadata(self.cfg.metadata)
         # SAELens's loader casts every saved tensor to the cfg dtype. Bytes (0..255)
         # survive a cast to any float dtype, bfloat16 included, so float64 EMAs and
         # int64 counters are saved as their raw bytes and restored bit-exactly.
@@ -689,7 +708,7 @@ class BatchLevelSAEConfig(JumpReLUSAEConfig):
     k: float = 100
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[no-untyped-call]  # SAELens: unannotated
         with noting_defaults(self):
             check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
 
@@ -712,7 +731,7 @@ class BatchLevelSAE(JumpReLUSAE):
     from training, and from earlier versions) load with 1.
     """
 
-    cfg: BatchLevelSAEConfig  # type: ignore[assignment]
+    cfg: BatchLevelSAEConfig
     rank_scale: torch.Tensor
 
     def __init__(self, cfg: BatchLevelSAEConfig, use_error_term: bool = False):
@@ -742,7 +761,10 @@ class BatchLevelSAE(JumpReLUSAE):
         """Pre-activations, in the units of ``threshold``."""
         check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
-        return self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        hidden_pre: torch.Tensor = self.hook_sae_acts_pre(
+            sae_in @ self.W_enc + self.b_enc
+        )
+        return hidden_pre
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The batch rule over every token of ``x`` (any leading shape).
@@ -753,9 +775,10 @@ class BatchLevelSAE(JumpReLUSAE):
         tokens together.
         """
         check_batch_rule_input(x)
-        return self.hook_sae_acts_post(
+        acts: torch.Tensor = self.hook_sae_acts_post(
             apply_to_last_dim(self.select, self.hidden_pre(x).relu())
         )
+        return acts
 
     @override
     @torch.no_grad()
@@ -763,7 +786,7 @@ class BatchLevelSAE(JumpReLUSAE):
         # JumpReLU's fold multiplies feature j's pre-activation (and threshold) by
         # its decoder norm; the batch rule must keep ranking the unfolded values.
         norms = self.get_W_dec_norm()
-        super().fold_W_dec_norm()
+        super().fold_W_dec_norm()  # type: ignore[no-untyped-call]  # SAELens: unannotated
         self.rank_scale.div_(norms.to(self.rank_scale.dtype))
 
     @override

@@ -65,7 +65,7 @@ def storable_fractions(fractions: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def initial_capacity_fractions(
-    schedule: str, d_sae: int, k: float, alpha: float, device: torch.device
+    schedule: str, d_sae: int, k: float, alpha: float, device: torch.device | str
 ) -> torch.Tensor:
     """Capacities before any usage is known: uniform, or Zipf by feature index."""
     if schedule == "uniform":
@@ -109,15 +109,17 @@ class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             behaves as ``"zipf_fixed"``; ``"demand"`` re-ranks by the data. At
             ``zipf_alpha=0.5`` the two trained equally well on every data set we
             measured, and ``"demand"`` ran 20 to 30 % slower (docs/feature_choice.md).
-        threshold_mode (str): Inference thresholds: ``"per_feature"`` (default; EMA of
-            each feature's smallest selected activation) or ``"global"``.
+        threshold_mode (str): Per-token inference thresholds: ``"rate"`` (default;
+            each feature fires per token as often as it picks tokens in training),
+            ``"per_feature"`` (EMA of its smallest selected activation) or
+            ``"global"``.
         aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``. With every
             capacity >= 1 SAELens's dead mask stays empty and aux-k adds nothing.
         aux_loss_coefficient (float): Weight of the auxiliary loss.
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``
             (a per-feature scale: it changes the thresholds' units, not which tokens
             a feature picks).
-        topk_threshold_lr (float): EMA rate of the thresholds, in (0, 1].
+        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
         zipf_tau (float): ``aux_zipf`` underutilisation factor (>= 0).
         zipf_ema_tokens (int): Horizon in tokens of the firing-rate EMA used for the
             usage ranks.
@@ -147,7 +149,7 @@ class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
 class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
     """Feature Choice training SAE: feature j keeps its top-``m_j`` tokens."""
 
-    cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
+    cfg: FeatureChoiceTrainingSAEConfig
     capacity_fractions: torch.Tensor
     n_selection_steps: torch.Tensor
     demand_rate: torch.Tensor
@@ -235,13 +237,17 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
             return
         if self.cfg.rank_by == "demand":
             acts = hidden_pre.detach().flatten(end_dim=-2).relu()
-            wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
+            if self.data_parallel is None:
+                wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
+                counts, n_tokens = (wanted > 0).sum(dim=0), acts.shape[0]
+            else:
+                counts, n_tokens = self.data_parallel.demand_counts(acts, self.cfg.k)
             with torch.autocast(self.W_dec.device.type, enabled=False):
                 self.demand_rate.copy_(
                     update_firing_rate(
                         self.demand_rate,
-                        (wanted > 0).sum(dim=0),
-                        acts.shape[0],
+                        counts,
+                        n_tokens,
                         self.n_tokens_seen,
                         self.cfg.zipf_ema_tokens,
                     )
@@ -281,7 +287,7 @@ class FeatureChoiceSAEConfig(BatchLevelSAEConfig):
 class FeatureChoiceSAE(BatchLevelSAE):
     """Feature Choice inference SAE: per-token thresholds; ``encode_batch`` for the rule."""
 
-    cfg: FeatureChoiceSAEConfig  # type: ignore[assignment]
+    cfg: FeatureChoiceSAEConfig
     capacity_fractions: torch.Tensor
 
     def __init__(self, cfg: FeatureChoiceSAEConfig, use_error_term: bool = False):

@@ -2,8 +2,9 @@
 
 The batch keeps its ``round(k * B)`` largest activations over the whole token x feature
 matrix, which is SAELens's BatchTopK selection. What this architecture adds: its own
-registry key, the ``aux_zipf`` loss, a choice of global or per-feature inference
-thresholds, and a per-token inference SAE that also offers the batch rule.
+registry key, the ``aux_zipf`` loss, rate-matched per-feature inference thresholds
+(or BatchTopK's global one), and a per-token inference SAE that also offers the
+batch rule.
 """
 
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from sae_lens_sampled.saes.base import (
     BatchLevelSAEConfig,
     BatchLevelTrainingSAE,
     BatchLevelTrainingSAEConfig,
-    ThresholdMode,
 )
 from sae_lens_sampled.selection import batch_budget, batch_topk
 
@@ -36,19 +36,18 @@ class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
         k (float): Mean active features per token; a batch of B tokens keeps its
             ``round(k * B)`` largest activations (SAELens BatchTopK truncates
             ``k * B`` instead; they agree whenever ``k * B`` is whole).
-        threshold_mode (str): Inference threshold: ``"global"`` (default; one EMA of
-            the batch's smallest selected activation, BatchTopK's convention) or
-            ``"per_feature"`` (an EMA per feature).
+        threshold_mode (str): Per-token inference thresholds: ``"rate"`` (default;
+            each feature fires per token as often as the batch rule selects it),
+            ``"global"`` (one EMA of the batch's smallest selected activation,
+            BatchTopK's convention) or ``"per_feature"`` (an EMA per feature).
         aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``.
         aux_loss_coefficient (float): Weight of the auxiliary loss.
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``.
-        topk_threshold_lr (float): EMA rate of the thresholds, in (0, 1].
+        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
         decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
         d_in (int): Input dimension.
         d_sae (int): Number of features.
     """
-
-    threshold_mode: ThresholdMode = "global"
 
     @override
     @classmethod
@@ -59,7 +58,7 @@ class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
 class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
     """Mutual Choice training SAE: global top-``k * B`` over the batch."""
 
-    cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
+    cfg: MutualChoiceTrainingSAEConfig
 
     @override
     def select(self, acts: torch.Tensor) -> torch.Tensor:
@@ -83,7 +82,7 @@ class MutualChoiceSAEConfig(BatchLevelSAEConfig):
 class MutualChoiceSAE(BatchLevelSAE):
     """Mutual Choice inference SAE: per-token thresholds; ``encode_batch`` for the rule."""
 
-    cfg: MutualChoiceSAEConfig  # type: ignore[assignment]
+    cfg: MutualChoiceSAEConfig
 
     @override
     def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:

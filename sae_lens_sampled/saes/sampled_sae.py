@@ -109,13 +109,15 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
         pool_seed (int | None): Seed for pool sampling. With a seed, the draw depends
             only on the seed and the step count (a saved buffer), so runs, resumes and
             ``encode_batch`` are reproducible; ``None`` uses torch's global RNG.
-        threshold_mode (str): Inference thresholds: ``"per_feature"`` (default; an EMA
-            over the batches in which the feature was selected, features never
-            selected never fire) or ``"global"``.
+        threshold_mode (str): Per-token inference thresholds: ``"rate"`` (default;
+            each feature fires per token as often as the batch rule selects it,
+            counting the chance of being in the pool), ``"per_feature"`` (EMA of its
+            smallest selected activation) or ``"global"``. Features never selected
+            never fire.
         aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``.
         aux_loss_coefficient (float): Weight of the auxiliary loss.
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``.
-        topk_threshold_lr (float): EMA rate of the thresholds, in (0, 1].
+        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
         decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
         d_in (int): Input dimension.
         d_sae (int): Number of features.
@@ -149,7 +151,7 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
 class SampledTrainingSAE(BatchLevelTrainingSAE):
     """Sampled-SAE training SAE: score, pool, then batch top-k inside the pool."""
 
-    cfg: SampledTrainingSAEConfig  # type: ignore[assignment]
+    cfg: SampledTrainingSAEConfig
     n_selection_steps: torch.Tensor
     pool_staleness: torch.Tensor
     missed_chances: torch.Tensor
@@ -281,21 +283,25 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
 
     @override
     @torch.no_grad()
-    def update_state(self, feature_acts: torch.Tensor) -> None:
-        super().update_state(feature_acts)
+    def update_state(
+        self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
+    ) -> torch.Tensor:
+        fire_rates = super().update_state(feature_acts, hidden_pre)
         self.n_selection_steps += 1
         if self._step_pool is None:  # called outside a training step
-            return
+            return fire_rates
         pool, positive = self._step_pool
         self._step_pool = None
         self.pool_staleness.copy_(update_staleness(self.pool_staleness, pool))
         if positive is not None:
             chance = (self.pool_staleness == 0) | ~positive
+            fired = fired_features(feature_acts)
+            if self.data_parallel is not None:  # fired on any rank's rows
+                fired = self.data_parallel.sum_counts(fired.long()) > 0
             self.missed_chances.copy_(
-                update_missed_chances(
-                    self.missed_chances, fired_features(feature_acts), chance
-                )
+                update_missed_chances(self.missed_chances, fired, chance)
             )
+        return fire_rates
 
 
 def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:
@@ -347,7 +353,7 @@ class SampledSAEConfig(BatchLevelSAEConfig):
 class SampledSAE(BatchLevelSAE):
     """Sampled-SAE inference SAE: per-token thresholds; ``encode_batch`` for the rule."""
 
-    cfg: SampledSAEConfig  # type: ignore[assignment]
+    cfg: SampledSAEConfig
 
     def __init__(self, cfg: SampledSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)

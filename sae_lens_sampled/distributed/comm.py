@@ -1,0 +1,152 @@
+"""A thin wrapper over ``torch.distributed`` collectives that counts what it sends.
+
+Every collective the data-parallel code runs goes through :class:`Comm`, which
+
+- works without a process group (world size 1: every call returns its input), so the
+  same code path trains in one process;
+- records, per category (``"selection"``, ``"stats"``, ``"gradients"``, ...), how many
+  calls ran and how many bytes each rank sent under the usual ring algorithms
+  (all-reduce of N bytes: ``2 (W-1)/W N``; all-gather of s bytes per rank:
+  ``(W-1) s``; broadcast of N bytes: N, what the root sends).
+
+Nothing here imports SAELens.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
+
+
+@dataclass
+class TrafficCounter:
+    """Calls and bytes sent per rank, by category, since the last :meth:`reset`."""
+
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_sent: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, category: str, n_bytes: float) -> None:
+        self.calls[category] += 1
+        self.bytes_sent[category] += n_bytes
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes_sent.clear()
+
+    def snapshot(self) -> dict[str, tuple[int, float]]:
+        return {name: (self.calls[name], self.bytes_sent[name]) for name in self.calls}
+
+
+class Comm:
+    """Collectives over ``group`` (the default group if one is initialised).
+
+    Args:
+        group: A ``torch.distributed`` process group, or ``None`` for the default
+            group when one is initialised, else a single process.
+        counter: Where traffic is recorded (a fresh counter if not given).
+        always: Run the collectives even in a group of one rank (to exercise a
+            backend on a single device); by default a one-rank group skips them.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        counter: TrafficCounter | None = None,
+        always: bool = False,
+    ) -> None:
+        self.active = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.rank = dist.get_rank(group) if self.active else 0
+        self.world_size = dist.get_world_size(group) if self.active else 1
+        if self.world_size == 1 and not always:
+            self.active = False
+        self.counter = TrafficCounter() if counter is None else counter
+
+    def _op(self, op: str) -> Any:
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {tuple(_OPS)}, got {op!r}")
+        return getattr(dist.ReduceOp, _OPS[op])
+
+    def all_reduce(
+        self, tensor: torch.Tensor, op: str = "sum", category: str = "stats"
+    ) -> torch.Tensor:
+        """Reduce ``tensor`` in place over all ranks and return it."""
+        if not self.active:
+            return tensor
+        w = self.world_size
+        self.counter.add(category, 2 * (w - 1) / w * tensor.numel() * tensor.itemsize)
+        dist.all_reduce(tensor, op=self._op(op), group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, category: str) -> torch.Tensor:
+        """``[world_size, *tensor.shape]``: every rank's ``tensor``, in rank order.
+
+        Every rank must pass a tensor of the same shape and dtype.
+        """
+        tensor = tensor.contiguous()
+        if not self.active:
+            return tensor.unsqueeze(0)
+        out = tensor.new_empty((self.world_size, *tensor.shape))
+        self.counter.add(
+            category, (self.world_size - 1) * tensor.numel() * tensor.itemsize
+        )
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out.view(-1), tensor.view(-1), group=self.group)
+        return out
+
+    def all_to_all(
+        self,
+        tensor: torch.Tensor,
+        send_counts: Sequence[int],
+        receive_counts: Sequence[int],
+        category: str,
+    ) -> torch.Tensor:
+        """Send ``send_counts[q]`` consecutive entries of ``tensor`` (1-D) to rank q;
+        return what every rank sent here, concatenated in rank order."""
+        out = tensor.new_empty(sum(receive_counts))
+        if not self.active:
+            return out.copy_(tensor)
+        kept = send_counts[self.rank]
+        self.counter.add(category, (tensor.numel() - kept) * tensor.itemsize)
+        dist.all_to_all_single(
+            out,
+            tensor.contiguous(),
+            output_split_sizes=list(receive_counts),
+            input_split_sizes=list(send_counts),
+            group=self.group,
+        )
+        return out
+
+    def broadcast(
+        self, tensor: torch.Tensor, src: int = 0, category: str = "selection"
+    ) -> torch.Tensor:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s; return it."""
+        if not self.active:
+            return tensor
+        self.counter.add(category, tensor.numel() * tensor.itemsize)
+        dist.broadcast(tensor, src=self._global_rank(src), group=self.group)
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s picklable ``obj`` on every rank (setup only; not counted)."""
+        if not self.active:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=self._global_rank(src), group=self.group)
+        return holder[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(group=self.group)
+
+    def _global_rank(self, group_rank: int) -> int:
+        if self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)

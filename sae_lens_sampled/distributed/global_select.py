@@ -1,0 +1,528 @@
+"""Batch-level selection over a batch split across ranks, exchanging statistics only.
+
+Rank r holds rows ``[offset_r, offset_r + n_r)`` of the global batch (rank order is
+token order). Each function here returns, on every rank, that rank's part of what the
+single-process rule would give on the concatenated batch, and sends far less than the
+``[B, d_sae]`` matrix:
+
+- :func:`global_topk_mask`: the global top-``budget`` entries (BatchTopK, Mutual
+  Choice, Sampled-SAE inside its pool). Each rank sends its ``c`` largest values,
+  ``c = ceil(oversample * budget / W)``; the threshold found among them is exact unless
+  a rank that sent only part of its entries sent nothing below it, in which case every
+  rank sends ``min(budget, n_r)`` values (always exact). Ties at the threshold go to
+  the lowest global flat index.
+- :func:`global_feature_scores`: Sampled-SAE column scores from per-feature sums
+  reduced in float64.
+- :func:`shared_pool`: one pool, drawn by rank 0 and broadcast.
+- :func:`global_feature_choice_mask`: each feature's top-``m_j`` tokens of the global
+  batch. Every rank sends, per feature, its ``min(m_j, n_max)`` best keys
+  ``(value bits << 32) | (2**32 - 1 - global token)``, unique within a feature, so the
+  ``m_j``-th largest key is the exact cut and ties go to the lowest global token.
+
+Nothing here imports SAELens; ``comm`` is a :class:`~.comm.Comm`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sae_lens_sampled.distributed.comm import Comm
+from sae_lens_sampled.selection import explore_pool, explore_size, select_pool
+
+SELECTION = "selection"
+_TOKEN_BITS = 32
+_TOKEN_MASK = (1 << _TOKEN_BITS) - 1
+
+
+def _top_entries(values: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` largest entries of ``values`` (any shape) and their flat
+    indices, unordered.
+
+    On a 2-D matrix each row's ``2 * ceil(count / n_rows)`` largest entries are
+    taken first and the top ``count`` found among them: exact unless some row's
+    smallest candidate is above the result (that row may hide more), in which case
+    the flat top-k runs. Costs far less than a flat top-k over the whole matrix.
+    """
+    flat = values.reshape(-1)
+    if values.dim() == 2 and count > 0:
+        n_rows, n_cols = values.shape
+        per_row = 2 * -(-count // n_rows)
+        if 2 * per_row <= n_cols:
+            rows_top = torch.topk(values, per_row, dim=1, sorted=False)
+            top = torch.topk(rows_top.values.reshape(-1), count, sorted=False)
+            if not bool((rows_top.values.amin(dim=1) > top.values.min()).any()):
+                row = top.indices // per_row
+                column = rows_top.indices.reshape(-1)[top.indices]
+                return top.values, row * n_cols + column
+    top = torch.topk(flat, count, sorted=False)
+    return top.values, top.indices
+
+
+def _local_top_entries(
+    values: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``count`` largest of ``values`` and their flat indices, padded with
+    ``-inf`` (index -1) to ``count``, and the next largest value (``-inf`` if
+    there is none)."""
+    flat = values.reshape(-1)
+    count_here = min(count, flat.numel())
+    if count_here < flat.numel():
+        # One more than is sent: the first unsent value tells whether entries
+        # equal to the threshold were left out.
+        top, indices = _top_entries(values, count_here + 1)
+        extra = torch.argmin(top)
+        keep = torch.arange(top.numel(), device=top.device) != extra
+        following = top[extra]
+        top, indices = top[keep], indices[keep]
+    else:
+        top = flat
+        indices = torch.arange(flat.numel(), device=flat.device)
+        following = flat.new_tensor(-torch.inf)
+    if count_here < count:
+        top = torch.cat([top, top.new_full((count - count_here,), -torch.inf)])
+        indices = torch.cat([indices, indices.new_full((count - count_here,), -1)])
+    return top, indices, following
+
+
+@dataclass
+class _Threshold:
+    """A global k-th largest value, with this rank's candidates that found it."""
+
+    value: torch.Tensor
+    local_top: torch.Tensor  # this rank's sent values (padded with -inf)
+    local_indices: torch.Tensor  # their flat indices (-1 for padding)
+    sent_everything_tied: bool  # every local entry equal to value was sent
+
+
+def _threshold_from_candidates(
+    values: torch.Tensor, budget: int, count: int, comm: Comm, sizes: list[int]
+) -> tuple[_Threshold, bool]:
+    """The ``budget``-th largest of every rank's top-``count``, and whether it is exact.
+
+    Every entry a rank did not send is at most the smallest value it sent, so the
+    threshold is exact when no truncated rank sent only values above it.
+    """
+    local_top, local_indices, following = _local_top_entries(values, count)
+    gathered = comm.all_gather(local_top, SELECTION)
+    threshold = torch.topk(gathered.flatten(), budget, sorted=False).values.min()
+    truncated = torch.tensor([count < size for size in sizes], device=values.device)
+    hiding = truncated & (gathered.amin(dim=1) > threshold)
+    exact = not bool(hiding.any())  # the same answer on every rank
+    everything_tied = bool(following < threshold)
+    found = _Threshold(threshold, local_top, local_indices, everything_tied)
+    return found, exact
+
+
+def _global_threshold(
+    values: torch.Tensor, k: int, comm: Comm, sizes: list[int], oversample: float
+) -> _Threshold:
+    total = sum(sizes)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}], got {k}")
+    largest = max(sizes)
+    optimistic = min(k, largest, math.ceil(oversample * k / comm.world_size))
+    found, exact = _threshold_from_candidates(values, k, optimistic, comm, sizes)
+    if not exact:
+        full = min(k, largest)
+        found, _ = _threshold_from_candidates(values, k, full, comm, sizes)
+    return found
+
+
+def global_kth_largest(
+    values: torch.Tensor,
+    k: int,
+    comm: Comm,
+    sizes: list[int],
+    oversample: float = 2.0,
+) -> torch.Tensor:
+    """The ``k``-th largest entry of all ranks' ``values`` (any shape), on every rank.
+
+    ``sizes`` holds every rank's ``values.numel()``, in rank order; ``1 <= k <=
+    sum(sizes)``. One all-gather of ``ceil(oversample * k / W)`` values per rank, and
+    a second of ``min(k, max(sizes))`` only when the first cannot prove its answer.
+    """
+    return _global_threshold(values, k, comm, sizes, oversample).value
+
+
+@torch.no_grad()
+def global_topk_indices(
+    acts: torch.Tensor,
+    budget: int,
+    comm: Comm,
+    sizes: list[int],
+    oversample: float = 2.0,
+) -> torch.Tensor:
+    """Flat indices of this rank's entries among the global top-``budget``.
+
+    ``acts`` is this rank's block (non-negative, any shape); ``sizes`` every rank's
+    number of entries in rank order. Exactly ``budget`` entries are selected over
+    all ranks (all of them if there are fewer); among entries equal to the
+    threshold the lowest global flat index (rank, then row-major) wins. Selected
+    entries equal to 0 are left out, as they contribute nothing.
+    """
+    flat = acts.reshape(-1)
+    if budget <= 0:
+        return torch.empty(0, dtype=torch.long, device=acts.device)
+    if budget >= sum(sizes):
+        return (flat > 0).nonzero().squeeze(1)
+    found = _global_threshold(acts, budget, comm, sizes, oversample)
+    threshold, top, indices = found.value, found.local_top, found.local_indices
+    # Every local entry above the threshold was sent (exactness), so the sent
+    # entries name them.
+    if threshold <= 0:  # host sync; the same branch on every rank
+        return indices[top > 0]
+    above = indices[top > threshold]
+    if found.sent_everything_tied:
+        tied = indices[top == threshold].sort().values
+    else:  # the smallest sent value equals the threshold: ties may hide unsent
+        tied = (flat == threshold).nonzero().squeeze(1)
+    counts = torch.tensor([above.numel(), tied.numel()], device=acts.device)
+    gathered = comm.all_gather(counts, SELECTION).tolist()
+    need = budget - sum(count_above for count_above, _ in gathered)
+    before = sum(count_ties for _, count_ties in gathered[: comm.rank])
+    quota = max(0, min(need - before, tied.numel()))
+    return torch.cat([above, tied[:quota]])
+
+
+def global_topk_mask(
+    acts: torch.Tensor,
+    budget: int,
+    comm: Comm,
+    sizes: list[int],
+    oversample: float = 2.0,
+) -> torch.Tensor:
+    """Boolean mask of :func:`global_topk_indices`, shaped like ``acts``."""
+    indices = global_topk_indices(acts, budget, comm, sizes, oversample)
+    mask = torch.zeros(acts.numel(), dtype=torch.bool, device=acts.device)
+    return mask.index_fill_(0, indices, True).view_as(acts)
+
+
+def _column_sums(acts: torch.Tensor, score: str, chunk_bytes: int) -> torch.Tensor:
+    """Per-feature float64 sums a score needs (``[1, d]`` or ``[2, d]``), summed over
+    row chunks so that no float64 copy larger than ``chunk_bytes`` is made."""
+    n_rows, width = acts.shape
+    rows = max(1, chunk_bytes // max(8 * width, 1))
+    sums = acts.new_zeros((2 if score == "entropy" else 1, width), dtype=torch.float64)
+    for chunk in acts.split(rows):
+        chunk64 = chunk.to(torch.float64)
+        if score == "entropy":
+            sums[0] += chunk64.sum(dim=0)
+            sums[1] += torch.special.xlogy(chunk64, chunk64).sum(dim=0)
+        else:
+            sums[0] += chunk64.square().sum(dim=0)
+    return sums
+
+
+@torch.no_grad()
+def global_feature_scores(
+    acts: torch.Tensor, score: str, comm: Comm, chunk_bytes: int = 1 << 28
+) -> torch.Tensor:
+    """Sampled-SAE column scores of the global batch, float64 ``[d_sae]``.
+
+    From per-feature sums reduced over ranks: ``l2 = sqrt(sum a^2)``,
+    ``squared_l2 = sum a^2``, ``entropy = log S - T / S`` with ``S = sum a`` and
+    ``T = sum a log a`` (the entropy of the column normalised to sum 1; 0 for an
+    all-zero column); ``uniform`` needs no exchange. Sums are taken in float64
+    (``T`` would otherwise lose digits against ``S log S``).
+    """
+    d_sae = acts.shape[-1]
+    if score == "uniform":
+        return torch.ones(d_sae, dtype=torch.float64, device=acts.device)
+    if score not in ("l2", "squared_l2", "entropy"):
+        raise ValueError(
+            "score must be one of ('l2', 'squared_l2', 'entropy', 'uniform'), "
+            f"got {score!r}"
+        )
+    sums = comm.all_reduce(_column_sums(acts, score, chunk_bytes), "sum", SELECTION)
+    if score == "l2":
+        return sums[0].sqrt()
+    if score == "squared_l2":
+        return sums[0]
+    total, weighted_log = sums
+    positive = total > 0
+    safe = torch.where(positive, total, 1.0)
+    return torch.where(positive, safe.log() - weighted_log / safe, 0.0)
+
+
+@torch.no_grad()
+def shared_pool(
+    scores: torch.Tensor,
+    size: int,
+    mode: str,
+    generator: torch.Generator | None,
+    comm: Comm,
+    *,
+    beta: float = 1.0,
+    staleness: torch.Tensor | None = None,
+    explore: float = 0.0,
+) -> torch.Tensor:
+    """The Sampled-SAE pool (long ``[size]``), drawn on rank 0 and broadcast.
+
+    Rank 0 draws it as one process would (``select_pool`` with sharpness ``beta``,
+    then, with ``staleness`` given, ``explore_size(size, explore)`` slots for the least
+    recently pooled features). Broadcasting ``size`` indices costs little and makes the
+    pool identical on every rank even if the ranks' scores differed in the last bit or
+    their RNGs drifted.
+    """
+    if comm.rank == 0:
+        n_explore = explore_size(size, explore) if staleness is not None else 0
+        pool = select_pool(scores, size - n_explore, mode, generator, beta)
+        if n_explore > 0:
+            assert staleness is not None
+            pool = explore_pool(pool, scores, staleness, n_explore)
+    else:
+        pool = torch.empty(size, dtype=torch.long, device=scores.device)
+    return comm.broadcast(pool, 0, SELECTION)
+
+
+def _check_key_dtype(acts: torch.Tensor) -> None:
+    if acts.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            "data-parallel feature_choice ranks float32, float16 or bfloat16 "
+            f"activations exactly; got {acts.dtype} (train the SAE in float32, or "
+            "under bf16 autocast)"
+        )
+
+
+def token_keys(acts: torch.Tensor, first_token: int) -> torch.Tensor:
+    """Int64 keys ``(float32 bits of a) << 32 | (2**32 - 1 - global token)``.
+
+    For ``a >= 0`` the keys order entries of a column by value, then by lower global
+    token, and are unique within a column. Requires fewer than ``2**32`` tokens.
+    """
+    _check_key_dtype(acts)
+    n_rows = acts.shape[0]
+    if first_token + n_rows > _TOKEN_MASK:
+        raise ValueError(f"global batch too large for 32-bit token keys: {n_rows}")
+    # + 0.0 turns -0.0 into +0.0, whose bits are 0
+    bits = (acts.float().clamp_min(0) + 0.0).view(torch.int32).to(torch.int64)
+    tokens = torch.arange(
+        first_token, first_token + n_rows, device=acts.device, dtype=torch.int64
+    )
+    return (bits << _TOKEN_BITS) | (_TOKEN_MASK - tokens)[:, None]
+
+
+def _depth_buckets(depths: torch.Tensor, n_rows: int) -> list[tuple[int, torch.Tensor]]:
+    """Features grouped by ``topk`` depth (powers of two, capped at ``n_rows``)."""
+    positive = depths > 0
+    if not bool(positive.any()):
+        return []
+    levels = torch.ceil(torch.log2(depths.clamp_min(1).double())).long()
+    levels = torch.where(positive, levels, -1)
+    buckets = []
+    for level in levels[positive].unique().tolist():
+        columns = (levels == level).nonzero().squeeze(1)
+        buckets.append((min(n_rows, 1 << level), columns))
+    return buckets
+
+
+def _pack_keys(
+    values: torch.Tensor, rows: torch.Tensor, first_token: int
+) -> torch.Tensor:
+    """:func:`token_keys` of the entries ``values`` found at local ``rows``."""
+    bits = (values.float().clamp_min(0) + 0.0).view(torch.int32).to(torch.int64)
+    return (bits << _TOKEN_BITS) | (_TOKEN_MASK - (first_token + rows))
+
+
+def _column_top(
+    block: torch.Tensor, wanted: torch.Tensor, depth: int, first_token: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's ``depth`` best entries by key (value, then lower token): keys
+    and local rows, ``[depth, n_columns]``, sorted by value.
+
+    A ``topk`` on the values decides it, except in a column whose ``wanted``-th and
+    next values are equal and positive: which of the tied tokens make the cut then
+    depends on the token, and that column is ranked on full keys.
+    """
+    n_rows = block.shape[0]
+    probe = min(depth + 1, n_rows)
+    top = torch.topk(block, probe, dim=0)
+    values, rows = top.values[:depth], top.indices[:depth]
+    if probe > depth:
+        cut = wanted.clamp(max=depth)
+        last = top.values.gather(0, (cut - 1).clamp(min=0)[None])[0]
+        after = top.values.gather(0, cut[None])[0]
+        tied = ((cut > 0) & (last == after) & (last > 0)).nonzero().squeeze(1)
+        if tied.numel():  # host sync
+            keys = token_keys(block.index_select(1, tied), first_token)
+            fixed = torch.topk(keys, depth, dim=0).indices
+            rows = rows.clone()
+            rows[:, tied] = fixed
+            values = block.gather(0, rows)
+    return _pack_keys(values, rows, first_token), rows
+
+
+def column_top_keys(
+    acts: torch.Tensor, depths: torch.Tensor, n_rows_max: int, first_token: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each column's ``depths[j]`` largest keys, feature-major, padded with ``-1``.
+
+    ``acts`` is ``[n_rows, d_sae]``; ``depths`` long ``[d_sae]`` with every entry
+    at most ``n_rows_max``; keys as :func:`token_keys` with rows numbered from
+    ``first_token``, built for the candidates only. Returns ``(keys, columns,
+    rows)`` of length ``sum(depths)``: the layout (which column each position
+    belongs to) depends only on ``depths`` and ``n_rows_max``, so it is the same on
+    every rank; a rank with fewer than ``depths[j]`` rows pads with key ``-1``
+    (row ``-1``).
+    """
+    _check_key_dtype(acts)
+    n_rows = acts.shape[0]
+    parts_keys, parts_cols, parts_rows = [], [], []
+    for depth, columns in _depth_buckets(depths, n_rows_max):
+        wanted = depths[columns]
+        here = min(depth, n_rows)
+        block = acts.index_select(1, columns)
+        top_keys, top_rows = _column_top(block, wanted, here, first_token)
+        if here < depth:
+            pad_shape = (depth - here, columns.numel())
+            top_keys = torch.cat([top_keys, top_keys.new_full(pad_shape, -1)])
+            top_rows = torch.cat([top_rows, top_rows.new_full(pad_shape, -1)])
+        rank = torch.arange(depth, device=acts.device)[:, None]
+        keep = (rank < wanted[None, :]).t()  # feature-major
+        parts_keys.append(top_keys.t()[keep])
+        parts_rows.append(top_rows.t()[keep])
+        parts_cols.append(columns[:, None].expand(-1, depth)[keep])
+    if not parts_keys:
+        empty = torch.empty(0, dtype=torch.int64, device=acts.device)
+        return empty, empty.clone(), empty.clone()
+    return torch.cat(parts_keys), torch.cat(parts_cols), torch.cat(parts_rows)
+
+
+def _segment_kth(
+    keys: torch.Tensor,
+    columns: torch.Tensor,
+    segment_lengths: torch.Tensor,
+    ks: torch.Tensor,
+) -> torch.Tensor:
+    """Per column j, the ``ks[j]``-th largest of the keys whose column is j.
+
+    ``segment_lengths[j]`` is how many keys belong to column j; ``ks[j] = 0`` gives
+    the largest int64 (nothing passes ``>=`` it).
+    """
+    order = torch.argsort(keys, descending=True, stable=True)
+    order = order[torch.argsort(columns[order], stable=True)]
+    ordered = keys[order]
+    starts = segment_lengths.cumsum(0) - segment_lengths
+    cut = torch.full_like(ks, torch.iinfo(torch.int64).max)
+    has = ks > 0
+    cut[has] = ordered[starts[has] + ks[has] - 1]
+    return cut
+
+
+FEATURE_CHOICE_LAYOUTS: tuple[str, ...] = ("auto", "all_gather", "all_to_all")
+
+
+def feature_choice_layout_bytes(
+    n_candidates: int, d_sae: int, world_size: int
+) -> dict[str, float]:
+    """Bytes one rank sends to find the cuts, for each exchange layout.
+
+    ``all_gather``: every rank's ``L`` candidate keys to every rank. ``all_to_all``
+    (features sharded over ranks): each rank sends its candidates to the owners of
+    their features, owners find the cuts of their ``d_sae / W`` features, and the
+    cuts are all-gathered.
+    """
+    world = world_size
+    block = -(-d_sae // world)
+    return {
+        "all_gather": 8.0 * n_candidates * (world - 1),
+        "all_to_all": 8.0 * n_candidates * (world - 1) / world
+        + 8.0 * block * (world - 1),
+    }
+
+
+def _cuts_all_to_all(
+    cand_keys: torch.Tensor,
+    cand_cols: torch.Tensor,
+    depths: torch.Tensor,
+    ks: torch.Tensor,
+    comm: Comm,
+) -> torch.Tensor:
+    """Every feature's cut, found by the rank that owns the feature.
+
+    Rank q owns features ``q, q + W, q + 2W, ...``: round-robin, so that the
+    largest capacities (Zipf heads, adjacent in rank or index) spread over ranks.
+    """
+    rank, world = comm.rank, comm.world_size
+    d_sae = depths.numel()
+    owner = cand_cols % world
+    order = torch.argsort(owner, stable=True)
+    # The layout is the same on every rank, so are these counts.
+    counts = torch.bincount(owner, minlength=world).tolist()
+    mine = counts[rank]
+    received = comm.all_to_all(cand_keys[order], counts, [mine] * world, SELECTION)
+    start = sum(counts[:rank])
+    my_cols = cand_cols[order][start : start + mine] // world
+    cut_mine = _segment_kth(
+        received, my_cols.repeat(world), world * depths[rank::world], ks[rank::world]
+    )
+    block = -(-d_sae // world)
+    padded = cut_mine.new_full((block,), torch.iinfo(torch.int64).max)
+    padded[: cut_mine.numel()] = cut_mine
+    gathered = comm.all_gather(padded, SELECTION)
+    cut = torch.empty_like(ks)
+    for owner_rank in range(world):
+        owned = cut[owner_rank::world]
+        owned.copy_(gathered[owner_rank, : owned.numel()])
+    return cut
+
+
+@torch.no_grad()
+def global_feature_choice_mask(
+    acts: torch.Tensor,
+    capacities: torch.Tensor,
+    comm: Comm,
+    shard_rows: list[int],
+    layout: str = "auto",
+) -> torch.Tensor:
+    """Boolean mask of this rank's entries among each feature's global top-``m_j``.
+
+    ``acts`` is this rank's ``[n_r, d_sae]`` block (non-negative), ``capacities`` the
+    long ``[d_sae]`` capacities of the global batch (identical on every rank) and
+    ``shard_rows`` every rank's ``n_r``. Entries equal to 0 are never selected (not
+    active). Ties go to the lowest global token. ``layout`` picks how candidates are
+    exchanged (:func:`feature_choice_layout_bytes`); ``"auto"`` takes the one that
+    sends fewer bytes.
+    """
+    if layout not in FEATURE_CHOICE_LAYOUTS:
+        raise ValueError(
+            f"layout must be one of {FEATURE_CHOICE_LAYOUTS}, got {layout!r}"
+        )
+    rank, world = comm.rank, comm.world_size
+    n_rows_max = max(shard_rows)
+    first_token = sum(shard_rows[:rank])
+    depths = capacities.clamp(0, n_rows_max)
+    ks = capacities.clamp(0, sum(shard_rows))
+    cand_keys, cand_cols, cand_rows = column_top_keys(
+        acts, depths, n_rows_max, first_token
+    )
+    if layout == "auto":
+        costs = feature_choice_layout_bytes(cand_keys.numel(), acts.shape[1], world)
+        layout = min(costs, key=costs.__getitem__)
+    if layout == "all_to_all" and world > 1:
+        cut = _cuts_all_to_all(cand_keys, cand_cols, depths, ks, comm)
+    else:
+        gathered = comm.all_gather(cand_keys, SELECTION).reshape(-1)
+        cut = _segment_kth(gathered, cand_cols.repeat(world), world * depths, ks)
+    keep = (cand_keys >= cut[cand_cols]) & ((cand_keys >> _TOKEN_BITS) > 0)
+    mask = torch.zeros_like(acts, dtype=torch.bool)
+    mask[cand_rows[keep], cand_cols[keep]] = True
+    return mask
+
+
+@torch.no_grad()
+def reduce_column_stats(
+    counts: torch.Tensor, smallest: torch.Tensor, comm: Comm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature counts summed and smallest values minimised over ranks (copies)."""
+    return sum_counts(counts, comm), comm.all_reduce(smallest.clone(), "min", "stats")
+
+
+def sum_counts(counts: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Per-feature counts summed over ranks, sent as int32 (a step's count of
+    tokens fits), returned in ``counts``' dtype."""
+    summed = comm.all_reduce(counts.to(torch.int32), "sum", "stats")
+    return summed.to(counts.dtype)

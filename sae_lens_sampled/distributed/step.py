@@ -1,0 +1,221 @@
+"""The seam between the plugin's training SAEs and data-parallel selection.
+
+A :class:`DataParallelStep` describes one training step over a batch split across
+ranks (the process group and every rank's number of tokens). While
+:func:`data_parallel_step` holds it on an SAE (``sae.data_parallel``), the SAE asks it
+for three things, and nothing else changes:
+
+- ``select(sae, acts)``: the architecture's batch rule over the global batch, for this
+  rank's rows (called from ``BatchLevelTrainingSAE.batch_rule``);
+- ``column_stats(counts, smallest, n_tokens)``: per-feature statistics of the global
+  batch for the threshold and firing-rate updates (``update_state``), and
+  ``sum_floats(tensor)`` for the per-token counts and excess sums of the rate-matched
+  thresholds;
+- ``demand_counts(acts, k)``: feature_choice's ``rank_by="demand"`` counts.
+
+The trainer sets it around ``training_forward_pass`` only, so ``encode`` called
+anywhere else (evals on one rank, ``HookedSAETransformer``) never runs a collective.
+Rules for other architectures can be added with :func:`register_data_parallel_rule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sae_lens_sampled.distributed.comm import Comm
+from sae_lens_sampled.distributed.global_select import (
+    global_feature_choice_mask,
+    global_feature_scores,
+    global_topk_indices,
+    reduce_column_stats,
+    shared_pool,
+    sum_counts,
+)
+from sae_lens_sampled.selection import batch_budget, pool_size
+
+if TYPE_CHECKING:
+    from sae_lens.saes.sae import TrainingSAE
+
+Rule = Callable[[Any, torch.Tensor, "DataParallelStep"], torch.Tensor]
+_RULES: dict[str, Rule] = {}
+
+
+def register_data_parallel_rule(architecture: str, rule: Rule) -> None:
+    """Use ``rule(sae, acts, step)`` for ``architecture`` in data-parallel steps."""
+    _RULES[architecture] = rule
+
+
+@dataclass
+class DataParallelStep:
+    """One training step whose batch is split across the ranks of ``comm``.
+
+    Args:
+        comm: The ranks' collectives.
+        shard_sizes: Every rank's number of tokens this step, in rank order (rank
+            order is token order in the global batch).
+        oversample: Candidates each rank sends for the global top-k, as a multiple
+            of its even share ``budget / world_size`` (exact for any value; larger
+            values make the fallback round rarer).
+        feature_choice_layout: How feature_choice exchanges candidates:
+            ``"auto"`` (the cheaper in bytes), ``"all_gather"`` or ``"all_to_all"``.
+    """
+
+    comm: Comm
+    shard_sizes: list[int]
+    oversample: float = 2.0
+    feature_choice_layout: str = "auto"
+
+    def __post_init__(self) -> None:
+        if len(self.shard_sizes) != self.comm.world_size:
+            raise ValueError(
+                f"shard_sizes needs one entry per rank ({self.comm.world_size}), "
+                f"got {self.shard_sizes}"
+            )
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the global batch."""
+        return sum(self.shard_sizes)
+
+    @property
+    def local_tokens(self) -> int:
+        return self.shard_sizes[self.comm.rank]
+
+    def _check_rows(self, acts: torch.Tensor) -> None:
+        if acts.shape[0] != self.local_tokens:
+            raise ValueError(
+                f"rank {self.comm.rank} was given {acts.shape[0]} tokens to select on, "
+                f"but this data-parallel step expects its shard of "
+                f"{self.local_tokens}"
+            )
+
+    def select(self, sae: TrainingSAE[Any], acts: torch.Tensor) -> torch.Tensor:
+        """``sae``'s batch rule over the global batch, on this rank's ``acts``."""
+        self._check_rows(acts)
+        architecture = sae.cfg.architecture()
+        rule = _RULES.get(architecture)
+        if rule is None:
+            raise NotImplementedError(
+                f"no data-parallel selection rule for architecture {architecture!r}; "
+                f"known: {sorted(_RULES)}"
+            )
+        return rule(sae, acts, self)
+
+    def topk_indices(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
+        """Flat indices of this rank's entries among the global top ``budget``."""
+        self._check_rows(acts)
+        width = acts.shape[-1]
+        sizes = [rows * width for rows in self.shard_sizes]
+        return global_topk_indices(acts, budget, self.comm, sizes, self.oversample)
+
+    def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
+        """Global BatchTopK on this rank's rows; gradients reach selected entries."""
+        flat = acts.reshape(-1)
+        indices = self.topk_indices(acts, budget)
+        # Gathered from acts, so gradients reach the selected entries only.
+        out = torch.zeros_like(flat).scatter_(0, indices, flat[indices])
+        return out.view_as(acts)
+
+    @torch.no_grad()
+    def column_stats(
+        self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Global per-feature selection counts, smallest selected values, tokens."""
+        if n_tokens != self.local_tokens:
+            raise ValueError(
+                f"statistics of {n_tokens} tokens on rank {self.comm.rank}, "
+                f"expected {self.local_tokens}"
+            )
+        counts, smallest = reduce_column_stats(counts, smallest, self.comm)
+        return counts, smallest, self.n_tokens
+
+    @torch.no_grad()
+    def sum_floats(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over ranks (a copy), in their own dtype."""
+        return self.comm.all_reduce(values.clone(), "sum", "stats")
+
+    @torch.no_grad()
+    def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per-feature counts summed over ranks (a copy)."""
+        return sum_counts(counts, self.comm)
+
+    @torch.no_grad()
+    def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
+        """Per-feature counts of the global top ``round(k * B)``, and ``B``."""
+        indices = self.topk_indices(acts, batch_budget(k, self.n_tokens))
+        counts = torch.bincount(indices % acts.shape[-1], minlength=acts.shape[-1])
+        return self.sum_counts(counts), self.n_tokens
+
+
+@contextmanager
+def data_parallel_step(
+    sae: TrainingSAE[Any], step: DataParallelStep | None
+) -> Iterator[None]:
+    """Make ``sae`` select and update its state from the global batch of ``step``."""
+    # A plain attribute: nn.Module's __setattr__ is typed for tensors and modules.
+    previous = getattr(sae, "data_parallel", None)
+    sae.data_parallel = step  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sae.data_parallel = previous  # type: ignore[assignment]
+
+
+# --- the plugin's architectures ---
+
+
+def _mutual_choice(
+    sae: Any, acts: torch.Tensor, step: DataParallelStep
+) -> torch.Tensor:
+    return step.batch_topk(acts, batch_budget(sae.cfg.k, step.n_tokens))
+
+
+def _sampled(sae: Any, acts: torch.Tensor, step: DataParallelStep) -> torch.Tensor:
+    cfg = sae.cfg
+    budget = batch_budget(cfg.k, step.n_tokens)
+    size = pool_size(cfg.k, cfg.pool_factor, acts.shape[-1])
+    positive = None
+    if cfg.aux_dead == "pooled":
+        with torch.no_grad():  # a positive activation anywhere in the global batch
+            positive = step.sum_counts((acts > 0).any(dim=0).long()) > 0
+    if size >= acts.shape[-1] or sae.in_warmup():
+        sae._step_pool = (None, positive)
+        return step.batch_topk(acts, budget)
+    scores = global_feature_scores(acts, cfg.score, step.comm)
+    # Rank 0's generator: seeded from (pool_seed, step count) as in one process.
+    generator = sae._generator() if step.comm.rank == 0 else None
+    explore = cfg.pool_explore > 0
+    pool = shared_pool(
+        scores,
+        size,
+        cfg.pool_mode,
+        generator,
+        step.comm,
+        beta=cfg.pool_beta,
+        staleness=sae.pool_staleness if explore else None,
+        explore=cfg.pool_explore,
+    )
+    # update_state moves the staleness and missed-chance counters from this pool.
+    sae._step_pool = (pool, positive)
+    pooled = acts.index_select(1, pool)
+    return torch.zeros_like(acts).index_copy(1, pool, step.batch_topk(pooled, budget))
+
+
+def _feature_choice(
+    sae: Any, acts: torch.Tensor, step: DataParallelStep
+) -> torch.Tensor:
+    capacities = sae.capacities(step.n_tokens)
+    mask = global_feature_choice_mask(
+        acts, capacities, step.comm, step.shard_sizes, step.feature_choice_layout
+    )
+    return torch.where(mask, acts, 0)
+
+
+register_data_parallel_rule("mutual_choice", _mutual_choice)
+register_data_parallel_rule("sampled", _sampled)
+register_data_parallel_rule("feature_choice", _feature_choice)
