@@ -339,7 +339,7 @@ def tracing(dead_window: int = 100) -> Iterator[list[RunTrace]]:
         return output
 
     SAETrainer._train_step = step  # type: ignore[method-assign,assignment]
-    torch.nn.utils.clip_grad_norm_ = clip  # type: ignore[assignment]
+    torch.nn.utils.clip_grad_norm_ = clip
     try:
         yield traces
     finally:
