@@ -197,6 +197,30 @@ def test_synthetic_compare_writes_one_sane_result_per_run(tmp_path, capsys):
     table = capsys.readouterr().out
     assert all(r["label"] in table for r in results)
     assert len(list((tmp_path / "saes").glob("*/cfg.json"))) == len(runs)
+    # No calibration unless asked: the learned thresholds are what is measured.
+    assert all(r["l0_calibrated"] is None for r in results)
+    assert "calib" not in table
+
+
+def test_compare_calibrates_plugin_runs_only_when_asked(tmp_path, capsys):
+    runs = parse_run_specs("batchtopk,mutual_choice")
+    payload = run_compare(
+        runs=runs,
+        k=4,
+        d_sae=64,
+        steps=10,
+        batch_size=256,
+        eval_samples=1024,
+        output=None,
+        calibrate=True,
+    )
+    by_label = {r["label"]: r for r in payload["results"]}
+    assert by_label["batchtopk"]["l0_calibrated"] is None  # SAELens's own SAE
+    calibrated = by_label["mutual_choice"]
+    assert 0 < calibrated["l0_calibrated"] < 64
+    assert -1 < calibrated["explained_variance_calibrated"] <= 1
+    assert payload["config"]["calibrate"] is True
+    assert "L0 calib" in capsys.readouterr().out
 
 
 def test_lm_mode_runs_offline_with_a_tiny_model(tmp_path):

@@ -12,7 +12,8 @@ training-and-evaluation loop (:mod:`~sae_lens_sampled.benchmark.loop`):
 
 Metrics are computed per token on the exported inference SAE (columns ``l0``,
 ``explained_variance``, ...) and under the training SAE's batch rule (``*_batch``);
-in synthetic mode also per token with calibrated thresholds (``*_calibrated``). The
+with ``--calibrate``, in synthetic mode, also per token after re-fitting the
+thresholds with ``calibrate_thresholds`` (``*_calibrated``). The
 gap between per token and batch rule is the threshold drift of the batch-level
 rules. ``--seeds N`` repeats every run over N seeds and reports mean ± std.
 """
@@ -228,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", help=f"output directory ({defaults.output})")
     add("--no-plots", action="store_true", help="write no PNG plots")
     add(
+        "--calibrate",
+        action="store_true",
+        help="synthetic mode: also evaluate per token after calibrate_thresholds on "
+        "held-out samples (*_calibrated columns; not needed for faithful inference)",
+    )
+    add(
         "--quick",
         action="store_true",
         help="short runs: " + ", ".join(f"{k}={v}" for k, v in QUICK_SETTINGS.items()),
@@ -290,6 +297,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
             settings[name] = value
     if args.no_plots:
         settings["plots"] = False
+    if args.calibrate:
+        settings["calibrate"] = True
     if args.quick:
         for name, value in QUICK_SETTINGS.items():
             # A file's eval split keeps its own default (a tenth of the rows).

@@ -50,6 +50,10 @@ class CompareConfig:
             standard deviation over them.
         eval_samples (int | None): Tokens (samples) per evaluation. None: 65,536,
             or in activations mode a tenth of the file's rows (at most 65,536).
+        calibrate (bool): Also measure every plugin run per token after
+            ``calibrate_thresholds`` on held-out samples (synthetic mode only;
+            ``*_calibrated`` columns). Off by default: the thresholds learned in
+            training already match the batch rule's firing rates.
         output (str | None): Directory for results.json, plots and the trained
             inference SAEs (``saes/``); None writes nothing.
         plots (bool): Write PNG plots (needs matplotlib, the ``plot`` extra).
@@ -92,6 +96,7 @@ class CompareConfig:
     seed: int = 0
     seeds: int = 1
     eval_samples: int | None = None
+    calibrate: bool = False
     output: str | None = "compare-results"
     plots: bool = True
     device: str = "cpu"

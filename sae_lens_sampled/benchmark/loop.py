@@ -2,8 +2,8 @@
 
 For each seed and each run: build the SAE config, seed torch, train through the
 source (SAELens's runner or trainer), export the inference SAE in memory, evaluate
-it per token, with calibrated thresholds (where the source offers calibration
-samples) and under the training SAE's batch rule, add the ground-truth metrics and
+it per token, under the training SAE's batch rule and, with ``calibrate`` (where the
+source offers calibration samples), per token after ``calibrate_thresholds``, add the ground-truth metrics and
 save the inference SAE.
 """
 
@@ -105,7 +105,8 @@ def train_and_evaluate(
     result.update(rule_fields(per_token, ""))
     calibrated = None
     plugin = inference if isinstance(inference, BatchLevelSAE) else None
-    batches = source.calibration_batches() if plugin is not None else None
+    wanted = cfg.calibrate and plugin is not None
+    batches = source.calibration_batches() if wanted else None
     if plugin is not None and batches is not None:
         # Per-token thresholds re-fitted so each feature fires as often as under
         # the batch rule, on samples that are neither training nor eval data.
