@@ -199,7 +199,10 @@ def _selection_sae(arch: str, shape: Shape, device: str) -> Any:
         return MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(**common))
     if arch in ("sampled", "sampled_entropy"):
         score: ScoreName = "entropy" if arch == "sampled_entropy" else "l2"
-        cfg = SampledTrainingSAEConfig(**common, score=score, pool_seed=0)
+        # the pool size the traffic model assumes (its pool_factor default)
+        cfg = SampledTrainingSAEConfig(
+            **common, score=score, pool_factor=3.0, pool_seed=0
+        )
         return SampledTrainingSAE(cfg)
     return FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(**common))
 
