@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--data",
         choices=SYNTHETIC_DATA_NAMES,
-        help="synthetic data set: 'default', or 'lottery' (rare features far "
-        f"stronger than frequent ones) ({defaults.data})",
+        help="synthetic data set: 'default' (the default), or 'lottery' (rare "
+        "features far stronger than frequent ones)",
     )
     add("--device", help=f"torch device ({defaults.device})")
     add("--threads", type=int, help="CPU threads (synthetic/activations default: 1)")
