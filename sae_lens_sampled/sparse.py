@@ -26,9 +26,13 @@ import torch.nn.functional as F
 
 
 def bag_offsets(sorted_keys: torch.Tensor, n_bags: int) -> torch.Tensor:
-    """Start offset of each bag for ``embedding_bag`` given non-decreasing bag keys."""
-    counts = torch.bincount(sorted_keys, minlength=n_bags)
-    return counts.cumsum(0) - counts
+    """Start offset of each bag for ``embedding_bag`` given non-decreasing bag keys.
+
+    A binary search rather than ``bincount``, which syncs with the host on CUDA (its
+    output size depends on the data).
+    """
+    bags = torch.arange(n_bags, device=sorted_keys.device, dtype=sorted_keys.dtype)
+    return torch.searchsorted(sorted_keys, bags)
 
 
 @dataclass

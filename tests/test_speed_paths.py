@@ -26,6 +26,7 @@ from sae_lens_sampled.selection import batch_topk
 from sae_lens_sampled.sparse import (
     SparseCodes,
     attach_values,
+    bag_offsets,
     gather_linear,
     sparse_decode,
 )
@@ -299,3 +300,15 @@ def test_shape_parse_rejects_bad_input() -> None:
         Shape.parse("4096,256,8192")
     with pytest.raises(ValueError, match="k <= d_sae"):
         Shape.parse("4,2,8,9")
+
+
+@pytest.mark.parametrize("n_keys", [0, 1, 6, 257])
+def test_bag_offsets_are_the_start_of_each_bag(n_keys):
+    # Bags 0 and 8 stay empty with these keys; the last bag may be empty too.
+    keys = torch.sort(
+        torch.randint(1, 7, (n_keys,), generator=torch.Generator().manual_seed(n_keys))
+    ).values
+    offsets = bag_offsets(keys, 9)
+    for bag in range(9):
+        assert offsets[bag] == int((keys < bag).sum())  # entries of earlier bags
+    assert offsets.dtype == keys.dtype and offsets.shape == (9,)
