@@ -18,6 +18,7 @@ Nothing in this module imports SAELens, so the rules can be tested and optimised
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -345,23 +346,48 @@ def sampled_pool(
     if size >= d_sae:
         return None, None
     scores = feature_scores(acts, score)
+    pool = pool_from_scores(
+        scores, size, pool_mode, generator, beta, explore=explore, staleness=staleness
+    )
+    return pool, scores
+
+
+@torch.no_grad()
+def pool_from_scores(
+    scores: torch.Tensor,
+    size: int,
+    pool_mode: str,
+    generator: torch.Generator | None,
+    beta: float,
+    *,
+    explore: float = 0.0,
+    staleness: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``size`` pooled features given the column ``scores``: :func:`select_pool`,
+    with ``explore_size(size, explore)`` slots left to :func:`explore_pool` when
+    ``staleness`` is given."""
     n_explore = explore_size(size, explore) if staleness is not None else 0
     pool = select_pool(scores, size - n_explore, pool_mode, generator, beta)
     if n_explore > 0:
         assert staleness is not None
         pool = explore_pool(pool, scores, staleness, n_explore)
-    return pool, scores
+    return pool
 
 
 def topk_in_pool(
-    acts: torch.Tensor, budget: int, pool: torch.Tensor | None
+    acts: torch.Tensor,
+    budget: int,
+    pool: torch.Tensor | None,
+    select: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Keep the ``budget`` largest entries of ``acts`` among the ``pool`` columns
-    (every column when ``pool`` is None), by :func:`batch_topk`'s rule."""
+    (every column when ``pool`` is None), by :func:`batch_topk`'s rule (or by
+    ``select(acts, budget)``, e.g. its data-parallel form)."""
+    select = batch_topk if select is None else select
     if pool is None:
-        return batch_topk(acts, budget)
+        return select(acts, budget)
     # Select within the pool columns only: [n_tokens, P] instead of [n_tokens, d_sae].
-    pooled = batch_topk(acts.index_select(1, pool), budget)
+    pooled = select(acts.index_select(1, pool), budget)
     return torch.zeros_like(acts).index_copy(1, pool, pooled)
 
 

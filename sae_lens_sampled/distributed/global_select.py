@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_lens_sampled.distributed.comm import Comm
-from sae_lens_sampled.selection import explore_pool, explore_size, select_pool
+from sae_lens_sampled.selection import pool_from_scores
 
 SELECTION = "selection"
 _TOKEN_BITS = 32
@@ -261,18 +261,16 @@ def shared_pool(
 ) -> torch.Tensor:
     """The Sampled-SAE pool (long ``[size]``), drawn on rank 0 and broadcast.
 
-    Rank 0 draws it as one process would (``select_pool`` with sharpness ``beta``,
+    Rank 0 draws it as one process would (:func:`pool_from_scores`: sharpness ``beta``,
     then, with ``staleness`` given, ``explore_size(size, explore)`` slots for the least
     recently pooled features). Broadcasting ``size`` indices costs little and makes the
     pool identical on every rank even if the ranks' scores differed in the last bit or
     their RNGs drifted.
     """
     if comm.rank == 0:
-        n_explore = explore_size(size, explore) if staleness is not None else 0
-        pool = select_pool(scores, size - n_explore, mode, generator, beta)
-        if n_explore > 0:
-            assert staleness is not None
-            pool = explore_pool(pool, scores, staleness, n_explore)
+        pool = pool_from_scores(
+            scores, size, mode, generator, beta, explore=explore, staleness=staleness
+        )
     else:
         pool = torch.empty(size, dtype=torch.long, device=scores.device)
     return comm.broadcast(pool, 0, SELECTION)

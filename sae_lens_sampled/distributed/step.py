@@ -36,7 +36,7 @@ from sae_lens_sampled.distributed.global_select import (
     shared_pool,
     sum_counts,
 )
-from sae_lens_sampled.selection import batch_budget, pool_size
+from sae_lens_sampled.selection import batch_budget, pool_size, topk_in_pool
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainingSAE
@@ -202,8 +202,7 @@ def _sampled(sae: Any, acts: torch.Tensor, step: DataParallelStep) -> torch.Tens
     )
     # update_state moves the staleness and missed-chance counters from this pool.
     sae._step_pool = (pool, positive)
-    pooled = acts.index_select(1, pool)
-    return torch.zeros_like(acts).index_copy(1, pool, step.batch_topk(pooled, budget))
+    return topk_in_pool(acts, budget, pool, step.batch_topk)
 
 
 def _feature_choice(
