@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sae_lens import SAE, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
@@ -37,6 +37,7 @@ from sae_lens_sampled.selection import (
     batch_topk,
     capacities_for_batch,
     feature_choice_select,
+    feature_scores,
     sampled_topk,
     seeded_generator,
     zipf_capacity_fractions,
@@ -573,6 +574,13 @@ FAST = settings(
 )
 
 
+def rounds_apart(scores: torch.Tensor, relative: float = 1e-5) -> bool:
+    """Whether two scores differ by less than float32 rounding yet are not equal."""
+    distinct = scores.unique()
+    gaps = distinct.diff()
+    return bool((gaps <= relative * distinct.abs().max().clamp_min(1e-300)).any())
+
+
 def check_gradient(select, acts: torch.Tensor, mask: torch.Tensor) -> None:
     leaf = acts.detach().clone().requires_grad_(True)
     select(leaf).sum().backward()
@@ -633,6 +641,11 @@ def test_sampled_topk_matches_reference(
     acts = generated_acts(*matrix)
     if acts.shape[1] < k:
         return
+    # Columns holding the same values in another order (or scaled) tie in exact
+    # arithmetic, but their entropies may round apart by an ulp, differently here
+    # and in the reference, so which of them ranks first is not defined.
+    assume(not rounds_apart(reference.feature_scores(acts, score)))
+    assume(not rounds_apart(feature_scores(acts, score)))
     seed = matrix[-1]
     staleness = torch.randint(
         0, 3, (acts.shape[1],), generator=torch.Generator().manual_seed(seed)
