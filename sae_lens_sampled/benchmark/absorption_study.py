@@ -76,7 +76,7 @@ DATA = {"default": default_synthetic_model_config, "toy": absorption_toy_model_c
 
 STUDY_RUNS = (
     "topk,batchtopk,mutual_choice,feature_choice,"
-    "sampled:pool_factor=4,score=l2,sampled:pool_factor=16,score=l2"
+    "sampled:pool_factor=4,score=l2,sampled:pool_factor=16,score=l2,sampled"
 )
 
 
