@@ -123,9 +123,9 @@ def measure(
     return {name: total.means() for name, total in totals.items()}
 
 
-def run_directories(results_dir: Path) -> dict[str, list[Path]]:
-    """Saved SAEs of a ``compare`` output, by run label, one per seed."""
-    results = json.loads((results_dir / "results.json").read_text())
+def run_directories(results_dir: Path, labels: Sequence[str]) -> dict[str, list[Path]]:
+    """Saved SAEs of a ``compare`` output, by run label, one per seed; ``labels`` are
+    the runs in order (``results.json``'s ``config.runs``)."""
     saes = results_dir / "saes"
     if not saes.is_dir():
         raise ValueError(f"{results_dir}: no saved SAEs (run compare with --output)")
@@ -135,7 +135,7 @@ def run_directories(results_dir: Path) -> dict[str, list[Path]]:
     for seed_dir in seed_dirs:
         for run_dir in sorted(seed_dir.iterdir()):
             index = int(run_dir.name.split("_", 1)[0]) - 1
-            by_label.setdefault(results["config"]["runs"][index], []).append(run_dir)
+            by_label.setdefault(labels[index], []).append(run_dir)
     return by_label
 
 
@@ -152,7 +152,8 @@ def study(results_dir: Path, cosine: float = 0.5) -> list[dict[str, Any]]:
     ranges: Ranges = [(int(start), int(stop)) for start, stop in data["eval_ranges"]]
     batch_size = int(results["config"]["batch_size"])
     rows = []
-    for label, run_dirs in run_directories(results_dir).items():
+    runs = results["config"]["runs"]
+    for label, run_dirs in run_directories(results_dir, runs).items():
         per_seed = []
         for path in run_dirs:
             # An unseeded pool is drawn from torch's global generator: seed it, so
