@@ -235,9 +235,19 @@ def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
     return norms if score == "l2" else norms.square()
 
 
-def pool_size(k: float, pool_factor: float, d_sae: int) -> int:
-    """Pool size ``P = min(d_sae, round(k * pool_factor))``, at least 1."""
-    return max(1, min(d_sae, int(round(k * pool_factor))))
+def pool_size(
+    k: float, pool_factor: float | None, d_sae: int, pool_fraction: float | None = None
+) -> int:
+    """Pool size, at least 1 and at most ``d_sae``: ``round(pool_fraction * d_sae)``
+    when ``pool_fraction`` is given (a share of the dictionary), else the paper's
+    ``round(k * pool_factor)``."""
+    if pool_fraction is not None:
+        wanted = round(pool_fraction * d_sae)
+    elif pool_factor is not None:
+        wanted = round(k * pool_factor)
+    else:
+        raise ValueError("pool_size needs pool_factor or pool_fraction")
+    return max(1, min(d_sae, int(wanted)))
 
 
 @torch.no_grad()
@@ -323,7 +333,7 @@ def explore_pool(
 def sampled_pool(
     acts: torch.Tensor,
     k: float,
-    pool_factor: float,
+    pool_factor: float | None,
     score: str = "l2",
     pool_mode: str = "sample",
     generator: torch.Generator | None = None,
@@ -331,6 +341,7 @@ def sampled_pool(
     beta: float = 1.0,
     explore: float = 0.0,
     staleness: torch.Tensor | None = None,
+    pool_fraction: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The pool of a batch and the column scores it was chosen from.
 
@@ -339,10 +350,12 @@ def sampled_pool(
     :func:`feature_scores`. With ``explore > 0`` (and ``staleness`` given),
     ``explore_size(P, explore)`` of the ``P`` slots go to the features outside the
     score-based pool that were pooled least recently (:func:`explore_pool`); the
-    other slots are chosen by :func:`select_pool` as without exploration.
+    other slots are chosen by :func:`select_pool` as without exploration. The pool
+    holds :func:`pool_size` features (``pool_fraction``, when given, overrides
+    ``pool_factor``).
     """
     d_sae = acts.shape[1]
-    size = pool_size(k, pool_factor, d_sae)
+    size = pool_size(k, pool_factor, d_sae, pool_fraction)
     if size >= d_sae:
         return None, None
     scores = feature_scores(acts, score)
@@ -394,7 +407,7 @@ def topk_in_pool(
 def sampled_topk(
     acts: torch.Tensor,
     k: float,
-    pool_factor: float,
+    pool_factor: float | None,
     score: str = "l2",
     pool_mode: str = "sample",
     generator: torch.Generator | None = None,
@@ -402,10 +415,11 @@ def sampled_topk(
     beta: float = 1.0,
     explore: float = 0.0,
     staleness: torch.Tensor | None = None,
+    pool_fraction: float | None = None,
 ) -> torch.Tensor:
     """Sampled-SAE selection: a pool of features, then batch top-k inside the pool.
 
-    The pool holds ``pool_size(k, pool_factor, d_sae)`` features chosen by
+    The pool holds ``pool_size(k, pool_factor, d_sae, pool_fraction)`` features chosen by
     :func:`sampled_pool` (by default :func:`select_pool` on :func:`feature_scores`);
     the batch keeps its ``batch_budget(k, n_tokens)`` largest entries among the pool
     columns (all of them if the pool holds fewer). The pool's columns keep the
@@ -422,6 +436,7 @@ def sampled_topk(
         beta=beta,
         explore=explore,
         staleness=staleness,
+        pool_fraction=pool_fraction,
     )
     return topk_in_pool(acts, batch_budget(k, acts.shape[0]), pool)
 

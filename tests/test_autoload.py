@@ -435,7 +435,7 @@ def test_stock_training_cli_accepts_plugin_architecture(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "--pool_factor float" in result.stdout
+    assert "--pool_factor [float]" in result.stdout
     assert "--score {" in result.stdout
     assert "--aux_loss {aux_k,aux_zipf,none}" in result.stdout
 

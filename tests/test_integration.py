@@ -55,7 +55,13 @@ BATCH_TOKENS = 128
 
 # Fields each architecture adds to the CLI (besides -k and the shared ones).
 CLI_FLAGS = {
-    "sampled": ["--pool_factor float", "--score {", "--pool_mode {", "--pool_seed"],
+    "sampled": [
+        "--pool_factor [float]",
+        "--pool_fraction [float]",
+        "--score {",
+        "--pool_mode {",
+        "--pool_seed",
+    ],
     "mutual_choice": [
         "--threshold_mode {rate,per_feature,global}",
         "--threshold_gain float",

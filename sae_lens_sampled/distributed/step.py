@@ -178,7 +178,7 @@ def _mutual_choice(
 def _sampled(sae: Any, acts: torch.Tensor, step: DataParallelStep) -> torch.Tensor:
     cfg = sae.cfg
     budget = batch_budget(cfg.k, step.n_tokens)
-    size = pool_size(cfg.k, cfg.pool_factor, acts.shape[-1])
+    size = pool_size(cfg.k, cfg.pool_factor, acts.shape[-1], cfg.pool_fraction)
     positive = None
     if cfg.aux_dead == "pooled":
         with torch.no_grad():  # a positive activation anywhere in the global batch

@@ -1,11 +1,12 @@
 """Sampled-SAE (Oozeer et al., arXiv 2508.21324): a feature pool, then batch top-k.
 
 Each step scores every feature column of the batch's activations (L2, squared L2,
-entropy or uniform), forms a pool of ``round(k * pool_factor)`` features (sampled in
-proportion to the score by default, or the best scores), and keeps the batch's
-``round(k * B)`` largest activations inside the pool. ``pool_factor`` is the paper's
-``l``: small values force the batch onto a few shared features, and once
-``k * pool_factor >= d_sae`` the rule is exactly BatchTopK.
+entropy or uniform), forms a pool of features (sampled in proportion to the score by
+default, or the best scores), and keeps the batch's ``round(k * B)`` largest
+activations inside the pool. The pool holds ``round(pool_fraction * d_sae)`` features
+(default a quarter of the dictionary) or, with the paper's ``l`` as ``pool_factor``,
+``round(k * pool_factor)``: small pools force the batch onto a few shared features,
+and a pool of every feature is exactly BatchTopK.
 """
 
 import dataclasses
@@ -34,6 +35,7 @@ from sae_lens_sampled.selection import (
     PoolMode,
     ScoreName,
     batch_budget,
+    pool_size,
     sampled_pool,
     sampled_topk,
     seeded_generator,
@@ -48,8 +50,48 @@ AuxDead = Literal["trainer", "pooled"]
 AUX_DEAD: tuple[str, ...] = ("trainer", "pooled")
 
 
+# The pool's default size as a share of the dictionary, so that the default lands on
+# the same point of the spectrum at every width (docs/sampled.md, "Pool size").
+DEFAULT_POOL_FRACTION = 0.25
+
+
+def validate_pool_size(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
+    """Check the pool size fields; with neither set, set the default fraction, so that
+    the saved config names the pool it was trained with."""
+    if cfg.pool_factor is not None and cfg.pool_fraction is not None:
+        raise FieldValueError(
+            "set one of pool_factor (the paper's l: a pool of round(k * pool_factor) "
+            "features) and pool_fraction (a pool of round(pool_fraction * d_sae) "
+            f"features), not both; got pool_factor={cfg.pool_factor!r}, "
+            f"pool_fraction={cfg.pool_fraction!r}",
+            "pool_fraction",
+            cfg.pool_fraction,
+        )
+    if cfg.pool_factor is not None:
+        check_range("pool_factor", cfg.pool_factor, low=1)
+        return
+    # At least k features, as pool_factor >= 1 guarantees.
+    low = min(1.0, cfg.k / cfg.d_sae)
+    if cfg.pool_fraction is None:
+        cfg.pool_fraction = max(DEFAULT_POOL_FRACTION, low)
+    check_range("pool_fraction", cfg.pool_fraction, low=0, high=1, low_inclusive=False)
+    if cfg.pool_fraction * cfg.d_sae < cfg.k:
+        raise FieldValueError(
+            f"pool_fraction must be in [k / d_sae, 1] = [{low:.6g}, 1] for k={cfg.k} "
+            f"and d_sae={cfg.d_sae} (the pool holds at least k features), got "
+            f"{cfg.pool_fraction!r}",
+            "pool_fraction",
+            cfg.pool_fraction,
+        )
+
+
+def config_pool_size(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> int:
+    """The number of features in the pool of ``cfg``."""
+    return pool_size(cfg.k, cfg.pool_factor, cfg.d_sae, cfg.pool_fraction)
+
+
 def validate_pool_fields(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
-    check_range("pool_factor", cfg.pool_factor, low=1)
+    validate_pool_size(cfg)
     check_choice("score", cfg.score, SCORES)
     check_choice("pool_mode", cfg.pool_mode, POOL_MODES)
     check_range("pool_beta", cfg.pool_beta, low=0)
@@ -71,10 +113,15 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
     Args:
         k (float): Mean active features per token; a batch of B tokens keeps
             ``round(k * B)`` entries, all from the pool.
-        pool_factor (float): The paper's ``l`` (>= 1): the pool holds
-            ``min(d_sae, round(k * pool_factor))`` features. Default 16; explained
-            variance rises with it and reaches BatchTopK's only near
-            ``d_sae / k`` (docs/sampled.md).
+        pool_factor (float | None): The paper's ``l`` (>= 1): a pool of
+            ``min(d_sae, round(k * pool_factor))`` features. The same ``l`` is a
+            different share of the dictionary at every width, so by default the
+            pool is sized by ``pool_fraction`` instead. Set at most one of the two.
+        pool_fraction (float | None): The pool as a share of the dictionary, in
+            ``[k / d_sae, 1]``: ``round(pool_fraction * d_sae)`` features. With
+            neither field set, ``DEFAULT_POOL_FRACTION`` (0.25; ``k / d_sae`` if
+            larger) is used and written into the config. Explained variance rises with the pool and reaches
+            BatchTopK's at 1 (docs/sampled.md).
         score (str): Column score: ``"squared_l2"`` (default), ``"l2"``,
             ``"entropy"`` (high entropy, i.e. spread over many tokens, is kept) or
             ``"uniform"``. Sampling by squared L2 reconstructs better than by L2
@@ -123,7 +170,8 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
         d_sae (int): Number of features.
     """
 
-    pool_factor: float = 16.0
+    pool_factor: float | None = None
+    pool_fraction: float | None = None
     score: ScoreName = "squared_l2"
     pool_mode: PoolMode = "sample"
     pool_beta: float = 1.0
@@ -224,6 +272,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
                 pool_mode=cfg.pool_mode,
                 generator=self._generator(),
                 beta=cfg.pool_beta,
+                pool_fraction=cfg.pool_fraction,
             )
         pool = None
         if not self.in_warmup():
@@ -237,6 +286,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
                 beta=cfg.pool_beta,
                 explore=cfg.pool_explore,
                 staleness=self.pool_staleness if cfg.pool_explore > 0 else None,
+                pool_fraction=cfg.pool_fraction,
             )
         positive = None
         if cfg.aux_dead == "pooled":
@@ -254,7 +304,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
             output = super().training_forward_pass(step_input)
         finally:
             self._in_training_step = False
-        if self.cfg.pool_factor * self.cfg.k < self.cfg.d_sae:
+        if config_pool_size(self.cfg) < self.cfg.d_sae:
             staleness = self.pool_staleness
             output.metrics["pool_max_staleness"] = lambda: staleness.max()
         return output
@@ -321,7 +371,11 @@ class SampledSAEConfig(BatchLevelSAEConfig):
 
     Args:
         k (float): Mean active features per token of the batch rule.
-        pool_factor (float): Pool size factor ``l`` (>= 1).
+        pool_factor (float | None): The paper's ``l`` (>= 1): a pool of
+            ``round(k * pool_factor)`` features. Set at most one of the two sizes.
+        pool_fraction (float | None): The pool as a share of the dictionary
+            (``round(pool_fraction * d_sae)`` features, ``[k / d_sae, 1]``); with
+            neither set, 0.25. Files saved before 0.3 carry ``pool_factor`` only.
         score (str): ``"squared_l2"``, ``"l2"``, ``"entropy"`` or ``"uniform"``.
         pool_mode (str): ``"sample"`` or ``"top"``.
         pool_beta (float): Sharpness of the sampled pool: probability proportional
@@ -334,7 +388,8 @@ class SampledSAEConfig(BatchLevelSAEConfig):
             calls on the same input can give different codes.
     """
 
-    pool_factor: float = 16.0
+    pool_factor: float | None = None
+    pool_fraction: float | None = None
     score: ScoreName = "squared_l2"
     pool_mode: PoolMode = "sample"
     pool_beta: float = 1.0
@@ -377,4 +432,5 @@ class SampledSAE(BatchLevelSAE):
             pool_mode=self.cfg.pool_mode,
             generator=generator,
             beta=self.cfg.pool_beta,
+            pool_fraction=self.cfg.pool_fraction,
         )

@@ -1,0 +1,241 @@
+"""Sampled-SAE against BatchTopK across dictionary widths, on real activations.
+
+``run`` trains, for every width and seed, BatchTopK next to ``sampled`` over the pool
+spectrum (the paper's ``pool_factor`` and the share of the dictionary,
+``pool_fraction``; both pool modes; a flatter ``pool_beta``) through
+``experiments.pool_dynamics`` (``sae-lens-sampled compare --activations`` with the
+pool traced), one process per width and seed, ``--jobs`` at a time. ``report`` reads
+the results and writes ``widths.md`` (mean ± std over seeds) and ``widths.png``.
+The table and figure of docs/sampled.md ("Pool size across widths") come from::
+
+    python -m experiments.sampled_widths run --activations acts.npy --output widths
+    python -m experiments.sampled_widths report widths
+
+Each width's runs are listed in ``WIDTHS`` below; every run of one width and seed
+shares the initialisation and data order (compare seeds them alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPECTRUM = (
+    "batchtopk",
+    "sampled:pool_factor=16",  # the 0.2 default, the paper's l
+    "sampled:pool_fraction=0.125",
+    "sampled:pool_fraction=0.25",
+    "sampled:pool_fraction=0.5",
+    "sampled:pool_fraction=0.25,pool_mode=top",
+    "sampled:pool_fraction=0.25,pool_beta=0.5",
+)
+
+
+@dataclass(frozen=True)
+class Width:
+    d_sae: int
+    k: int
+    steps: int
+    seeds: tuple[int, ...]
+    runs: tuple[str, ...]
+
+
+# What a 2-core CPU allowed: the whole spectrum at the smallest width, its main
+# points at 4,096, one seed and 100 steps at 16,384.
+WIDTHS = (
+    Width(1536, 16, 300, (0, 1, 2), SPECTRUM[:2] + SPECTRUM[3:]),
+    Width(4096, 16, 300, (0, 1, 2), SPECTRUM[:2] + SPECTRUM[3:5]),
+    Width(16384, 64, 100, (0,), (SPECTRUM[0],) + SPECTRUM[3:5]),
+)
+
+COLUMNS = (
+    ("ev", "EV per token"),
+    ("ev_batch", "EV batch rule"),
+    ("l0", "L0 per token"),
+    ("dead", "dead (eval, per token)"),
+)
+
+
+def run_dir(output: Path, width: Width, seed: int) -> Path:
+    return output / f"d{width.d_sae}_k{width.k}" / f"seed{seed}"
+
+
+def command(activations: str, width: Width, seed: int, output: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.pool_dynamics",
+        "--activations",
+        activations,
+        "--d-sae",
+        str(width.d_sae),
+        "--k",
+        str(width.k),
+        "--steps",
+        str(width.steps),
+        "--seed",
+        str(seed),
+        "--architectures",
+        ",".join(width.runs),
+        "--no-plots",
+        "--threads",
+        "1",
+        "--output",
+        str(run_dir(output, width, seed)),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    # Seed by seed, so that a first reading of every width comes early.
+    jobs = [
+        (width, seed)
+        for seed in range(3)
+        for width in WIDTHS
+        if seed in width.seeds and (not args.widths or width.d_sae in args.widths)
+    ]
+
+    def one(job: tuple[Width, int]) -> int:
+        width, seed = job
+        target = run_dir(output, width, seed)
+        if (target / "pool_dynamics.json").exists():
+            return 0
+        target.mkdir(parents=True, exist_ok=True)
+        with open(target / "log.txt", "w") as log:
+            done = subprocess.run(
+                command(args.activations, width, seed, output),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        print(f"d_sae {width.d_sae} seed {seed}: exit {done.returncode}", flush=True)
+        return done.returncode
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        codes = list(pool.map(one, jobs))
+    return max(codes, default=0)
+
+
+def collect(output: Path) -> dict[tuple[int, int, str], list[dict[str, Any]]]:
+    """Results by (d_sae, k, run label), one dict per seed, with the traced pool
+    summary merged in."""
+    found: dict[tuple[int, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for results in sorted(output.glob("d*_k*/seed*/results.json")):
+        payload = json.loads(results.read_text())
+        config = payload["config"]
+        dynamics_path = results.parent / "pool_dynamics.json"
+        traced: list[dict[str, Any]] = []
+        if dynamics_path.exists():
+            traced = json.loads(dynamics_path.read_text())["summaries"]
+        sampled = iter(traced)
+        for row in payload["results"]:
+            merged = dict(row)
+            if row["label"].startswith("sampled"):
+                merged.update({f"pool_{k}": v for k, v in next(sampled, {}).items()})
+            found[(config["d_sae"], config["k"], row["label"])].append(merged)
+    return found
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def count_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{statistics.fmean(values):.0f} ± {statistics.stdev(values):.0f}"
+
+
+def report(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    found = collect(output)
+    lines = [
+        "| d_sae | k | run | seeds | EV per token | EV batch rule | L0 per token "
+        "| dead (eval) | MSE first / last fifth | pool churn | BatchTopK's picks in "
+        "the pool | features pooled on < 1 % of steps |",
+        "|" + "---|" * 12,
+    ]
+    for (d_sae, k, label), rows in sorted(found.items(), key=lambda kv: kv[0][:2]):
+        cells = [str(d_sae), str(k), f"`{label}`", str(len(rows))]
+        cells.append(mean_std([r["explained_variance"] for r in rows]))
+        batch = [r["explained_variance_batch"] for r in rows]
+        cells.append(mean_std(batch) if None not in batch else "-")
+        cells.append(mean_std([r["l0"] for r in rows]))
+        cells.append(count_std([r["dead_features"] for r in rows]))
+        if "pool_mse_first_fifth" in rows[0]:
+            first = statistics.fmean(r["pool_mse_first_fifth"] for r in rows)
+            last = statistics.fmean(r["pool_mse_last_fifth"] for r in rows)
+            cells.append(f"{first:.1f} / {last:.1f}")
+            cells.append(mean_std([r["pool_churn_last_fifth"] for r in rows]))
+            cells.append(
+                mean_std([r["pool_batchtopk_in_pool_last_fifth"] for r in rows])
+            )
+            cells.append(
+                count_std([r["pool_features_pooled_under_1pct_of_steps"] for r in rows])
+            )
+        else:
+            cells += ["-"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
+    (output / "widths.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(found, output / "widths.png")
+    return 0
+
+
+def plot(found: dict[tuple[int, int, str], list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({(d, k) for d, k, _ in found})
+    fig, axes = plt.subplots(
+        1, len(widths), figsize=(5 * len(widths), 4), squeeze=False
+    )
+    for ax, (d_sae, k) in zip(axes[0], widths, strict=True):
+        labels = [label for d, kk, label in found if (d, kk) == (d_sae, k)]
+        seeds = 0
+        for label in labels:
+            rows = found[(d_sae, k, label)]
+            seeds = max(seeds, len(rows))
+            ev = [r["explained_variance"] for r in rows]
+            err = statistics.stdev(ev) if len(ev) > 1 else None
+            dead = statistics.fmean(r["dead_features"] for r in rows) / d_sae
+            marker = "s" if label == "batchtopk" else "o"
+            ax.errorbar(dead, statistics.fmean(ev), yerr=err, fmt=marker, label=label)
+        ax.set_title(f"d_sae {d_sae}, k {k}, {seeds} seed(s)")
+        ax.set_xlabel("dead features (share of d_sae, eval)")
+        ax.set_ylabel("explained variance per token")
+        ax.legend(fontsize=7)
+    fig.suptitle("MiniLM layer-5 activations: sampled pool spectrum vs BatchTopK")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="train every width and seed")
+    run_parser.add_argument("--activations", required=True)
+    run_parser.add_argument("--output", required=True)
+    run_parser.add_argument("--jobs", type=int, default=2)
+    run_parser.add_argument("--widths", type=int, nargs="*", help="only these d_sae")
+    report_parser = sub.add_parser("report", help="table and figure from the results")
+    report_parser.add_argument("output")
+    args = parser.parse_args(argv)
+    return run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
