@@ -34,7 +34,8 @@ from sae_lens.synthetic import (
 )
 
 from sae_lens_sampled import MutualChoiceTrainingSAEConfig
-from sae_lens_sampled.losses import dead_by_rate, fit_zipf_exponent, usage_ranks
+from sae_lens_sampled.losses import dead_by_rate, fit_zipf_exponent
+from sae_lens_sampled.selection import usage_ranks
 
 
 @dataclass

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import torch
 
-
-def usage_ranks(firing_rate: torch.Tensor) -> torch.Tensor:
-    """Rank of each feature by firing rate: 1 for the most used, ties by index."""
-    order = firing_rate.argsort(descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(1, order.numel() + 1, device=order.device)
-    return ranks
+from sae_lens_sampled.selection import usage_ranks
 
 
 def zipf_targets(

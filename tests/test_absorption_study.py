@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sae_lens_sampled.benchmark.absorption_study import (
+from experiments.absorption_study import (
     format_study_table,
     mean_std,
     study_run,

@@ -21,9 +21,9 @@ from sae_lens_sampled.losses import (
     fit_zipf_exponent,
     masked_topk_aux_acts,
     underutilised_mask,
-    usage_ranks,
     zipf_targets,
 )
+from sae_lens_sampled.selection import usage_ranks
 from tests.helpers import step_input
 
 D_IN, D_SAE, K = 16, 64, 4.0

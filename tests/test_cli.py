@@ -67,7 +67,7 @@ def test_version_is_the_package_metadata(capsys):
 
 
 def test_help_and_version_import_neither_torch_nor_saelens():
-    # What the console script runs; timed by sae_lens_sampled/benchmark/cli_timing.py.
+    # What the console script runs; timed by experiments/cli_timing.py.
     code = (
         "import sys\n"
         "from sae_lens_sampled.cli import main\n"
@@ -210,7 +210,7 @@ def test_mutual_choice_cli_defaults():
 
 
 def test_cli_timing_benchmark_reports_median_min_max():
-    from sae_lens_sampled.benchmark import cli_timing
+    from experiments import cli_timing
 
     table = cli_timing.report({"sae-lens-sampled --help": ([0.3, 0.1, 0.2], {0})})
     header, row = table.splitlines()

@@ -1,4 +1,4 @@
-"""The co-firing measurement (``benchmark/cofiring.py``): by hand, and on a compare run."""
+"""The co-firing measurement (``experiments/cofiring.py``): by hand, and on a compare run."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from sae_lens_sampled.benchmark import RunSpec, run_compare
-from sae_lens_sampled.benchmark.cofiring import (
+from experiments.cofiring import (
     cofiring_totals,
     main,
     similar_rows,
     study,
 )
+from sae_lens_sampled.benchmark import RunSpec, run_compare
 
 
 def test_similar_rows_compares_directions_not_lengths():

@@ -15,8 +15,7 @@ import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from sae_lens_sampled.benchmark.speed import Shape
-from sae_lens_sampled.distributed import costs, parity
+from sae_lens_sampled.distributed import costs, launch
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import (
     _segment_kth,
@@ -29,6 +28,8 @@ from sae_lens_sampled.distributed.global_select import (
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
 from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
 from sae_lens_sampled.selection import batch_topk, feature_choice_select, feature_scores
+from sae_lens_sampled.shape import Shape
+from tests import parity
 
 WORLD = 2
 N_STEPS = 14
@@ -39,7 +40,7 @@ CASES = sorted(parity.parity_cases())
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("data_parallel")
-    parity.spawn(parity.parity_worker, WORLD, "cpu", (str(out_dir), N_STEPS, BATCH))
+    launch.spawn(parity.parity_worker, WORLD, "cpu", (str(out_dir), N_STEPS, BATCH))
     return [
         torch.load(out_dir / f"rank{rank}.pt", weights_only=False)
         for rank in range(WORLD)
@@ -115,6 +116,21 @@ def test_counted_traffic_equals_the_model(ranks):
     )
     assert traffic["stats"][1] == N_STEPS * costs.stats_bytes(shape, WORLD)
     assert traffic["gradients"][1] == N_STEPS * costs.gradient_bytes(shape, WORLD)
+
+
+def test_measure_traffic_counts_what_the_model_says():
+    """``costs traffic --measure``: 2 ranks started from the package's launcher."""
+    shape = Shape(BATCH, parity.D_IN, 2 * parity.D_SAE, int(parity.K) + 1)
+    per_rank = costs.measure_traffic([shape], world=WORLD)
+    assert len(per_rank) == WORLD
+    for results in zip(*per_rank, strict=True):
+        arch = results[0]["arch"]
+        for result in results:
+            assert result["traffic"]["stats"][1] == costs.stats_bytes(shape, WORLD)
+            # feature_choice's model is an estimate: L from the starting capacities
+            if arch != "feature_choice":
+                sent = result["traffic"]["selection"][1]
+                assert sent == costs.selection_bytes(arch, shape, WORLD), arch
 
 
 def test_per_rank_rules_would_differ():
@@ -347,7 +363,7 @@ def test_clear_errors_for_bad_settings():
 
 def test_selftest_one_rank_group_runs_every_collective():
     """The device self-test in a one-rank gloo group that still runs the collectives."""
-    from sae_lens_sampled.distributed import selftest
+    from benchmarks import selftest
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -25,7 +25,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_sampled import SampledTrainingSAE, SampledTrainingSAEConfig
-from sae_lens_sampled.distributed import parity
+from sae_lens_sampled.distributed import launch
 from sae_lens_sampled.distributed.train import (
     DATA_PARALLEL_FILENAME,
     DistributedLanguageModelRunner,
@@ -33,6 +33,7 @@ from sae_lens_sampled.distributed.train import (
     shard_dataset,
     store_state_filename,
 )
+from tests import parity
 from tests.helpers import CONTEXT, D_MODEL, HOOK, tiny_model, token_dataset
 
 WORLD = 2
@@ -78,7 +79,7 @@ def trained(tmp_path_factory) -> Path:
         )
     )
     init.save_model(str(tmp / "init"))
-    parity.spawn(cli_worker, WORLD, "cpu", (str(tmp),))
+    launch.spawn(cli_worker, WORLD, "cpu", (str(tmp),))
     return tmp
 
 
@@ -258,7 +259,7 @@ def _primitives_worker(rank: int, world: int, device: str, out: str) -> None:
 @pytest.mark.slow
 def test_fresh_interpreters_spawned(tmp_path):
     """The spawn start method (fresh interpreters, as CUDA needs) works too."""
-    parity.spawn(
+    launch.spawn(
         _primitives_worker, WORLD, "cpu", (str(tmp_path),), start_method="spawn"
     )
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]

@@ -1,6 +1,7 @@
 """The repository's text speaks of the project alone.
 
-Docs, README, CHANGELOG, examples and the package (docstrings and comments included)
+Docs, README, CHANGELOG, examples, the package and the studies and checks beside it
+(``experiments/``, ``benchmarks/``; docstrings and comments included)
 name no file outside the repository, no internal process (who asked, who reviewed),
 and every repository path they name in backticks or links exists.
 """
@@ -25,6 +26,8 @@ TEXTS = sorted(
         *(REPO / "docs").rglob("*.md"),
         *(REPO / "examples").rglob("*.py"),
         *(REPO / "sae_lens_sampled").rglob("*.py"),
+        *(REPO / "experiments").rglob("*.py"),
+        *(REPO / "benchmarks").rglob("*.py"),
     ]
 )
 
@@ -39,7 +42,8 @@ FORBIDDEN = [
 
 # Paths in the repository's own folders, as written in backticks or markdown links.
 REPO_PATH = re.compile(
-    r"(?<![\w/.-])((?:docs|examples|tests|sae_lens_sampled|\.ci)/[\w./-]*[\w])"
+    r"(?<![\w/.-])((?:docs|examples|tests|sae_lens_sampled|experiments|benchmarks|\.ci)"
+    r"/[\w./-]*[\w])"
 )
 
 
@@ -95,3 +99,32 @@ def test_named_repository_paths_exist(path):
             if not (REPO / name).exists():
                 missing.append(f"{relative(path)}:{number}: {name}")
     assert missing == []
+
+
+# Modules of the repository that the texts run as ``python -m MODULE`` (a line break
+# may fall after ``-m``). Release notes keep the commands of their release, so the
+# CHANGELOG is not read here.
+RUN_MODULE = re.compile(
+    r"python -m\s+((?:sae_lens_sampled|experiments|benchmarks)(?:\.\w+)*)"
+)
+
+
+def runnable_module_exists(name: str) -> bool:
+    path = REPO / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__main__.py").exists()
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in TEXTS if p.name != "CHANGELOG.md"], ids=relative
+)
+def test_modules_run_with_python_m_exist(path):
+    names = RUN_MODULE.findall(path.read_text())
+    missing = [n for n in names if n.islower() and not runnable_module_exists(n)]
+    assert missing == []
+
+
+def test_runnable_module_check_tells_module_from_package():
+    assert runnable_module_exists("sae_lens_sampled")  # __main__.py
+    assert runnable_module_exists("experiments.pool_study")
+    assert not runnable_module_exists("experiments")  # a package with no __main__
+    assert not runnable_module_exists("sae_lens_sampled.benchmark.pool_study")

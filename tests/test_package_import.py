@@ -232,3 +232,15 @@ def test_every_public_name_resolves():
         assert name in dir(sae_lens_sampled)
     with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
         sae_lens_sampled.nonexistent  # noqa: B018
+
+
+def test_only_the_package_is_installed():
+    """The studies, checks and tests beside the package stay in the checkout."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    setuptools = read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]
+    packages = setuptools["packages"]
+    assert "sae_lens_sampled.distributed" in packages
+    assert {p.split(".")[0] for p in packages} == {"sae_lens_sampled"}
+    assert (REPO / "experiments" / "__init__.py").exists()
+    assert (REPO / "benchmarks" / "__init__.py").exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sae_lens.training.sae_trainer import SAETrainer
 
-from sae_lens_sampled.benchmark.pool_study import (
+from experiments.pool_study import (
     PoolRule,
     ceiling_explained_variance,
     format_traces,
@@ -80,13 +80,13 @@ def test_tracing_restores_the_trainer_on_error():
 
 
 def test_rule_encoder_reproduces_the_batch_rules():
+    from experiments.pool_study import RuleEncoder
     from sae_lens_sampled import (
         MutualChoiceSAE,
         MutualChoiceSAEConfig,
         SampledSAE,
         SampledSAEConfig,
     )
-    from sae_lens_sampled.benchmark.pool_study import RuleEncoder
 
     generator = torch.Generator().manual_seed(0)
     cfg = MutualChoiceSAEConfig(d_in=8, d_sae=32, k=2)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_lens_sampled.benchmark.speed import Shape
+from sae_lens_sampled.shape import Shape
 
 if TYPE_CHECKING:
     from sae_lens_sampled.selection import ScoreName
@@ -212,7 +212,7 @@ def measure_traffic(
 ) -> list[list[dict[str, Any]]]:
     """Counted bytes per category for one selection step on ``world`` local ranks:
     one list of results per rank."""
-    from sae_lens_sampled.distributed.parity import spawn
+    from sae_lens_sampled.distributed.launch import spawn
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "traffic.json")
@@ -233,9 +233,9 @@ def _time_training(
     """Seconds of each of ``n_steps`` training steps (after ``warmup``) of this rank."""
     from sae_lens.config import SAETrainerConfig
 
-    from sae_lens_sampled.benchmark.speed import build_sae
     from sae_lens_sampled.distributed.comm import Comm
     from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
+    from sae_lens_sampled.shape import build_sae
 
     comm = Comm()
     rows = shape.batch // comm.world_size
@@ -287,7 +287,7 @@ def measure_timing(
 ) -> dict[str, dict[str, list[float]]]:
     """Step times of one process (1 thread, then 2 threads) and of ``world`` gloo
     ranks (1 thread each), in alternating rounds so that background load hits all."""
-    from sae_lens_sampled.distributed.parity import spawn
+    from sae_lens_sampled.distributed.launch import spawn
 
     threads = torch.get_num_threads()
     runs: dict[str, dict[str, list[float]]] = {

@@ -1,11 +1,12 @@
-"""W ranks against one process: the harness behind the tests and the self-test.
+"""W ranks against one process: the harness behind the data-parallel tests and
+``benchmarks/selftest.py``.
 
-:func:`spawn` starts W local processes in a fresh process group (gloo on CPU, NCCL
-on CUDA, loopback rendezvous on a free port). :func:`train_case` trains one SAE for a
-few steps, either data-parallel (each rank fed its shard of every global batch) or in
-one process with SAELens's own ``SAETrainer`` fed the whole batches, from the same
-initial weights; :func:`state_of` collects what must agree (weights, buffers, trainer
-counters).
+:func:`train_case` trains one SAE for a few steps, either data-parallel (each rank fed
+its shard of every global batch, ranks started by
+:func:`sae_lens_sampled.distributed.launch.spawn`) or in one process with SAELens's own
+``SAETrainer`` fed the whole batches, from the same initial weights; :func:`state_of`
+collects what must agree (weights, buffers, trainer counters). The selection
+primitives are checked against the single-process rules of ``tests/reference.py``.
 
 Batches have rows of very different norms (log-normal scales), so a rule applied per
 rank would pick different entries than the global one.
@@ -14,20 +15,15 @@ rank would pick different entries than the global one.
 from __future__ import annotations
 
 import os
-import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
-from torch.multiprocessing.spawn import ProcessRaisedException, start_processes
 
 from sae_lens_sampled import (
     FeatureChoiceTrainingSAE,
@@ -44,6 +40,7 @@ from sae_lens_sampled.distributed.global_select import (
 )
 from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
 from sae_lens_sampled.selection import capacities_for_batch
+from tests import reference
 
 
 @dataclass
@@ -260,87 +257,6 @@ def max_differences(
     return out
 
 
-# --- process spawning ---
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def init_process_group(
-    rank: int, world_size: int, port: int, device: str, timeout_s: float = 60.0
-) -> None:
-    """Join a loopback group: gloo for CPU, NCCL for CUDA (one GPU per rank)."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    backend = "gloo"
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        backend = "nccl"
-    dist.init_process_group(
-        backend,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
-
-
-def _entry(
-    rank: int,
-    fn: Callable[..., None],
-    world_size: int,
-    port: int,
-    device: str,
-    args: tuple[Any, ...],
-) -> None:
-    torch.set_num_threads(1)
-    init_process_group(rank, world_size, port, device)
-    try:
-        fn(rank, world_size, device, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(
-    fn: Callable[..., None],
-    world_size: int,
-    device: str = "cpu",
-    args: tuple[Any, ...] = (),
-    attempts: int = 3,
-    start_method: str | None = None,
-) -> None:
-    """Run ``fn(rank, world_size, device, *args)`` in ``world_size`` new processes.
-
-    Each joins a fresh loopback process group with a 60 s timeout and 1 CPU thread.
-    A start that fails because another program took the port is retried.
-    ``start_method``: ``"spawn"`` (fresh interpreters) or ``"fork"`` (children
-    inherit the loaded modules and start in a fraction of the time). The default
-    forks only where that is safe: a CPU run with a CPU-only torch (a CUDA build's
-    autograd keeps device threads that a forked child cannot use).
-    """
-    if start_method is None:
-        safe = torch.device(device).type == "cpu" and not torch.cuda.is_available()
-        fork = safe and "fork" in mp.get_all_start_methods()
-        start_method = "fork" if fork else "spawn"
-    for attempt in range(attempts):
-        try:
-            start_processes(
-                _entry,
-                args=(fn, world_size, free_port(), device, args),
-                nprocs=world_size,
-                join=True,
-                start_method=start_method,
-            )
-            return
-        except ProcessRaisedException as error:
-            in_use = "address already in use" in str(error).lower()
-            if not in_use or attempt == attempts - 1:
-                raise
-            time.sleep(0.5)
-
-
 # --- the selection primitives on awkward inputs ---
 
 
@@ -421,25 +337,6 @@ def primitive_scenarios(world_size: int, seed: int = 0) -> dict[str, Scenario]:
     }
 
 
-def reference_topk_mask(acts: torch.Tensor, budget: int) -> torch.Tensor:
-    """One process: top ``budget`` entries, ties to the lower flat index, no zeros."""
-    flat = acts.reshape(-1)
-    order = torch.sort(flat, descending=True, stable=True).indices[: max(budget, 0)]
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order] = True
-    return (mask & (flat > 0)).view_as(acts)
-
-
-def reference_feature_choice_mask(
-    acts: torch.Tensor, capacities: torch.Tensor
-) -> torch.Tensor:
-    """One process: each column's top ``m_j`` rows, ties to the lower row, no zeros."""
-    order = torch.sort(acts, dim=0, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(0, order, torch.arange(acts.shape[0])[:, None].expand_as(order))
-    return (rank < capacities[None, :]) & (acts > 0)
-
-
 def run_primitives(
     rank: int, world_size: int, device: str, comm: Comm | None = None
 ) -> dict[str, Any]:
@@ -469,9 +366,9 @@ def reference_primitives(world_size: int) -> dict[str, torch.Tensor]:
     out = {}
     for name, scenario in primitive_scenarios(world_size).items():
         if scenario.capacities is None:
-            out[name] = reference_topk_mask(scenario.acts, scenario.budget)
+            out[name] = reference.batch_topk_mask(scenario.acts, scenario.budget)
         else:
-            out[name] = reference_feature_choice_mask(
+            out[name] = reference.feature_choice_mask(
                 scenario.acts, scenario.capacities
             )
     return out

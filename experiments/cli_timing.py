@@ -2,7 +2,7 @@
 
 ::
 
-    python -m sae_lens_sampled.benchmark.cli_timing [--repeat 7] [--train]
+    python -m experiments.cli_timing [--repeat 7] [--train]
         [--checkout DIR]
 
 Runs each command ``--repeat`` times in a fresh interpreter, round-robin (so load
@@ -98,7 +98,7 @@ def report(samples: dict[str, tuple[list[float], set[int]]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sae_lens_sampled.benchmark.cli_timing",
+        prog="python -m experiments.cli_timing",
         description="Wall-clock start-up time of the sae-lens-sampled command.",
     )
     parser.add_argument("--repeat", type=int, default=7, help="runs per command")

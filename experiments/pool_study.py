@@ -17,8 +17,8 @@ Two tools, both offline on CPU:
 
 ::
 
-    python -m sae_lens_sampled.benchmark.pool_study ceiling --data default --seeds 3
-    python -m sae_lens_sampled.benchmark.pool_study trace --quick --seeds 3 \\
+    python -m experiments.pool_study ceiling --data default --seeds 3
+    python -m experiments.pool_study trace --quick --seeds 3 \\
         --architectures "batchtopk,sampled:pool_factor=4" --output pool-trace
 """
 
@@ -416,9 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["dictionary"]:
         return dictionary_main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m sae_lens_sampled.benchmark.pool_study",
+        prog="python -m experiments.pool_study",
         epilog="'trace' takes compare's options instead: "
-        "python -m sae_lens_sampled.benchmark.pool_study trace --quick ...",
+        "python -m experiments.pool_study trace --quick ...",
     )
     parser.add_argument("command", choices=("ceiling",))
     parser.add_argument("--data", choices=tuple(SYNTHETIC_DATA), default="default")

@@ -6,7 +6,7 @@ inference encode (the SAE a user loads) and with the training SAE's batch rule o
 eval batches of the training batch size. Prints a mean ± std table and writes one
 JSON record per run and seed::
 
-    python -m sae_lens_sampled.benchmark.absorption_study --quick --seeds 0,1,2 \
+    python -m experiments.absorption_study --quick --seeds 0,1,2 \
         --output absorption-study
 """
 

@@ -1,8 +1,11 @@
 """Check data-parallel training on this machine and time one training step.
 
-    python -m sae_lens_sampled.distributed.selftest --device cuda
-    python -m sae_lens_sampled.distributed.selftest --device cuda --world 4
-    python -m sae_lens_sampled.distributed.selftest --device cpu --world 2
+    python -m benchmarks.selftest --device cuda
+    python -m benchmarks.selftest --device cuda --world 4
+    python -m benchmarks.selftest --device cpu --world 2
+
+Run from the root of a checkout of the repository: the self-test trains the cases of
+``tests/parity.py`` and is not part of the installed package.
 
 With one rank (the default on a single GPU) it joins a one-rank process group (NCCL
 on CUDA, gloo on CPU) and runs every collective anyway, so the backend and the device
@@ -31,9 +34,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sae_lens_sampled.benchmark.speed import Shape
-from sae_lens_sampled.distributed import parity
+from sae_lens_sampled.distributed import launch
 from sae_lens_sampled.distributed.comm import Comm
+from sae_lens_sampled.shape import Shape
+from tests import parity
 
 N_STEPS, BATCH = 14, 64
 SPEED_ARCHS = ("mutual_choice", "sampled", "feature_choice")
@@ -54,8 +58,8 @@ def step_times(
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from sae_lens_sampled.benchmark.speed import build_sae
     from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
+    from sae_lens_sampled.shape import build_sae
 
     world = 1 if comm is None else comm.world_size
     rank = 0 if comm is None else comm.rank
@@ -115,7 +119,7 @@ def _worker(
 
 def run(device: str, world: int, shape: Shape, n_steps: int) -> dict[str, Any]:
     if world == 1:
-        parity.init_process_group(0, 1, parity.free_port(), device)
+        launch.init_process_group(0, 1, launch.free_port(), device)
         try:
             results = _checks(Comm(always=True), device, shape, n_steps)
         finally:
@@ -123,7 +127,7 @@ def run(device: str, world: int, shape: Shape, n_steps: int) -> dict[str, Any]:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "selftest.pt")
-            parity.spawn(
+            launch.spawn(
                 _worker, world, device, (shape, n_steps, out), start_method="spawn"
             )
             per_rank = [
@@ -172,7 +176,7 @@ def run(device: str, world: int, shape: Shape, n_steps: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sae_lens_sampled.distributed.selftest", description=__doc__
+        prog="python -m benchmarks.selftest", description=__doc__
     )
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu"

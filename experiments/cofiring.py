@@ -15,7 +15,7 @@ The measurement behind the co-firing table of ``docs/sampled.md``: for the SAEs 
 ::
 
     sae-lens-sampled compare --activations acts.npy --seeds 3 --output results
-    python -m sae_lens_sampled.benchmark.cofiring results
+    python -m experiments.cofiring results
 """
 
 from __future__ import annotations
