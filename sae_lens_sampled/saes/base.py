@@ -772,8 +772,9 @@ class BatchLevelSAE(JumpReLUSAE):
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The batch rule over every token of ``x`` (any leading shape).
 
-        Selects exactly what the training SAE selected on the same input (ranking
-        ``relu(hidden_pre) * rank_scale``); the codes are in JumpReLU's units, those of
+        Selects what the training SAE selected on the same input, ranking
+        ``relu(hidden_pre) * rank_scale`` (with decoder-norm rescaling, up to the
+        rounding of the export's fold: ``docs/reliability.md``); the codes are in JumpReLU's units, those of
         ``encode``. Raises a ValueError on NaN or Inf input, since the rule ranks all
         tokens together.
         """
