@@ -38,16 +38,17 @@ WORLD = 2
 GROUP_TIMEOUT_S = 30
 RUN_TIMEOUT_S = 240
 
-# case: (rank 1's SAE settings, rank 1's trainer settings); rank 0 uses the defaults.
-TRAINER_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "same": ({}, {}),
-    "k": ({"k": 4}, {}),
-    "d_sae": ({"d_sae": 24}, {}),
-    "architecture": ({"architecture": "sampled"}, {}),
-    "threshold_gain": ({"threshold_gain": 0.2}, {}),
-    "lr": ({}, {"lr": 3e-3}),
-    "dtype": ({"state_dtype": torch.float64}, {}),
-    "device_only": ({}, {"device": "cpu:0"}),
+# case: (both ranks' SAE settings, rank 1's SAE overrides, rank 1's trainer overrides)
+TRAINER_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "same": ({}, {}, {}),
+    "k": ({}, {"k": 4}, {}),
+    "d_sae": ({}, {"d_sae": 24}, {}),
+    "architecture": ({}, {"architecture": "sampled"}, {}),
+    "pool_factor": ({"architecture": "sampled"}, {"pool_factor": 3.0}, {}),
+    "threshold_gain": ({}, {"threshold_gain": 0.2}, {}),
+    "lr": ({}, {}, {"lr": 3e-3}),
+    "dtype": ({}, {"state_dtype": torch.float64}, {}),
+    "device_only": ({}, {}, {"device": "cpu:0"}),
 }
 
 
@@ -89,9 +90,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     )
     errors: dict[str, str | None] = {}
     try:
-        for case, (sae_settings, trainer_settings) in TRAINER_CASES.items():
+        for case, (common, sae_settings, trainer_settings) in TRAINER_CASES.items():
             torch.manual_seed(0)
-            sae = build_sae(sae_settings if rank == 1 else {})
+            sae = build_sae({**common, **(sae_settings if rank == 1 else {})})
             cfg = trainer_config(**(trainer_settings if rank == 1 else {}))
             try:
                 DistributedSAETrainer(cfg, sae, iter([]))
@@ -153,6 +154,7 @@ EXPECTED = {
         'rank 1 has sae.architecture="sampled", rank 0 has '
         'sae.architecture="mutual_choice"'
     ),
+    "pool_factor": "rank 1 has sae.pool_factor=3.0, rank 0 has sae.pool_factor=16.0",
     "threshold_gain": (
         "rank 1 has sae.threshold_gain=0.2, rank 0 has sae.threshold_gain=0.1"
     ),

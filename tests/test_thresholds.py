@@ -433,3 +433,9 @@ def test_export_after_fold_W_dec_norm_keeps_the_batch_rule(name, tmp_path):
     assert (expected != 0).sum() == 3 * 512
     assert torch.equal(rule.encode_batch(x) != 0, expected != 0)
     torch.testing.assert_close(rule.encode_batch(x), expected)
+    # so calibration on the export fits the plugin's rule
+    exported = SAE.load_from_disk(tmp_path / "jumprelu")
+    ours = calibrate_thresholds(exported, [x], batch_size=512, min_selections=0)
+    reference = calibrate_thresholds(plugin, [x], batch_size=512, min_selections=0)
+    assert torch.equal(ours.selected, reference.selected)
+    torch.testing.assert_close(ours.thresholds, reference.thresholds)
