@@ -103,6 +103,7 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
     ) -> None:
         self.comm = Comm() if comm is None else comm
         rank, world = self.comm.rank, self.comm.world_size
+        place_on_local_device(cfg)  # first: NCCL collectives need the rank's GPU
         # Each rank's config drew its own random checkpoint suffix: use rank 0's.
         cfg.checkpoint_path = self.comm.broadcast_object(cfg.checkpoint_path)
         # Before any other check: ranks started with other flags fail here, alike.
@@ -122,7 +123,6 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
                 "compile_sae is not supported with several ranks (the selection "
                 "runs collectives inside training_forward_pass)"
             )
-        place_on_local_device(cfg)
         self.cfg = cfg
         if override_model is None:
             assert cfg.llm_device is not None
