@@ -9,6 +9,8 @@ per-token rule, on the setup whose measured mismatch the docs quote.
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +59,14 @@ def trained(architecture: str, dtype: str) -> Any:
     return sae.eval()
 
 
-def compare(architecture: str, dtype: str, tmp_path: Path) -> dict[str, torch.Tensor]:
+@functools.cache
+def compare(architecture: str, dtype: str) -> dict[str, torch.Tensor]:
+    """Training's and the saved SAE's values and selections on the same tokens."""
     sae = trained(architecture, dtype)
     x = torch.randn(N_TOKENS, D_IN).to(sae.W_enc.dtype)
-    sae.save_inference_model(tmp_path)
-    saved = SAE.load_from_disk(tmp_path, dtype=dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        sae.save_inference_model(folder)
+        saved = SAE.load_from_disk(folder, dtype=dtype)
     assert saved.cfg.dtype == dtype
     with torch.no_grad():
         sae_in = (x - sae.b_dec).double()
@@ -83,16 +88,16 @@ def compare(architecture: str, dtype: str, tmp_path: Path) -> dict[str, torch.Te
 
 
 @pytest.mark.parametrize("dtype", sorted(UNIT_ROUNDOFF))
-def test_saved_values_within_the_stated_bound(dtype, tmp_path):
-    got = compare("mutual_choice", dtype, tmp_path)
+def test_saved_values_within_the_stated_bound(dtype):
+    got = compare("mutual_choice", dtype)
     error = (got["saved_pre"] - got["training_pre"]).abs()
     assert bool((error <= got["bound"]).all())
     assert bool((error > 0).any())  # the fold does round
 
 
 @pytest.mark.parametrize("dtype", sorted(UNIT_ROUNDOFF))
-def test_selections_differ_only_within_the_bound_of_the_boundary(dtype, tmp_path):
-    got = compare("mutual_choice", dtype, tmp_path)
+def test_selections_differ_only_within_the_bound_of_the_boundary(dtype):
+    got = compare("mutual_choice", dtype)
     values = got["training_pre"].relu()
     selected = got["training_batch"]
     boundary = values[selected].min()  # mutual_choice: one global boundary
@@ -122,8 +127,8 @@ MEASURED = {
 
 
 @pytest.mark.parametrize(("dtype", "architecture"), sorted(MEASURED))
-def test_measured_mismatch(dtype, architecture, tmp_path):
-    got = compare(architecture, dtype, tmp_path)
+def test_measured_mismatch(dtype, architecture):
+    got = compare(architecture, dtype)
     batch = int((got["training_batch"] != got["saved_batch"]).sum())
     token = int((got["training_token"] != got["saved_token"]).sum())
     most_batch, most_token = MEASURED[dtype, architecture]
