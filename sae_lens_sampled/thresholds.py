@@ -512,6 +512,8 @@ def _rule_from_metadata(sae: JumpReLUSAE) -> BatchLevelSAE:
             "with learned (capacity_schedule='zipf') capacities, which the export "
             "does not keep; pass batch_rule=<the feature_choice SAE>"
         )
+    rule = dict(rule)
+    rank_scale = rule.pop("rank_scale", None)
     cfg = {**sae.cfg.to_dict(), **rule}
     plugin: SAE[Any] = SAE.from_dict(cfg)
     if not _is_plugin(plugin) or _is_training(plugin):
@@ -521,6 +523,8 @@ def _rule_from_metadata(sae: JumpReLUSAE) -> BatchLevelSAE:
             "pass batch_rule=<the plugin SAE it came from>"
         )
     state = {name: value for name, value in sae.state_dict().items()}
+    if rank_scale is not None:
+        state["rank_scale"] = torch.tensor(rank_scale, dtype=sae.W_dec.dtype)
     plugin.load_state_dict(state, strict=False)
     return plugin.to(sae.device)
 
@@ -686,7 +690,9 @@ def export_jumprelu(
     ``encode`` equals the plugin's inference ``encode``. Its metadata keeps the
     plugin's (``l0_per_token``, ``l0_batch_rule``, ...) and records the batch rule's
     settings as ``batch_rule``, which :func:`calibrate_thresholds` can rebuild (not
-    learned Feature Choice capacities). With ``path``, the SAE is also saved there
+    learned Feature Choice capacities); after ``fold_W_dec_norm`` on the inference
+    SAE, ``batch_rule`` also lists the per-feature ``rank_scale``, so the rebuilt
+    rule selects what the plugin's ``encode_batch`` selects. With ``path``, the SAE is also saved there
     (``cfg.json`` with architecture ``"jumprelu"``), loadable by any SAELens install
     without this plugin.
     """
@@ -709,6 +715,11 @@ def export_jumprelu(
         for name, value in plugin_cfg.items()
         if name not in fields and name != "metadata"
     }
+    rank_scale = state_dict.get("rank_scale")
+    if rank_scale is not None and not bool((rank_scale == 1).all()):
+        # A fold on the inference SAE (fold_W_dec_norm) moved part of the ranking
+        # into this buffer, which JumpReLU has no place for: the rule keeps it here.
+        metadata.batch_rule["rank_scale"] = rank_scale.tolist()
     cfg_dict["metadata"] = metadata
     jumprelu = JumpReLUSAE(JumpReLUSAEConfig(**cfg_dict))
     wanted = jumprelu.state_dict().keys()

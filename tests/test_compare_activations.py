@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -360,6 +362,28 @@ def test_tensor_names_and_formats_are_checked(tmp_path, cache_dir):
     (tmp_path / "junk.safetensors").write_bytes(b"not a header")
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
         open_activations(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize(
+    "claimed", [[CONTEXT, 2 * D_MODEL], [CONTEXT // 2, 2 * D_MODEL]]
+)
+def test_a_cache_whose_metadata_claims_another_row_shape_is_refused(
+    tmp_path, cache_dir, claimed
+):
+    # Another element count, and the same count split differently: either would be
+    # reshaped into wrong tokens without the check.
+    copy = tmp_path / "activations"
+    shutil.copytree(cache_dir, copy)
+    info_path = copy / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info["features"][HOOK]["shape"] = claimed
+    info_path.write_text(json.dumps(info))
+    real = f"row 0 holds [{CONTEXT}, {D_MODEL}] ({CONTEXT * D_MODEL} values)"
+    with pytest.raises(ValueError, match=re.escape(real)) as raised:
+        open_activations(copy)
+    assert f"holds {claimed} ({claimed[0] * claimed[1]} values) per row" in str(
+        raised.value
+    )
 
 
 def test_default_eval_split_is_a_tenth_of_the_rows(tmp_path):

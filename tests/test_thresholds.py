@@ -412,3 +412,30 @@ def test_export_jumprelu_matches_plugin_encode(tmp_path):
     torch.testing.assert_close(
         reloaded.decode(reloaded.encode(x)), sae.decode(expected), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("name", ["mutual_choice", "sampled"])
+def test_export_after_fold_W_dec_norm_keeps_the_batch_rule(name, tmp_path):
+    # Without decoder-norm rescaling, fold_W_dec_norm moves the norms into the encoder
+    # and the batch rule's ranking scale (rank_scale = 1 / norm) must travel along.
+    fields = {"pool_mode": "top"} if name == "sampled" else {}
+    sae = trained(name, rescale_acts_by_decoder_norm=False, **fields)
+    sae.save_inference_model(tmp_path / "plugin")
+    plugin = SAE.load_from_disk(tmp_path / "plugin")
+    plugin.fold_W_dec_norm()
+    assert not torch.equal(plugin.rank_scale, torch.ones(D_SAE))
+    export_jumprelu(plugin, tmp_path / "jumprelu")
+    rule = thresholds_module._rule_from_metadata(
+        SAE.load_from_disk(tmp_path / "jumprelu")
+    )
+    x = data(512, 7)
+    expected = plugin.encode_batch(x)
+    assert (expected != 0).sum() == 3 * 512
+    assert torch.equal(rule.encode_batch(x) != 0, expected != 0)
+    torch.testing.assert_close(rule.encode_batch(x), expected)
+    # so calibration on the export fits the plugin's rule
+    exported = SAE.load_from_disk(tmp_path / "jumprelu")
+    ours = calibrate_thresholds(exported, [x], batch_size=512, min_selections=0)
+    reference = calibrate_thresholds(plugin, [x], batch_size=512, min_selections=0)
+    assert torch.equal(ours.selected, reference.selected)
+    torch.testing.assert_close(ours.thresholds, reference.thresholds)

@@ -16,6 +16,7 @@ streams through the rows. Reads return float32 ``[rows, d_in]`` tensors.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -246,7 +247,22 @@ class CachedActivations(ActivationFile):
         self.context = per_row[0]
         self._check_shape((len(dataset) * self.context, per_row[1]))
         self._rows = dataset.with_format("numpy", columns=[self.key])
+        self._check_first_row(per_row)
         self._files = [Path(f["filename"]) for f in dataset.cache_files]
+
+    def _check_first_row(self, claimed: tuple[int, ...]) -> None:
+        # Rows are read by the shape dataset_info.json claims; a wrong claim with
+        # another element count (or another split of it) would be reshaped silently.
+        row = np.asarray(self._rows[0][self.key])
+        if tuple(row.shape) != claimed:
+            raise _error(
+                self.path,
+                f"dataset_info.json says column {self.key!r} holds {list(claimed)} "
+                f"({math.prod(claimed)} values) per row, but row 0 holds "
+                f"{list(row.shape)} ({row.size} values); the metadata does not "
+                "describe the data: restore its dataset_info.json or cache the "
+                "activations again",
+            )
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         first, last = start // self.context, -(-stop // self.context)

@@ -7,6 +7,7 @@ fed the concatenated batch; ``torchrun --nproc_per_node N -m sae_lens_sampled tr
 """
 
 from sae_lens_sampled.distributed.comm import Comm, TrafficCounter
+from sae_lens_sampled.distributed.same_config import ConfigMismatchError
 from sae_lens_sampled.distributed.step import (
     DataParallelStep,
     data_parallel_step,
@@ -16,6 +17,7 @@ from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
 
 __all__ = [
     "Comm",
+    "ConfigMismatchError",
     "DataParallelStep",
     "DistributedSAETrainer",
     "TrafficCounter",

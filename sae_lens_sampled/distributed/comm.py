@@ -142,6 +142,14 @@ class Comm:
         dist.broadcast_object_list(holder, src=self._global_rank(src), group=self.group)
         return holder[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (setup only; not counted)."""
+        if not self.active:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier(group=self.group)

@@ -42,6 +42,10 @@ from sae_lens.training.types import DataProvider
 from typing_extensions import override
 
 from sae_lens_sampled.distributed.comm import Comm
+from sae_lens_sampled.distributed.same_config import (
+    check_same_settings,
+    describe_settings,
+)
 from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
 
 DATA_PARALLEL_FILENAME = "data_parallel.json"
@@ -99,6 +103,11 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
     ) -> None:
         self.comm = Comm() if comm is None else comm
         rank, world = self.comm.rank, self.comm.world_size
+        place_on_local_device(cfg)  # first: NCCL collectives need the rank's GPU
+        # Each rank's config drew its own random checkpoint suffix: use rank 0's.
+        cfg.checkpoint_path = self.comm.broadcast_object(cfg.checkpoint_path)
+        # Before any other check: ranks started with other flags fail here, alike.
+        check_same_settings(self.comm, describe_settings(cfg.to_dict()), "config")
         if cfg.train_batch_size_tokens % world != 0:
             raise ValueError(
                 f"train_batch_size_tokens={cfg.train_batch_size_tokens} must be a "
@@ -114,9 +123,6 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
                 "compile_sae is not supported with several ranks (the selection "
                 "runs collectives inside training_forward_pass)"
             )
-        place_on_local_device(cfg)
-        # Each rank's config drew its own random checkpoint suffix: use rank 0's.
-        cfg.checkpoint_path = self.comm.broadcast_object(cfg.checkpoint_path)
         self.cfg = cfg
         if override_model is None:
             assert cfg.llm_device is not None

@@ -12,7 +12,10 @@ Per step, every rank
 3. back-propagates its local loss (a mean over its rows), then averages the gradients
    over ranks, so that clipping and Adam see the gradient of the global batch.
 
-Parameters and buffers start from rank 0's and stay identical on every rank.
+Every rank must be built with the same SAE and trainer config (checked at start-up,
+with the SAE's parameter shapes: all ranks raise the same error naming the first
+differing field). Parameters and buffers start from rank 0's and stay identical on
+every rank.
 Activation-norm scaling (and whitening) is estimated from sums over all ranks.
 Rank 0 alone logs, evaluates and writes the SAE; every rank calls
 ``save_checkpoint_fn`` (to save its own data-loader state).
@@ -43,6 +46,13 @@ from typing_extensions import override
 
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import sum_counts
+from sae_lens_sampled.distributed.same_config import (
+    Description,
+    check_same_settings,
+    describe_dataclass,
+    describe_settings,
+    describe_state,
+)
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
 
 
@@ -107,6 +117,28 @@ class GlobalActivationScaler(ActivationScaler):
         if self.comm.active and torch.distributed.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+def describe_training(sae: TrainingSAE[Any], cfg: SAETrainerConfig) -> Description:
+    """What must be equal on every rank: the SAE's config and state shapes, and the
+    trainer's config (not its log or checkpoint destinations, which rank 0 uses, nor
+    the SAE's metadata, which repeats its fields and describes the data source)."""
+    sae_settings = {
+        name: value
+        for name, value in sae.cfg.to_dict().items()
+        if name not in ("architecture", "metadata")
+    }
+    trainer = [
+        (name, value)
+        for name, value in describe_dataclass(cfg, "trainer.")
+        if not name.startswith(("trainer.logger.", "trainer.checkpoint_path"))
+    ]
+    return [
+        *describe_settings({"architecture": sae.cfg.architecture()}, "sae."),
+        *describe_settings(sae_settings, "sae."),
+        *describe_state(sae),
+        *trainer,
+    ]
 
 
 @torch.no_grad()
@@ -192,6 +224,9 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
         self.local_batch_size = cfg.train_batch_size_samples // world
         self.oversample = oversample
         self.check_replicas_every = check_replicas_every
+        check_same_settings(
+            self.comm, describe_training(sae, cfg), "SAE and trainer config"
+        )
         sae.to(cfg.device)
         broadcast_module_state(sae, self.comm)
         super().__init__(cfg, sae, data_provider, evaluator, save_checkpoint_fn)

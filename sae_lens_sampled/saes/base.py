@@ -25,6 +25,7 @@ from sae_lens.saes.sae import (
 from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec
 from typing_extensions import override
 
+from sae_lens_sampled.checkpoints import fill_0_1_checkpoint
 from sae_lens_sampled.losses import (
     aux_k_budget,
     aux_k_scale,
@@ -681,6 +682,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
+        buffers = {name: getattr(self, name) for name in self.training_buffers}
+        fill_0_1_checkpoint(state_dict, buffers, self.cfg.architecture())
         for name, buffer in self._exact_buffers().items():
             saved = state_dict.get(name)
             if saved is not None and saved.shape != buffer.shape:
@@ -769,8 +772,9 @@ class BatchLevelSAE(JumpReLUSAE):
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The batch rule over every token of ``x`` (any leading shape).
 
-        Selects exactly what the training SAE selected on the same input (ranking
-        ``relu(hidden_pre) * rank_scale``); the codes are in JumpReLU's units, those of
+        Selects what the training SAE selected on the same input, ranking
+        ``relu(hidden_pre) * rank_scale`` (with decoder-norm rescaling, up to the
+        rounding of the export's fold: ``docs/reliability.md``); the codes are in JumpReLU's units, those of
         ``encode``. Raises a ValueError on NaN or Inf input, since the rule ranks all
         tokens together.
         """

@@ -1,0 +1,54 @@
+"""Training checkpoints written by earlier versions of the plugin.
+
+A 0.1 training checkpoint predates the rate-matching threshold state: it has
+``running_threshold`` but none of ``selection_rate``, ``token_rate`` and
+``tail_scale`` (nor ``sampled``'s ``pool_staleness`` and ``missed_chances``). Such a
+file loads with every missing training buffer as a fresh run starts it, and a warning
+says so; anything else missing is still a load error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+# Buffers that every training SAE has had since 0.2 and no 0.1 checkpoint has.
+ADDED_IN_0_2: tuple[str, ...] = ("selection_rate", "token_rate", "tail_scale")
+
+
+def is_0_1_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a training state dict was written by sae-lens-sampled 0.1."""
+    return "running_threshold" in state_dict and not any(
+        name in state_dict for name in ADDED_IN_0_2
+    )
+
+
+def fill_0_1_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    architecture: str,
+) -> None:
+    """Add to a 0.1 ``state_dict`` the training ``buffers`` it lacks, as zeros (where
+    a new training SAE starts every one of them), and warn; other files pass.
+
+    ``buffers`` gives shapes and dtypes only (the SAE may still be on the meta device).
+    """
+    if not is_0_1_checkpoint(state_dict):
+        return
+    device = state_dict["running_threshold"].device
+    missing = [name for name in buffers if name not in state_dict]
+    for name in missing:
+        like = buffers[name]
+        state_dict[name] = torch.zeros(like.shape, dtype=like.dtype, device=device)
+    warnings.warn(
+        f"this {architecture} training checkpoint was written by sae-lens-sampled "
+        f"0.1 (it has no {', '.join(ADDED_IN_0_2)}); loaded with "
+        f"{', '.join(missing)} as a fresh run starts them (zeros): weights, "
+        "thresholds and the firing-rate EMA are the file's, and the per-token and "
+        "batch-rule L0 estimates (l0_per_token, l0_batch_rule) start over. Save it "
+        "again to write a current checkpoint",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -1,0 +1,109 @@
+"""Every data-parallel rank must train the same SAE with the same settings.
+
+Ranks that disagree fail far from the cause: a different ``k`` or ``d_sae`` aborts
+inside a collective, a different architecture waits for the group timeout, a
+different ``threshold_gain`` trains replicas that drift apart without a word. At
+start-up each rank describes its settings as ordered ``(field, value)`` pairs
+(device fields left out: each rank has its own), the ranks compare a digest of the
+description, and where any digest differs every rank raises the same error, naming
+the first field in which the lowest such rank differs from rank 0.
+
+Nothing here imports SAELens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from sae_lens_sampled.distributed.comm import Comm
+
+Description = list[tuple[str, str]]
+
+# Each rank places itself on its own device; these may differ.
+PER_RANK_FIELDS = frozenset({"device", "llm_device", "act_store_device"})
+ABSENT = "(absent)"
+
+
+class ConfigMismatchError(ValueError):
+    """Data-parallel ranks were started with different settings."""
+
+
+def describe_settings(settings: Mapping[str, Any], prefix: str = "") -> Description:
+    """``settings`` (nested mappings allowed) as ``(dotted field, JSON value)`` pairs,
+    in order, without the per-rank device fields."""
+    described: Description = []
+    for name, value in settings.items():
+        if name in PER_RANK_FIELDS:
+            continue
+        if isinstance(value, Mapping):
+            described.extend(describe_settings(value, f"{prefix}{name}."))
+        else:
+            text = json.dumps(value, sort_keys=True, default=repr)
+            described.append((f"{prefix}{name}", text))
+    return described
+
+
+def describe_dataclass(config: Any, prefix: str) -> Description:
+    """A dataclass instance's fields, as :func:`describe_settings` describes them."""
+    settings: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        settings[field.name] = value
+    return describe_settings(settings, prefix)
+
+
+def describe_state(module: torch.nn.Module, prefix: str = "state.") -> Description:
+    """Shape and dtype of every parameter and buffer of ``module``."""
+    return [
+        (f"{prefix}{name}", f"{list(tensor.shape)} {str(tensor.dtype)[6:]}")
+        for name, tensor in module.state_dict().items()
+    ]
+
+
+def digest(description: Description) -> str:
+    return hashlib.sha256(json.dumps(description).encode()).hexdigest()
+
+
+def first_difference(
+    reference: Description, other: Description
+) -> tuple[str, str, str] | None:
+    """The first field (in ``reference``'s order, then ``other``'s extra fields) whose
+    values differ: ``(field, reference value, other value)``, or None."""
+    ours, theirs = dict(reference), dict(other)
+    names = [name for name, _ in reference]
+    names += [name for name, _ in other if name not in ours]
+    for name in names:
+        mine, its = ours.get(name, ABSENT), theirs.get(name, ABSENT)
+        if mine != its:
+            return name, mine, its
+    return None
+
+
+def check_same_settings(comm: Comm, description: Description, what: str) -> None:
+    """Raise :class:`ConfigMismatchError`, on every rank alike, unless every rank of
+    ``comm`` passed the same ``description`` (of ``what``, for the message)."""
+    if not comm.active:
+        return
+    digests = comm.all_gather_object(digest(description))
+    if len(set(digests)) == 1:
+        return
+    descriptions = comm.all_gather_object(description)
+    rank = next(r for r, d in enumerate(digests) if d != digests[0])
+    difference = first_difference(descriptions[0], descriptions[rank])
+    assert difference is not None  # the digests differ
+    field, reference, other = difference
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    raise ConfigMismatchError(
+        f"data-parallel ranks must share one {what}: rank {rank} has {field}={other}, "
+        f"rank 0 has {field}={reference} (first differing field; ranks differing "
+        f"from rank 0: {', '.join(map(str, differing))}). Start every rank with the "
+        "same settings"
+    )
