@@ -27,6 +27,7 @@ from sae_lens_sampled.benchmark.activation_files import (
 )
 from sae_lens_sampled.benchmark.config import DEFAULT_EVAL_SAMPLES, CompareConfig
 from sae_lens_sampled.benchmark.metrics import evaluate_on_activations
+from sae_lens_sampled.benchmark.probe_command import from_config
 from sae_lens_sampled.benchmark.source import DataSource
 
 # The eval split is this many evenly spaced contiguous segments, so that a file in
@@ -172,6 +173,7 @@ class ActivationsSource(DataSource):
                 f"activations: {self.file.path}: {bad:,} of {n_rows:,} rows hold NaN "
                 f"or Inf values (rows {shown}{more}); drop or repair them"
             )
+        self.probing = from_config(self.file, cfg.labels, cfg.groups, cfg.batch_size)
         self.eval_ranges, self.train_ranges = split_rows(n_rows, self.eval_samples)
         self.train_rows = n_rows - self.eval_samples
         self.sha256 = self.file.sha256()
