@@ -17,6 +17,17 @@ from sae_lens_sampled.cli import main as cli_main
 
 N_ROWS, D_IN, N_DOCS = 1_536, 16, 96
 RUNS = [RunSpec("batchtopk"), RunSpec("sampled", {"pool_factor": 2.0})]
+SMALL = ["--architectures", "batchtopk,sampled:pool_factor=2.0", "--k", "3"]
+SMALL += [
+    "--d-sae",
+    "32",
+    "--steps",
+    "8",
+    "--batch-size",
+    "128",
+    "--eval-samples",
+    "256",
+]
 SETTINGS = {
     "runs": RUNS,
     "k": 3,
@@ -52,16 +63,13 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def compared(data, tmp_path_factory) -> tuple[Path, dict]:
+    # docs/compare.md's command, at test size.
     output = tmp_path_factory.mktemp("probe_compare") / "results"
-    payload = run_compare(
-        activations=str(data["acts"]),
-        labels=f"{data['labels']}:topic",
-        groups=f"{data['labels']}:doc",
-        seeds=2,
-        output=str(output),
-        **SETTINGS,
-    )
-    return output, payload
+    argv = ["compare", "--activations", str(data["acts"])]
+    argv += ["--labels", f"{data['labels']}:topic", "--groups", f"{data['labels']}:doc"]
+    argv += ["--seeds", "2", "--output", str(output), *SMALL]
+    assert cli_main(argv) == 0
+    return output, json.loads((output / "results.json").read_text())
 
 
 def test_compare_probes_every_run_and_seed(compared):
