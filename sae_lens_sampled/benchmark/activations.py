@@ -173,7 +173,7 @@ class ActivationsSource(DataSource):
                 f"activations: {self.file.path}: {bad:,} of {n_rows:,} rows hold NaN "
                 f"or Inf values (rows {shown}{more}); drop or repair them"
             )
-        self.probing = from_config(self.file, cfg.labels, cfg.groups, cfg.batch_size)
+        self.probing = from_config(self.file, cfg)
         self.eval_ranges, self.train_ranges = split_rows(n_rows, self.eval_samples)
         self.train_rows = n_rows - self.eval_samples
         self.sha256 = self.file.sha256()

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +42,9 @@ from sae_lens_sampled.benchmark.probing import (
     table_fields,
 )
 
+if TYPE_CHECKING:
+    from sae_lens_sampled.benchmark.config import CompareConfig
+
 # The train/eval split of the probes does not change with the SAE's seed, so the
 # spread over seeds is the SAEs' own.
 SPLIT_SEED = 0
@@ -57,6 +60,8 @@ class ActivationProbes:
         labels: ``PATH`` or ``PATH:NAME,...`` (see :func:`~.probing.load_labels`).
         groups: ``PATH`` or ``PATH:NAME``, or None to probe rows.
         batch_size: Rows encoded at once.
+        threads: Torch's CPU threads while the baselines are computed (None: as
+            set).
     """
 
     def __init__(
@@ -65,10 +70,12 @@ class ActivationProbes:
         labels: str,
         groups: str | None = None,
         batch_size: int = 1024,
+        threads: int | None = None,
     ):
         self.file = file
         self.labels, self.groups = labels, groups
         self.batch_size = batch_size
+        self.threads = threads
         group_ids = load_groups(groups, file.n_rows) if groups else None
         exclude: list[str] = []
         if groups:
@@ -117,17 +124,20 @@ class ActivationProbes:
     def baselines(self, seeds: Sequence[int], d_sae: int) -> dict[str, Any]:
         """``raw`` (the activations, and all their dimensions as ``k="all"``) and
         ``random`` (``d_sae`` random directions, one draw per seed)."""
-        if self._pooled is None:
-            self._pooled = pool_rows(self.rows, self.probe_set)
-        pooled = self._pooled
-        return {
-            "raw": probe_features(pooled, self.probe_set, all_dims=True),
-            "random": {
+        saved_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads or saved_threads)
+        try:
+            if self._pooled is None:
+                self._pooled = pool_rows(self.rows, self.probe_set)
+            pooled = self._pooled
+            random = {
                 str(seed): probe_random_directions(pooled, self.probe_set, d_sae, seed)
                 for seed in seeds
-            },
-            "random_directions": d_sae,
-        }
+            }
+            raw = probe_features(pooled, self.probe_set, all_dims=True)
+        finally:
+            torch.set_num_threads(saved_threads)
+        return {"raw": raw, "random": random, "random_directions": d_sae}
 
     def report(
         self,
@@ -160,13 +170,13 @@ class ActivationProbes:
         return table
 
 
-def from_config(
-    file: ActivationFile, labels: str | None, groups: str | None, batch_size: int
-) -> ActivationProbes | None:
+def from_config(file: ActivationFile, cfg: CompareConfig) -> ActivationProbes | None:
     """Probes of ``compare --labels``, or None without labels."""
-    if labels is None:
+    if cfg.labels is None:
         return None
-    return ActivationProbes(file, labels, groups, batch_size)
+    # The baselines run after compare restores torch's threads: keep its setting.
+    threads = cfg.threads or 1
+    return ActivationProbes(file, cfg.labels, cfg.groups, cfg.batch_size, threads)
 
 
 # ---------------------------------------------------------------------------

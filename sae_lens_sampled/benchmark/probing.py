@@ -645,7 +645,8 @@ def probe_encoder(
     pooled = torch.zeros(probe_set.n_units, wanted.numel(), dtype=torch.float64)
     start = 0
     for batch in batches():
-        latents = encode(batch)[:, wanted.to(batch.device)].to(torch.float64).cpu()
+        codes = encode(batch)
+        latents = codes[:, wanted.to(codes.device)].to(torch.float64).cpu()
         stop = start + batch.shape[0]
         pooled.index_add_(0, unit_of_row[start:stop], latents)
         start = stop
