@@ -107,12 +107,11 @@ def test_the_label_latent_is_chosen_and_probes_perfectly_at_k1():
 
 
 def test_streamed_probes_equal_the_in_memory_probes_on_pooled_groups():
-    latents, _ = labelled_latents(n=400, seed=1)
-    # 100 documents of 4 rows each, rows shuffled over the file.
+    # 100 documents of 1 to 7 rows (395 in all), rows shuffled over the file.
     generator = torch.Generator().manual_seed(2)
-    groups = torch.arange(100).repeat_interleave(4)[
-        torch.randperm(400, generator=generator)
-    ]
+    groups = torch.arange(100).repeat_interleave(torch.arange(100) % 7 + 1)
+    groups = groups[torch.randperm(groups.numel(), generator=generator)]
+    latents, _ = labelled_latents(n=groups.numel(), seed=1)
     doc_label = torch.randint(0, 3, (100,), generator=generator)
     labels = doc_label[groups]
     latents[:, 6] = labels.float()  # one latent says the document's class, per row

@@ -378,7 +378,7 @@ def fit_logistic_regression(
         lr=1.0,
         max_iter=max_iter,
         history_size=20,
-        tolerance_grad=1e-10,
+        tolerance_grad=1e-8,
         tolerance_change=1e-14,
         line_search_fn="strong_wolfe",
     )
