@@ -165,6 +165,7 @@ class ActivationsSource(DataSource):
                 f"{cfg.batch_size + self.eval_samples:,}; lower --batch-size or "
                 "--eval-samples"
             )
+        self.probing = from_config(self.file, cfg)  # label files checked here
         bad, first = nonfinite_rows(self.file)
         if bad:
             shown = ", ".join(str(row) for row in first)
@@ -173,7 +174,6 @@ class ActivationsSource(DataSource):
                 f"activations: {self.file.path}: {bad:,} of {n_rows:,} rows hold NaN "
                 f"or Inf values (rows {shown}{more}); drop or repair them"
             )
-        self.probing = from_config(self.file, cfg)
         self.eval_ranges, self.train_ranges = split_rows(n_rows, self.eval_samples)
         self.train_rows = n_rows - self.eval_samples
         self.sha256 = self.file.sha256()
