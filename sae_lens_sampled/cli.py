@@ -11,6 +11,9 @@ work like SAELens's built-ins.
 ``bench``: time the training step and its peak memory against SAELens's BatchTopK and
 TopK (:mod:`sae_lens_sampled.benchmark.speed`).
 
+``probe``: sparse probing of the SAEs a ``compare`` run saved
+(:mod:`sae_lens_sampled.benchmark.probe_command`).
+
 Starting the command imports neither torch nor SAELens (``--help`` and ``--version``
 answer at once); each subcommand imports what it needs. An invalid setting ends the
 command with one line naming the field, the value and the allowed range; ``--debug``
@@ -35,6 +38,7 @@ COMMANDS = {
     "train": "train an SAE with SAELens's training CLI (all its flags)",
     "compare": "train architectures side by side at equal k and compare them",
     "bench": "time the training step of each architecture against SAELens's",
+    "probe": "sparse probing of the SAEs a compare run saved, on a label set",
 }
 
 
@@ -200,10 +204,17 @@ def _bench(argv: Sequence[str]) -> int:
     return bench_main(list(argv))
 
 
+def _probe(argv: Sequence[str]) -> int:
+    from sae_lens_sampled.benchmark.probe_command import main as probe_main
+
+    return probe_main(list(argv))
+
+
 RUNNERS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": _train,
     "compare": _compare,
     "bench": _bench,
+    "probe": _probe,
 }
 
 

@@ -30,7 +30,7 @@ def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: sae-lens-sampled [-h] [--version] [--debug] COMMAND")
-    for command in ("train", "compare", "bench"):
+    for command in ("train", "compare", "bench", "probe"):
         assert re.search(rf"^  {command} ", out, re.MULTILINE)
 
 
@@ -43,7 +43,8 @@ def test_unknown_command_and_option_fail_with_one_message(capsys):
     assert main(["nonsense"]) == 2
     err = capsys.readouterr().err
     assert (
-        "error: unknown command 'nonsense' (choose from train, compare, bench)" in err
+        "error: unknown command 'nonsense' (choose from train, compare, bench, probe)"
+        in err
     )
     assert main(["--verbose", "train"]) == 2
     assert "error: unrecognized option --verbose" in capsys.readouterr().err

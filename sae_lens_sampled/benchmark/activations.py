@@ -27,6 +27,7 @@ from sae_lens_sampled.benchmark.activation_files import (
 )
 from sae_lens_sampled.benchmark.config import DEFAULT_EVAL_SAMPLES, CompareConfig
 from sae_lens_sampled.benchmark.metrics import evaluate_on_activations
+from sae_lens_sampled.benchmark.probe_command import from_config
 from sae_lens_sampled.benchmark.source import DataSource
 
 # The eval split is this many evenly spaced contiguous segments, so that a file in
@@ -164,6 +165,7 @@ class ActivationsSource(DataSource):
                 f"{cfg.batch_size + self.eval_samples:,}; lower --batch-size or "
                 "--eval-samples"
             )
+        self.probing = from_config(self.file, cfg)  # label files checked here
         bad, first = nonfinite_rows(self.file)
         if bad:
             shown = ", ".join(str(row) for row in first)

@@ -158,6 +158,8 @@ def run_compare(
         print(format_summary_table(summary))
     else:
         print(format_table(results))
+    if source.probing is not None:  # sparse probing: baselines, table, plot
+        source.probing.report(payload, output, cfg.plots)
     if output is not None:
         print(f"\nresults: {write_json(payload, output)}")
         if cfg.plots:
@@ -251,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a directory written by SAELens's CacheActivationsRunner, or a tensor "
         "file [n_tokens, d_in] (.npy, .safetensors, .pt)",
     )
+    act.add_argument(
+        "--labels",
+        metavar="PATH[:NAME,...]",
+        help="sparse probing of every trained SAE: one integer label per activation "
+        "row (.npy, .pt, .safetensors), or a .npz of named label columns "
+        "(':NAME,...' picks some); see docs/compare.md",
+    )
+    act.add_argument(
+        "--groups",
+        metavar="PATH[:NAME]",
+        help="with --labels: a group id per row; rows are mean-pooled into groups "
+        "(documents) and split train/eval by group",
+    )
     lm = parser.add_argument_group("language-model mode (needs the Hugging Face hub)")
     lm.add_argument("--model", help="model name, e.g. pythia-160m")
     lm.add_argument("--model-class-name", help="SAELens model_class_name")
@@ -291,6 +306,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "model_class_name",
         "dataset",
         "context_size",
+        "labels",
+        "groups",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -81,6 +81,11 @@ class CompareConfig:
         dataset (str): Hugging Face dataset for language-model mode.
         context_size (int | None): Tokens per prompt (None: min(128, model n_ctx)).
         lm_settings (dict[str, Any]): Further ``LanguageModelSAERunnerConfig`` fields.
+        labels (str | None): Activations mode: sparse probing of every trained SAE
+            on these labels, one integer per activation row (``PATH`` or
+            ``PATH:NAME,...``, see :mod:`~sae_lens_sampled.benchmark.probing`).
+        groups (str | None): With ``labels``: a group id per row (``PATH`` or
+            ``PATH:NAME``); rows are mean-pooled into groups before probing.
     """
 
     runs: list[RunSpec] = field(
@@ -111,6 +116,8 @@ class CompareConfig:
     dataset: str = "monology/pile-uncopyrighted"
     context_size: int | None = None
     lm_settings: dict[str, Any] = field(default_factory=dict)
+    labels: str | None = None
+    groups: str | None = None
 
     def __post_init__(self) -> None:
         check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
@@ -150,6 +157,13 @@ class CompareConfig:
                 f"activations mode), got model={self.model!r} and "
                 f"activations={self.activations!r}"
             )
+        if self.labels is not None and self.activations is None:
+            raise ValueError(
+                f"labels={self.labels!r} needs activations: the labels name the rows "
+                "of an activations file"
+            )
+        if self.groups is not None and self.labels is None:
+            raise ValueError(f"groups={self.groups!r} needs labels, got None")
         if self.model is not None and self.hook is None:
             raise ValueError(f"hook must be set with model={self.model!r}, got None")
 

@@ -127,6 +127,7 @@ def train_and_evaluate(
     result.update(ground_truth_fields(per_token))
     result["absorption"] = source.absorption(inference)
     result["absorption_batch"] = source.absorption(view) if view is not None else None
+    result.update(source.probe(inference))
     if run_dir is not None:
         inference.save_model(run_dir)
     return result

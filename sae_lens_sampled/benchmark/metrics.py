@@ -20,6 +20,8 @@ from sae_lens.synthetic.evals import (
     ShrinkageCalculator,
 )
 
+from sae_lens_sampled.benchmark.probing import PROBE_METRICS
+
 # Measured once per encode rule: per token on the exported inference SAE (no
 # suffix), under the training SAE's batch rule and per token with calibrated
 # thresholds (the suffixes of RULES).
@@ -54,6 +56,8 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "l0_train",
     "dead_features_train",
     "tokens_per_second",
+    # Sparse probing, only with labels (compare --labels).
+    *PROBE_METRICS,
 )
 
 

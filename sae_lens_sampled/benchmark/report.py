@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_lens_sampled.benchmark.metrics import SUMMARY_METRICS
+from sae_lens_sampled.benchmark.probing import K_PROBE
 from sae_lens_sampled.benchmark.summary import (
     SpectrumSeries,
     reference_entry,
@@ -34,6 +35,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("absorption", "absorption", "{:.3f}"),
     ("absorption batch", "absorption_batch", "{:.3f}"),
     ("CE score", "ce_loss_score", "{:.3f}"),
+    *((f"probe k={k}", f"probe_k{k}", "{:.3f}") for k in K_PROBE),
     ("tok/s", "tokens_per_second", "{:,.0f}"),
 )
 

@@ -31,6 +31,8 @@ class DataSource(ABC):
     mode: str
     d_in: int
     eval_samples: int
+    # Sparse probing of each trained SAE (``probe_command.ActivationProbes``).
+    probing: Any = None
 
     def describe(self) -> dict[str, Any]:
         """What results.json records about the data (``data``)."""
@@ -58,3 +60,8 @@ class DataSource(ABC):
     def absorption(self, sae: Any) -> float | None:  # noqa: ARG002
         """Ground-truth feature absorption of the per-token ``sae``, or None."""
         return None
+
+    def probe(self, sae: Any) -> dict[str, Any]:
+        """Sparse-probing result fields of the per-token ``sae`` (none without
+        labels)."""
+        return {} if self.probing is None else dict(self.probing.probe_sae(sae))
