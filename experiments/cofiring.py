@@ -34,7 +34,7 @@ from sae_lens import SAE
 
 from sae_lens_sampled.benchmark.activation_files import open_activations
 from sae_lens_sampled.benchmark.activations import Ranges, read_batches
-from sae_lens_sampled.benchmark.runs import batch_rule_view
+from sae_lens_sampled.benchmark.runs import batch_rule_view, run_directories
 
 ENCODES = ("per_token", "batch_rule")
 
@@ -121,22 +121,6 @@ def measure(
                 x.float(), codes, reconstruction.float(), b_dec, similar
             )
     return {name: total.means() for name, total in totals.items()}
-
-
-def run_directories(results_dir: Path, labels: Sequence[str]) -> dict[str, list[Path]]:
-    """Saved SAEs of a ``compare`` output, by run label, one per seed; ``labels`` are
-    the runs in order (``results.json``'s ``config.runs``)."""
-    saes = results_dir / "saes"
-    if not saes.is_dir():
-        raise ValueError(f"{results_dir}: no saved SAEs (run compare with --output)")
-    # One seed saves its runs in saes/ itself, several in saes/seed<N>/.
-    seed_dirs = sorted(saes.glob("seed*")) or [saes]
-    by_label: dict[str, list[Path]] = {}
-    for seed_dir in seed_dirs:
-        for run_dir in sorted(seed_dir.iterdir()):
-            index = int(run_dir.name.split("_", 1)[0]) - 1
-            by_label.setdefault(labels[index], []).append(run_dir)
-    return by_label
 
 
 def study(results_dir: Path, cosine: float = 0.5) -> list[dict[str, Any]]:

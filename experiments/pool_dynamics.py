@@ -124,7 +124,7 @@ def traced(traces: list[Trace]) -> Iterator[None]:
         if not traces or getattr(sae, "_trace_id", None) != id(traces[-1]):
             label = f"sampled pool_factor={sae.cfg.pool_factor} pool_fraction={sae.cfg.pool_fraction}"
             traces.append(Trace(label, sae.cfg.d_sae))
-            sae._trace_id = id(traces[-1])  # type: ignore[attr-defined]
+            sae._trace_id = id(traces[-1])  # type: ignore[assignment]
         return traces[-1]
 
     def update_state(
@@ -139,8 +139,8 @@ def traced(traces: list[Trace]) -> Iterator[None]:
         current(sae).add_mse(float(output.losses["mse_loss"]))
         return output
 
-    SampledTrainingSAE.update_state = update_state  # type: ignore[method-assign]
-    SampledTrainingSAE.training_forward_pass = training_forward_pass  # type: ignore[method-assign]
+    SampledTrainingSAE.update_state = update_state  # type: ignore[method-assign,assignment]
+    SampledTrainingSAE.training_forward_pass = training_forward_pass  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

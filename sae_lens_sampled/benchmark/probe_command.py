@@ -337,7 +337,7 @@ def _probe_saved(
 ) -> dict[str, Any]:
     from sae_lens import SAE
 
-    from sae_lens_sampled.benchmark.cofiring import run_directories
+    from sae_lens_sampled.benchmark.runs import run_directories
 
     results_path = output / "results.json"
     if not results_path.is_file():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,3 +86,19 @@ def base_result(
         "l0_train": getattr(metadata, "l0", None),
         "dead_features_train": getattr(metadata, "num_dead_features", None),
     }
+
+
+def run_directories(results_dir: Path, labels: Sequence[str]) -> dict[str, list[Path]]:
+    """Saved SAEs of a ``compare`` output, by run label, one per seed; ``labels`` are
+    the runs in order (``results.json``'s ``config.runs``)."""
+    saes = results_dir / "saes"
+    if not saes.is_dir():
+        raise ValueError(f"{results_dir}: no saved SAEs (run compare with --output)")
+    # One seed saves its runs in saes/ itself, several in saes/seed<N>/.
+    seed_dirs = sorted(saes.glob("seed*")) or [saes]
+    by_label: dict[str, list[Path]] = {}
+    for seed_dir in seed_dirs:
+        for run_dir in sorted(seed_dir.iterdir()):
+            index = int(run_dir.name.split("_", 1)[0]) - 1
+            by_label.setdefault(labels[index], []).append(run_dir)
+    return by_label
