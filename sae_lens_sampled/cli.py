@@ -220,8 +220,8 @@ def is_setting_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, argparse.ArgumentError):
         return True
-    base = sys.modules.get("sae_lens_sampled.saes.base")
-    if base is not None and isinstance(exc, base.FieldValueError):
+    checks = sys.modules.get("sae_lens_sampled.checks")
+    if checks is not None and isinstance(exc, checks.FieldValueError):
         return True
     if not isinstance(exc, ValueError | TypeError):
         return False

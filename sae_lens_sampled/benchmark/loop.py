@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +64,35 @@ def compare_runs(
     source: DataSource,
     runs: list[RunSpec],
     output: Path | None,
+    results: list[dict[str, Any]] | None = None,
+    finished: dict[tuple[str, int], dict[str, Any]] | None = None,
+    on_result: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One result per run and seed, seed by seed."""
+    """One result per run and seed, seed by seed, appended to ``results``.
+
+    A run whose (label, seed) is in ``finished`` is not trained again: its result
+    is taken from there. ``on_result`` is called after each result is appended
+    (to write what is finished so far).
+    """
     check_runs(cfg, source, runs)
+    results = [] if results is None else results
+    finished = finished or {}
     seeds = cfg.seed_list
-    results = []
     for seed in seeds:
-        source.start_seed(seed)
+        started = False
         for index, spec in enumerate(runs, start=1):
             tag = f"[seed {seed}] " if len(seeds) > 1 else ""
+            kept = finished.get((spec.label, seed))
+            if kept is not None:
+                print(
+                    f"{tag}[{index}/{len(runs)}] {spec.label}: kept from results.json"
+                )
+                results.append(kept)
+                continue
             print(f"{tag}[{index}/{len(runs)}] {spec.label}", flush=True)
+            if not started:
+                source.start_seed(seed)
+                started = True
             run_dir = None
             if output is not None:
                 run_dir = output / "saes"
@@ -80,6 +100,8 @@ def compare_runs(
                     run_dir = run_dir / f"seed{seed}"
                 run_dir = run_dir / run_dir_name(index, spec)
             results.append(train_and_evaluate(cfg, source, spec, seed, run_dir))
+            if on_result is not None:
+                on_result()
     return results
 
 

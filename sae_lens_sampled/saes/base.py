@@ -25,6 +25,10 @@ from sae_lens.saes.sae import (
 from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec
 from typing_extensions import override
 
+# Re-exported: the field checks live in a module free of torch and SAELens.
+from sae_lens_sampled.checks import FieldValueError as FieldValueError
+from sae_lens_sampled.checks import check_choice as check_choice
+from sae_lens_sampled.checks import check_range as check_range
 from sae_lens_sampled.losses import (
     aux_k_budget,
     aux_k_scale,
@@ -54,42 +58,6 @@ if TYPE_CHECKING:
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
 
 AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
-
-
-class FieldValueError(ValueError):
-    """A config field holds a value outside its allowed set (``name``, ``value``)."""
-
-    def __init__(self, message: str, name: str, value: Any) -> None:
-        super().__init__(message)
-        self.name = name
-        self.value = value
-
-
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise FieldValueError(
-            f"{name} must be one of {allowed}, got {value!r}", name, value
-        )
-
-
-def check_range(
-    name: str,
-    value: float,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> None:
-    """Raise a ValueError naming ``name``, ``value`` and the allowed range."""
-    too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if too_low or too_high or value != value:  # value != value catches NaN
-        left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low}"
-        right = "inf)" if high is None else f"{high}" + ("]" if high_inclusive else ")")
-        raise FieldValueError(
-            f"{name} must be in {left}, {right}, got {value!r}", name, value
-        )
 
 
 def is_default(cfg: Any, name: str) -> bool:
