@@ -102,19 +102,25 @@ def check_device(device: str) -> None:
     """Refuse a CUDA device this machine does not have, before anything trains."""
     import torch
 
+    from sae_lens_sampled.checks import FieldValueError
+
     if not device.startswith("cuda"):
         return
     if not torch.cuda.is_available():
         built = "" if torch.version.cuda else ", a build without CUDA"
-        raise ValueError(
-            f"device: {device!r}, but CUDA is not available here (torch "
-            f"{torch.__version__}{built}); use --device cpu"
+        raise FieldValueError(
+            f"device is {device!r}, but CUDA is not available here (torch "
+            f"{torch.__version__}{built}); use --device cpu",
+            "device",
+            device,
         )
     index = torch.device(device).index
     if index is not None and index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device: {device!r}, but this machine has "
-            f"{torch.cuda.device_count()} CUDA device(s)"
+        raise FieldValueError(
+            f"device is {device!r}, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)",
+            "device",
+            device,
         )
 
 
@@ -471,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # output directory in use is reported at once.
         cfg = CompareConfig(**settings)
         check_output(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
+        check_device(cfg.device)  # imports torch, not SAELens
         start = time.perf_counter()
         run_compare(cfg)
     except ValueError as error:
