@@ -259,16 +259,22 @@ def make_payload(
 
 
 def terminal_table(payload: dict[str, Any]) -> str:
-    from sae_lens_sampled.benchmark.report import format_summary_table, format_table
+    from sae_lens_sampled.benchmark.report import (
+        format_summary_table,
+        format_table,
+        with_notes,
+    )
 
     cfg = payload["config"]
     if cfg["seeds"] > 1:
         seeds = ", ".join(map(str, range(cfg["seed"], cfg["seed"] + cfg["seeds"])))
-        return (
+        table = (
             f"mean ± std over {cfg['seeds']} seeds ({seeds})\n"
             + format_summary_table(payload["summary"])
         )
-    return format_table(payload["results"])
+    else:
+        table = format_table(payload["results"])
+    return with_notes(table, payload["results"])
 
 
 def write_outputs(payload: dict[str, Any], output: Path) -> None:

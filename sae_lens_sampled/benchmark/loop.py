@@ -29,6 +29,7 @@ from sae_lens_sampled.benchmark.runs import (
 )
 from sae_lens_sampled.benchmark.source import DataSource
 from sae_lens_sampled.benchmark.specs import RunSpec, build_sae_config
+from sae_lens_sampled.health import WINDOW_STEPS, HealthReport, TrainingHealthWarning
 from sae_lens_sampled.saes.base import BatchLevelSAE
 from sae_lens_sampled.thresholds import calibrate_thresholds
 
@@ -105,6 +106,21 @@ def compare_runs(
     return results
 
 
+def health_fields(sae: Any, l0: float | None, k: float) -> dict[str, Any]:
+    """Whether the run learned: the training MSE's change over its last window (the
+    plugin's SAEs track it) and the measured per-token L0 against k; each problem
+    with its cause and the setting to change."""
+    health = getattr(sae, "health", None)
+    change = health().mse_change if health is not None else None
+    report = HealthReport(change, WINDOW_STEPS, l0, k)
+    gain = getattr(sae.cfg, "threshold_gain", None)
+    return {
+        "mse_window_change": change,
+        "health_flags": report.flags(),
+        "health": report.problems(threshold_gain=gain),
+    }
+
+
 def train_and_evaluate(
     cfg: CompareConfig,
     source: DataSource,
@@ -122,7 +138,9 @@ def train_and_evaluate(
 
     result: dict[str, Any] = {"seed": seed}
     result.update(base_result(spec, sae, cfg.steps * cfg.batch_size, seconds))
-    inference = to_inference_sae(sae)
+    with warnings.catch_warnings():  # the table's health column reports it
+        warnings.simplefilter("ignore", TrainingHealthWarning)
+        inference = to_inference_sae(sae)
     per_token = source.evaluate(inference)
     result.update(rule_fields(per_token, ""))
     calibrated = None
@@ -147,6 +165,7 @@ def train_and_evaluate(
     batch = source.evaluate(view) if view is not None else None
     result.update(rule_fields(batch, "_batch"))
     result.update(ground_truth_fields(per_token))
+    result.update(health_fields(sae, result["l0"], cfg.k))
     result["absorption"] = source.absorption(inference)
     result["absorption_batch"] = source.absorption(view) if view is not None else None
     if run_dir is not None:

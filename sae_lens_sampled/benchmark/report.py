@@ -67,6 +67,14 @@ LEGEND: dict[str, str] = {
 }
 
 
+HEALTH_LEGEND = (
+    "ok, or what went wrong in training: 'MSE rising' (the mean training MSE of the "
+    "last window of steps above the window before it), 'L0 +N%' (per-token L0 N% off "
+    "k: the per-token thresholds have not settled); the notes above name the cause "
+    "and the setting to change"
+)
+
+
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
@@ -95,6 +103,10 @@ def _layout(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
+def _flags(flags: Sequence[str]) -> str:
+    return ", ".join(flags) or "ok"
+
+
 def table_cells(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of :func:`format_table`."""
     columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in results)]
@@ -103,7 +115,30 @@ def table_cells(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
         [r["label"], *(_cell(r.get(key), fmt) for _, key, fmt in columns)]
         for r in results
     ]
+    if any("health_flags" in r for r in results):
+        header.append("health")
+        for row, r in zip(rows, results, strict=True):
+            row.append(_flags(r.get("health_flags", [])))
     return header, rows
+
+
+def health_notes(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per problem of a run (and seed): its cause and the setting to
+    change (``loop.health_fields``)."""
+    seeds = {r.get("seed") for r in results}
+    notes = []
+    for r in results:
+        where = r["label"] + (f" (seed {r.get('seed')})" if len(seeds) > 1 else "")
+        notes += [f"{where}: {problem}" for problem in r.get("health", [])]
+    return notes
+
+
+def with_notes(table: str, results: Sequence[dict[str, Any]]) -> str:
+    """``table`` followed by the runs' health notes, if any."""
+    notes = health_notes(results)
+    if not notes:
+        return table
+    return "\n".join([table, "", "health:", *(f"  {note}" for note in notes)])
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
@@ -137,6 +172,10 @@ def summary_cells(
         ]
         for e in summary
     ]
+    if any("health_flags" in e for e in summary):
+        header.append("health")
+        for row, e in zip(rows, summary, strict=True):
+            row.append(_flags(e.get("health_flags", [])))
     return header, rows
 
 
@@ -172,9 +211,14 @@ def write_tables(payload: dict[str, Any], output: Path, about: str) -> list[Path
         spread = ""
     shown = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in results)]
     legend = [f"- **{name}**: {LEGEND[key]}" for name, key, _ in shown]
+    if "health" in cells[0]:
+        legend.append(f"- **health**: {HEALTH_LEGEND}")
+    notes = health_notes(results)
     markdown = output / TABLE_MARKDOWN
     markdown.write_text(
         f"# compare: {about}\n\n{spread}{_markdown(*cells)}\n\n"
+        + "".join(f"- {note}\n" for note in notes)
+        + ("\n" if notes else "")
         + "\n".join(["Columns (- : not measured):", *legend])
         + "\n"
     )
