@@ -89,7 +89,9 @@ def test_training_example(
     # moving average the saved SAE records is k, up to tokens whose selected
     # pre-activation is exactly 0 (not counted as active).
     assert summary["l0_batch_rule"] == pytest.approx(4.0, abs=0.1)
-    assert 0 < summary["l0_per_token"] < summary["d_sae"]
+    # Long enough for the per-token thresholds to settle: the saved SAE fires about
+    # k features per token, as training selected.
+    assert summary["l0_per_token"] == pytest.approx(4.0, rel=0.2)
     assert 0 <= summary["dead_features"] <= summary["d_sae"]
     # what it printed is what the saved SAE says
     saved = SAE.load_from_disk(output)
