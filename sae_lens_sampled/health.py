@@ -39,6 +39,9 @@ class ReconstructionWindows:
         self.last: torch.Tensor | None = None
         self.previous: torch.Tensor | None = None
 
+    # Python-side counting: kept out of a compiled training step (compile_sae),
+    # where it would recompile at every step.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def add(self, mse: torch.Tensor) -> None:
         value = mse.detach().to(torch.float64)
         self._sum = value if self._sum is None else self._sum + value

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sae_lens.load_model
@@ -15,6 +16,7 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
 from sae_lens_sampled.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
 # argparse's own text when a help string holds a lone "%" it cannot format.
 BROKEN_HELP = ("'option_strings'", "<argparse.")
 
@@ -56,7 +58,7 @@ def test_help_and_argument_errors_come_before_torch_and_saelens():
         "print(codes)\n"
         "print(sorted(m for m in ('torch', 'sae_lens') if m in sys.modules))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
