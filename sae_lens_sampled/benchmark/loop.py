@@ -111,8 +111,10 @@ def health_fields(sae: Any, l0: float | None, k: float) -> dict[str, Any]:
     plugin's SAEs track it) and the measured per-token L0 against k; each problem
     with its cause and the setting to change."""
     health = getattr(sae, "health", None)
-    change = health().mse_change if health is not None else None
-    report = HealthReport(change, WINDOW_STEPS, l0, k)
+    trained = health() if health is not None else None
+    change = trained.mse_change if trained is not None else None
+    window = trained.window_steps if trained is not None else WINDOW_STEPS
+    report = HealthReport(change, window, l0, k)
     gain = getattr(sae.cfg, "threshold_gain", None)
     return {
         "mse_window_change": change,
