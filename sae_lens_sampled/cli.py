@@ -323,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        if type(exc).__name__ == "InterruptedException":  # SAELens's runner: SIGINT
+            print(f"{PROG} {command}: interrupted", file=sys.stderr)
+            return 130
         if is_setting_error(exc):
             print(f"{PROG} {command}: error: {_one_line(exc)}", file=sys.stderr)
             return 2

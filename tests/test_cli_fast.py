@@ -112,3 +112,22 @@ def test_hub_model_offline_is_one_line_and_debug_shows_the_traceback(
     )
     with pytest.raises(OSError, match="couldn't connect"):
         main(["--debug", *argv])
+
+
+@pytest.mark.parametrize("error", ["KeyboardInterrupt", "InterruptedException"])
+def test_ctrl_c_in_any_command_is_one_line(error, monkeypatch, capsys):
+    from sae_lens.training._interruption import InterruptedException
+
+    from sae_lens_sampled import cli
+
+    raised = {"KeyboardInterrupt": KeyboardInterrupt,
+              "InterruptedException": InterruptedException}[error]  # fmt: skip
+
+    def interrupted(argv):
+        raise raised()
+
+    monkeypatch.setitem(cli.RUNNERS, "train", interrupted)
+    assert main(["train", "--architecture", "sampled"]) == 130
+    assert capsys.readouterr().err == "sae-lens-sampled train: interrupted\n"
+    with pytest.raises(raised):
+        main(["--debug", "train"])

@@ -187,7 +187,10 @@ def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
 def write_json(payload: dict[str, Any], output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     path = output / RESULTS_FILENAME
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    # Written beside and renamed: a Ctrl-C mid-write leaves the previous file whole.
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    partial.replace(path)
     return path
 
 
