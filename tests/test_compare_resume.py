@@ -68,6 +68,8 @@ def test_ctrl_c_keeps_the_finished_runs_and_resume_trains_only_the_rest(
     assert payload["results"][0] == first["results"][0]
     assert saved(output) == json.loads(json.dumps(payload))
     assert len(list((output / "saes").glob("*/cfg.json"))) == 3
+    for r in payload["results"]:  # each result says where its SAE is
+        assert (output / r["sae_dir"] / "cfg.json").is_file()
 
 
 def test_resume_refuses_other_settings_and_overwrite_starts_afresh(

@@ -100,7 +100,12 @@ def compare_runs(
                 if len(seeds) > 1:
                     run_dir = run_dir / f"seed{seed}"
                 run_dir = run_dir / run_dir_name(index, spec)
-            results.append(train_and_evaluate(cfg, source, spec, seed, run_dir))
+            result = train_and_evaluate(cfg, source, spec, seed, run_dir)
+            if output is not None and run_dir is not None:
+                # Where this run's SAE is (a resumed comparison may lay them out
+                # differently from the runs it kept).
+                result["sae_dir"] = run_dir.relative_to(output).as_posix()
+            results.append(result)
             if on_result is not None:
                 on_result()
     return results
