@@ -49,6 +49,7 @@ def test_help_and_argument_errors_come_before_torch_and_saelens():
         (["compare", "--k", "abc"], 2),
         (["compare", "--architectures", "topk:k"], 2),
         (["compare", "--resume", "--overwrite"], 2),
+        (["compare", "--activations", "/nonexistent/acts.npy"], 2),
         (["bench", "--shape", "1,2"], 2),
     ]
     code = (

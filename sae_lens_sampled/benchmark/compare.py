@@ -483,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # output directory in use is reported at once.
         cfg = CompareConfig(**settings)
         check_output(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
+        if cfg.activations is not None and not Path(cfg.activations).exists():
+            raise ValueError(
+                f"activations: {cfg.activations}: no such file or directory"
+            )
         check_device(cfg.device)  # imports torch, not SAELens
         start = time.perf_counter()
         run_compare(cfg)
