@@ -131,6 +131,15 @@ def _is_interrupt(exc: BaseException) -> bool:
     )
 
 
+def _close_progress_bars() -> None:
+    """Close SAELens's live tqdm bars, so that a message after an interrupt is the
+    last line, not glued to a bar or redrawn over."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+
+
 def run_compare(
     config: CompareConfig | None = None,
     *,
@@ -212,6 +221,7 @@ def run_compare(
     except BaseException as exc:
         if not _is_interrupt(exc):
             raise
+        _close_progress_bars()
         kept = (
             f"kept in {output / 'results.json'}; continue with --resume"
             if output is not None and results
