@@ -5,6 +5,7 @@ one line (``--debug``: the traceback)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,15 +79,16 @@ def test_help_and_argument_errors_come_before_torch_and_saelens():
     [
         ["compare", "--architectures", "topk", "--steps", "2", "--device", "cuda"],
         ["train", "--architecture", "sampled", "--device", "cuda"],
+        ["bench", "--device", "cuda:0"],
     ],
 )
 def test_missing_cuda_is_one_line(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main([*argv, "--output" if argv[0] == "compare" else "--output_path",
-                 str(tmp_path / "out")]) == 2  # fmt: skip
+    output = {"compare": "--output", "train": "--output_path", "bench": "--json"}
+    assert main([*argv, output[argv[0]], str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
-    assert "device is 'cuda', but CUDA is not available here" in err
+    assert re.search(r"device is 'cuda(:0)?', but CUDA is not available here", err)
 
 
 def offline_hub(*args, **kwargs):
