@@ -275,7 +275,18 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 
 
+# Set by main for the command it runs: subcommands that report their own errors in one
+# line let them propagate instead (--debug).
+_debug = False
+
+
+def debugging() -> bool:
+    """Whether the running command was given ``--debug``."""
+    return _debug
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _debug
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     debug = False
@@ -308,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if DEBUG_FLAG in rest:  # accepted after the command too; no subcommand has it
         debug = True
         rest = [a for a in rest if a != DEBUG_FLAG]
+    _debug = debug
     try:
         return RUNNERS[command](rest)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
@@ -337,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         raise
+    finally:
+        _debug = False
 
 
 if __name__ == "__main__":

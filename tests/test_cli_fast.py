@@ -134,3 +134,15 @@ def test_ctrl_c_in_any_command_is_one_line(error, monkeypatch, capsys):
     assert capsys.readouterr().err == "sae-lens-sampled train: interrupted\n"
     with pytest.raises(raised):
         main(["--debug", "train"])
+
+
+def test_debug_shows_the_traceback_of_a_compare_error(tmp_path, capsys):
+    argv = ["compare", "--steps", "0"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "error: steps must be in [1, inf), got 0\n"
+    with pytest.raises(ValueError, match=r"steps must be in \[1, inf\), got 0"):
+        main(["--debug", *argv])
+    (tmp_path / "x").write_text("")
+    with pytest.raises(ValueError, match="already holds files"):
+        main(["compare", "--output", str(tmp_path), "--debug"])
+    assert main(argv) == 2  # --debug applies to one command only

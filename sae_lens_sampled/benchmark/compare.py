@@ -485,6 +485,12 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _debugging() -> bool:
+    """``sae-lens-sampled --debug compare``: errors keep their traceback."""
+    cli = sys.modules.get("sae_lens_sampled.cli")
+    return cli is not None and bool(cli.debugging())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -501,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         run_compare(cfg)
     except ValueError as error:
+        if _debugging():
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # run_compare said what was kept
