@@ -3,15 +3,20 @@
 Pass the output directory of one of the train_*.py examples (or of
 `sae-lens-sampled train`). The model named in the SAE's metadata (Pythia-160M for the
 train_*.py examples) and its tokenizer come from the Hugging Face hub:
-`load_model_and_tokens_from_hub` is the only part that needs it. The test suite runs
-`main` with that function replaced by a tiny random model and random tokens.
+`load_model_and_tokens_from_hub` is the only part that needs it. With ``--offline``,
+for an SAE trained by a train_*.py example with ``--offline``, the model is that
+example's tiny random stand-in and the tokens its generated rows: nothing is
+downloaded. The test suite runs it both ways.
 
     python examples/load_into_hooked_sae_transformer.py sampled_l6
+    python examples/train_sampled.py --offline --output /tmp/sampled_tiny --k 4
+    python examples/load_into_hooked_sae_transformer.py /tmp/sampled_tiny --offline
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+from collections.abc import Sequence
 
 import torch
 from sae_lens import SAE, HookedSAETransformer
@@ -35,6 +40,20 @@ def load_model_and_tokens_from_hub(
         sae.cfg.metadata.model_name, device=sae.device
     )
     return model, model.to_tokens(TEXTS)
+
+
+def load_offline_model_and_tokens(
+    sae: SAE, n_rows: int = 64
+) -> tuple[HookedSAETransformer, torch.Tensor]:
+    """The train_*.py examples' ``--offline`` stand-in (the same random weights the
+    SAE was trained on) as a HookedSAETransformer, and ``n_rows`` of its token rows."""
+    from pythia_setup import offline_stand_in
+
+    plain, dataset = offline_stand_in()
+    model = HookedSAETransformer(plain.cfg)
+    model.load_state_dict(plain.state_dict())
+    tokens = torch.tensor(dataset[:n_rows]["tokens"])
+    return model.to(sae.device, print_details=False), tokens.to(sae.device)
 
 
 @torch.no_grad()
@@ -67,13 +86,25 @@ def walk_through(
     return {"l0_token": l0_token, "l0_batch": l0_batch}
 
 
-def main(sae_path: str) -> dict[str, float]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sae = SAE.load_from_disk(sae_path, device=device)
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sae_path", nargs="?", default="sampled_l6")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="the train_*.py examples' tiny random model and generated tokens (for "
+        "an SAE trained with their --offline; nothing downloaded)",
+    )
+    args = parser.parse_args(argv)
+    device = "cpu" if args.offline or not torch.cuda.is_available() else "cuda"
+    sae = SAE.load_from_disk(args.sae_path, device=device)
     print(type(sae).__name__, sae.cfg.metadata.hook_name, "d_sae =", sae.cfg.d_sae)
-    model, tokens = load_model_and_tokens_from_hub(sae)
+    if args.offline:
+        model, tokens = load_offline_model_and_tokens(sae)
+    else:
+        model, tokens = load_model_and_tokens_from_hub(sae)
     return walk_through(model, sae, tokens)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "sampled_l6")
+    main()

@@ -2,7 +2,7 @@
 
 NEEDS THE HUGGING FACE HUB (model, tokenizer, dataset) and, at this size, a GPU;
 ``--offline`` trains the same way on a tiny random stand-in instead (nothing
-downloaded; 6 s wall on a 2-core CPU; see ``pythia_setup.py``). Prints the L0 and the
+downloaded; 19 s wall on a busy 2-core CPU; see ``pythia_setup.py``). Prints the L0 and the
 dead features the saved SAE recorded at the end of training.
 
 The output directory holds an inference ``feature_choice`` SAE (per-token ``encode``

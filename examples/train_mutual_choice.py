@@ -2,7 +2,7 @@
 
 NEEDS THE HUGGING FACE HUB (model, tokenizer, dataset) and, at this size, a GPU;
 ``--offline`` trains the same way on a tiny random stand-in instead (nothing
-downloaded; 6 s wall on a 2-core CPU; see ``pythia_setup.py``). Prints the L0 the
+downloaded; 19 s wall on a busy 2-core CPU; see ``pythia_setup.py``). Prints the L0 the
 saved SAE recorded at the end of training, under the batch rule and per token.
 
     python examples/train_mutual_choice.py --output mutual_choice_l6

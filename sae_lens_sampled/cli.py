@@ -16,8 +16,10 @@ TopK (:mod:`sae_lens_sampled.benchmark.speed`).
 
 Starting the command imports neither torch nor SAELens (``--help`` and ``--version``
 answer at once); each subcommand imports what it needs. An invalid setting ends the
-command with one line naming the field, the value and the allowed range; ``--debug``
-shows the traceback instead.
+command with one line naming the field, the value and the allowed range, and so do
+the usual faults of the machine (no CUDA, a hub model that cannot be downloaded, a
+missing file); ``--debug`` shows the traceback instead. ``compare --help``, ``bench
+--help`` and their argument errors answer before torch or SAELens is imported.
 """
 
 from __future__ import annotations
@@ -176,7 +178,21 @@ def run_saelens_training_cli(argv: Sequence[str], prog: str) -> None:
         sys.argv = saved
 
 
+def _device_argument(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--device="):
+            return arg.partition("=")[2]
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def _train(argv: Sequence[str]) -> int:
+    device = _device_argument(argv)
+    if device is not None and not _wants_help(argv):
+        from sae_lens_sampled.benchmark.compare import check_device
+
+        check_device(device)  # before SAELens builds a model on it
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun with N > 1
         from sae_lens_sampled.distributed.train import main as train_data_parallel
 
@@ -231,8 +247,8 @@ def is_setting_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, argparse.ArgumentError):
         return True
-    base = sys.modules.get("sae_lens_sampled.saes.base")
-    if base is not None and isinstance(exc, base.FieldValueError):
+    checks = sys.modules.get("sae_lens_sampled.checks")
+    if checks is not None and isinstance(exc, checks.FieldValueError):
         return True
     if not isinstance(exc, ValueError | TypeError):
         return False
@@ -241,6 +257,17 @@ def is_setting_error(exc: BaseException) -> bool:
         frame.f_code.co_name == "__post_init__"
         and dataclasses.is_dataclass(frame.f_locals.get("self"))
         for frame in frames
+    )
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault of the machine rather than of the program: a file,
+    network or hub error (``OSError``: a model not cached while offline, a missing
+    file, a full disk) or a CUDA device that is missing or out of memory."""
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, RuntimeError | AssertionError) and (
+        "CUDA" in str(exc) or "out of memory" in str(exc)
     )
 
 
@@ -259,7 +286,18 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 
 
+# Set by main for the command it runs: subcommands that report their own errors in one
+# line let them propagate instead (--debug).
+_debug = False
+
+
+def debugging() -> bool:
+    """Whether the running command was given ``--debug``."""
+    return _debug
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _debug
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     debug = False
@@ -292,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if DEBUG_FLAG in rest:  # accepted after the command too; no subcommand has it
         debug = True
         rest = [a for a in rest if a != DEBUG_FLAG]
+    _debug = debug
     try:
         return RUNNERS[command](rest)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
@@ -299,11 +338,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exit_.code or 0
         print(exit_.code, file=sys.stderr)
         return 1
-    except Exception as exc:
-        if debug or not is_setting_error(exc):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"{PROG} {command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        print(f"{PROG} {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        if type(exc).__name__ == "InterruptedException":  # SAELens's runner: SIGINT
+            print(f"{PROG} {command}: interrupted", file=sys.stderr)
+            return 130
+        if is_setting_error(exc):
+            print(f"{PROG} {command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        if is_environment_error(exc):
+            print(
+                f"{PROG} {command}: error: {_one_line(exc)} ({DEBUG_FLAG} shows the "
+                "traceback)",
+                file=sys.stderr,
+            )
+            return 1
+        raise
+    finally:
+        _debug = False
 
 
 if __name__ == "__main__":

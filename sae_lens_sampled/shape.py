@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -42,6 +40,8 @@ class Shape:
 
 def build_sae(name: str, shape: Shape, device: str, seed: int = 0) -> Any:
     """A training SAE of architecture ``name`` with the same initial weights for all."""
+    # Imported here: the bench command reads its arguments before torch loads.
+    import torch
     from sae_lens.registry import get_sae_training_class
 
     import sae_lens_sampled  # noqa: F401

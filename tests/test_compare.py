@@ -199,7 +199,7 @@ def test_synthetic_compare_writes_one_sane_result_per_run(tmp_path, capsys):
     assert len(list((tmp_path / "saes").glob("*/cfg.json"))) == len(runs)
     # No calibration unless asked: the learned thresholds are what is measured.
     assert all(r["l0_calibrated"] is None for r in results)
-    assert "calib" not in table
+    assert "L0 calib" not in table and "EV calib" not in table
 
 
 def test_compare_calibrates_plugin_runs_only_when_asked(tmp_path, capsys):

@@ -65,7 +65,9 @@ def test_summary_table_shows_mean_plus_minus_std():
 
 
 def without_timing(results: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in results]
+    # sae_dir: only a comparison with an output directory saves SAEs.
+    dropped = {*TIMING, "sae_dir"}
+    return [{k: v for k, v in r.items() if k not in dropped} for r in results]
 
 
 def test_seeds_repeat_every_run_and_each_seed_is_its_own_run(tmp_path, capsys):

@@ -65,7 +65,7 @@ def test_walk_through_runs_offline_without_calibration(
     )
     capsys.readouterr()
 
-    figures = example.main(str(tmp_path / "final"))
+    figures = example.main([str(tmp_path / "final")])
 
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"{type(sae).__name__} {HOOK} d_sae = 64"

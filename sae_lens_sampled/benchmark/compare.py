@@ -22,35 +22,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from sae_lens.synthetic import SyntheticModel
+from typing import TYPE_CHECKING, Any
 
 from sae_lens_sampled.benchmark.config import (
     NORMALIZE_OPTIONS,
     SYNTHETIC_DATA_NAMES,
     CompareConfig,
 )
-from sae_lens_sampled.benchmark.loop import compare_runs
-from sae_lens_sampled.benchmark.report import (
-    format_summary_table,
-    format_table,
-    write_json,
-    write_plots,
+from sae_lens_sampled.benchmark.output_dir import (
+    check_output,
+    clear_output,
+    finished_runs,
 )
-from sae_lens_sampled.benchmark.source import DataSource
-from sae_lens_sampled.benchmark.specs import DEFAULT_RUNS, parse_run_specs, resolve_runs
-from sae_lens_sampled.benchmark.summary import summarize
-from sae_lens_sampled.benchmark.synthetic import (
-    ReplayedActivations,
-    SyntheticSource,
-    default_synthetic_model_config,
-)
+from sae_lens_sampled.benchmark.specs import DEFAULT_RUNS, parse_run_specs
+
+# torch and SAELens are imported by the functions that train, after the arguments
+# are checked: ``compare --help`` and a bad argument answer at once.
+if TYPE_CHECKING:
+    from sae_lens.synthetic import SyntheticModel
+
+    from sae_lens_sampled.benchmark.source import DataSource
+    from sae_lens_sampled.benchmark.synthetic import (
+        ReplayedActivations,
+        default_synthetic_model_config,
+    )
 
 __all__ = [
     "CompareConfig",
@@ -58,6 +58,15 @@ __all__ = [
     "default_synthetic_model_config",
     "run_compare",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ReplayedActivations", "default_synthetic_model_config"):
+        from sae_lens_sampled.benchmark import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # --quick: the default set in about a minute on two CPU cores.
 QUICK_SETTINGS: dict[str, Any] = {"steps": 300, "eval_samples": 16_384}
@@ -84,7 +93,51 @@ def make_source(
         from sae_lens_sampled.benchmark.language_model import LanguageModelSource
 
         return LanguageModelSource(cfg, override_model, override_dataset)
+    from sae_lens_sampled.benchmark.synthetic import SyntheticSource
+
     return SyntheticSource(cfg, override_synthetic_model)
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this machine does not have, before anything trains."""
+    import torch
+
+    from sae_lens_sampled.checks import FieldValueError
+
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        built = "" if torch.version.cuda else ", a build without CUDA"
+        raise FieldValueError(
+            f"device is {device!r}, but CUDA is not available here (torch "
+            f"{torch.__version__}{built}); use --device cpu",
+            "device",
+            device,
+        )
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise FieldValueError(
+            f"device is {device!r}, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)",
+            "device",
+            device,
+        )
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    # SAELens's language-model runner turns SIGINT into its InterruptedException.
+    return isinstance(exc, KeyboardInterrupt) or (
+        type(exc).__name__ == "InterruptedException"
+    )
+
+
+def _close_progress_bars() -> None:
+    """Close SAELens's live tqdm bars, so that a message after an interrupt is the
+    last line, not glued to a bar or redrawn over."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
 
 
 def run_compare(
@@ -97,6 +150,10 @@ def run_compare(
 ) -> dict[str, Any]:
     """Train and evaluate every run; print a table; write results.json and plots.
 
+    results.json, table.md and table.csv are rewritten after every finished run, so
+    an interrupted comparison (Ctrl-C: KeyboardInterrupt, after one line on
+    stderr) keeps the runs it finished; ``resume=True`` continues it.
+
     Args:
         config: Settings; keyword ``settings`` (CompareConfig fields) override it.
         override_model: A HookedRootModule for language-model mode (needs ``hook``),
@@ -107,20 +164,31 @@ def run_compare(
 
     Returns:
         The results.json payload: ``mode``, ``config``, ``data`` (what the source
-        was), ``skipped``, ``results`` (one dict per run and seed) and ``summary``
-        (one dict per run: mean and std over seeds).
+        was), ``skipped``, ``complete`` (every run finished), ``results`` (one dict
+        per run and seed) and ``summary`` (one dict per run: mean and std over
+        seeds).
     """
+    import torch
+
+    from sae_lens_sampled.benchmark.loop import compare_runs
+    from sae_lens_sampled.benchmark.specs import resolve_runs
+
     cfg = (
         dataclasses.replace(config, **settings) if config else CompareConfig(**settings)
     )
+    check_output(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
     runs, skipped = resolve_runs(cfg.runs)
     for note in skipped:
         print(f"note: {note}")
+    check_device(cfg.device)
     output = Path(cfg.output) if cfg.output is not None else None
 
     lm_mode = cfg.model is not None or override_model is not None
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or (threads if lm_mode else 1))
+    sigint = signal.getsignal(signal.SIGINT)
+    results: list[dict[str, Any]] = []
+    planned = len(runs) * cfg.seeds
     try:
         source = make_source(
             cfg,
@@ -130,6 +198,9 @@ def run_compare(
         )
         cfg = dataclasses.replace(cfg, eval_samples=source.eval_samples)
         data = source.describe()
+        finished = finished_runs(cfg.output, cfg.to_dict()) if cfg.resume else {}
+        if cfg.overwrite and cfg.output is not None:
+            clear_output(cfg.output)
         if source.mode == "activations":
             print(
                 f"activations: {data['path']} {data['shape']} {data['dtype']}; "
@@ -137,41 +208,126 @@ def run_compare(
                 f"{data['train_rows']:,} rows ({data['epochs_per_run']:.2f} "
                 "epochs per run)"
             )
-        results = compare_runs(cfg, source, runs, output)
+
+        def save() -> None:
+            if output is not None:
+                payload = make_payload(
+                    cfg, source.mode, data, skipped, results, planned
+                )
+                write_outputs(payload, output)
+
+        compare_runs(cfg, source, runs, output, results, finished, save)
+        save()  # also when every run was kept from an earlier results.json
+    except BaseException as exc:
+        if not _is_interrupt(exc):
+            raise
+        _close_progress_bars()
+        kept = (
+            f"kept in {output / 'results.json'}; continue with --resume"
+            if output is not None and results
+            else "nothing written"
+        )
+        print(
+            f"interrupted: {len(results)} of {planned} runs finished, {kept}",
+            file=sys.stderr,
+        )
+        raise KeyboardInterrupt from None
     finally:
         torch.set_num_threads(threads)
+        signal.signal(signal.SIGINT, sigint)
 
-    summary = summarize(results)
-    payload: dict[str, Any] = {
-        "mode": source.mode,
+    payload = make_payload(cfg, source.mode, data, skipped, results, planned)
+    print()
+    print(terminal_table(payload))
+    if source.probing is not None:  # sparse probing: baselines, table, plot
+        source.probing.report(payload, output, cfg.plots)
+        if output is not None:  # with the baselines
+            write_outputs(payload, output)
+    if output is not None:
+        print(f"\nresults: {output / 'results.json'}")
+        if cfg.plots:
+            write_plot_files(payload, output)
+    return payload
+
+
+def make_payload(
+    cfg: CompareConfig,
+    mode: str,
+    data: dict[str, Any],
+    skipped: list[str],
+    results: list[dict[str, Any]],
+    planned: int,
+) -> dict[str, Any]:
+    """results.json's content for the runs finished so far (of ``planned``)."""
+    from sae_lens_sampled.benchmark.summary import summarize
+
+    return {
+        "mode": mode,
         "config": cfg.to_dict(),
         "data": data,
         "skipped": skipped,
+        "complete": len(results) == planned,
         "results": results,
-        "summary": summary,
+        "summary": summarize(results),
     }
-    print()
-    if cfg.seeds > 1:
-        print(
-            f"mean ± std over {cfg.seeds} seeds ({', '.join(map(str, cfg.seed_list))})"
+
+
+def terminal_table(payload: dict[str, Any]) -> str:
+    from sae_lens_sampled.benchmark.report import (
+        format_summary_table,
+        format_table,
+        with_notes,
+    )
+
+    cfg = payload["config"]
+    if cfg["seeds"] > 1:
+        seeds = ", ".join(map(str, range(cfg["seed"], cfg["seed"] + cfg["seeds"])))
+        table = (
+            f"mean ± std over {cfg['seeds']} seeds ({seeds})\n"
+            + format_summary_table(payload["summary"])
         )
-        print(format_summary_table(summary))
     else:
-        print(format_table(results))
-    if source.probing is not None:  # sparse probing: baselines, table, plot
-        source.probing.report(payload, output, cfg.plots)
-    if output is not None:
-        print(f"\nresults: {write_json(payload, output)}")
-        if cfg.plots:
-            try:
-                for path in write_plots(summary, output):
-                    print(f"plot: {path}")
-            except ImportError:
-                print(
-                    "note: matplotlib is not installed, so no plots were written; "
-                    "pip install 'sae-lens-sampled[plot]'"
-                )
-    return payload
+        table = format_table(payload["results"])
+    return with_notes(table, payload["results"])
+
+
+def write_outputs(payload: dict[str, Any], output: Path) -> None:
+    """results.json, table.md and table.csv of the runs finished so far."""
+    from sae_lens_sampled.benchmark.report import write_json, write_tables
+
+    write_json(payload, output)
+    write_tables(payload, output, describe(payload))
+
+
+def describe(payload: dict[str, Any]) -> str:
+    """What a comparison ran on, for plot titles and table.md: data, k, d_sae,
+    steps and seeds."""
+    cfg, data = payload["config"], payload["data"]
+    if payload["mode"] == "activations":
+        what = f"activations {Path(str(data.get('path', ''))).name}"
+    elif payload["mode"] == "language_model":
+        what = f"{cfg['model'] or 'language model'} {cfg['hook']}"
+    else:
+        what = f"synthetic data '{cfg['data']}'"
+    seeds = sorted({r["seed"] for r in payload["results"]}) or [cfg["seed"]]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds}"
+    return (
+        f"{what}; k={cfg['k']:g}, d_sae={cfg['d_sae']}, {cfg['steps']} steps, "
+        f"{seed_text}"
+    )
+
+
+def write_plot_files(payload: dict[str, Any], output: Path) -> None:
+    from sae_lens_sampled.benchmark.report import write_plots
+
+    try:
+        for path in write_plots(payload["summary"], output, about=describe(payload)):
+            print(f"plot: {path}")
+    except ImportError:
+        print(
+            "note: matplotlib is not installed, so no plots were written; "
+            "pip install 'sae-lens-sampled[plot]'"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -229,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help=f"torch device ({defaults.device})")
     add("--threads", type=int, help="CPU threads (synthetic/activations default: 1)")
     add("--output", help=f"output directory ({defaults.output})")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the comparison in --output: runs already in its results.json "
+        "with the same settings are kept, not retrained",
+    )
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace the comparison in --output (a directory with files is "
+        "refused otherwise)",
+    )
     add("--no-plots", action="store_true", help="write no PNG plots")
     add(
         "--calibrate",
@@ -316,6 +484,9 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         settings["plots"] = False
     if args.calibrate:
         settings["calibrate"] = True
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag):
+            settings[flag] = True
     if args.quick:
         for name, value in QUICK_SETTINGS.items():
             # A file's eval split keeps its own default (a tenth of the rows).
@@ -333,15 +504,34 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _debugging() -> bool:
+    """``sae-lens-sampled --debug compare``: errors keep their traceback."""
+    cli = sys.modules.get("sae_lens_sampled.cli")
+    return cli is not None and bool(cli.debugging())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        # Checked before torch and SAELens are imported: a bad setting or an
+        # output directory in use is reported at once.
+        cfg = CompareConfig(**settings)
+        check_output(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
+        if cfg.activations is not None and not Path(cfg.activations).exists():
+            raise ValueError(
+                f"activations: {cfg.activations}: no such file or directory"
+            )
+        check_device(cfg.device)  # imports torch, not SAELens
         start = time.perf_counter()
-        run_compare(**settings)
+        run_compare(cfg)
     except ValueError as error:
+        if _debugging():
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # run_compare said what was kept
+        return 130
     print(f"total: {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae_lens_sampled.benchmark.specs import DEFAULT_RUNS, RunSpec
-from sae_lens_sampled.saes.base import check_range
+from sae_lens_sampled.checks import check_range
 
 # SAELens's ``normalize_activations`` options (TrainingSAEConfig).
 NORMALIZE_OPTIONS: tuple[str, ...] = (
@@ -54,8 +54,16 @@ class CompareConfig:
             ``calibrate_thresholds`` on held-out samples (synthetic mode only;
             ``*_calibrated`` columns). Off by default: the thresholds learned in
             training already match the batch rule's firing rates.
-        output (str | None): Directory for results.json, plots and the trained
-            inference SAEs (``saes/``); None writes nothing.
+        output (str | None): Directory for results.json, table.md, table.csv,
+            plots and the trained inference SAEs (``saes/``); None writes nothing.
+            A directory that already holds files is refused unless ``resume`` or
+            ``overwrite``.
+        resume (bool): Continue the comparison in ``output``: runs already in its
+            results.json (same label and seed) are kept, not retrained; its
+            settings must match these (except runs, seeds, output, plots, device
+            and threads).
+        overwrite (bool): Delete what an earlier comparison wrote in ``output``
+            (results, tables, plots, ``saes/``) before starting.
         plots (bool): Write PNG plots (needs matplotlib, the ``plot`` extra).
         device (str): Torch device.
         threads (int | None): CPU threads for torch during the comparison; None
@@ -103,6 +111,8 @@ class CompareConfig:
     eval_samples: int | None = None
     calibrate: bool = False
     output: str | None = "compare-results"
+    resume: bool = False
+    overwrite: bool = False
     plots: bool = True
     device: str = "cpu"
     threads: int | None = None
@@ -164,6 +174,11 @@ class CompareConfig:
             )
         if self.groups is not None and self.labels is None:
             raise ValueError(f"groups={self.groups!r} needs labels, got None")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "resume and overwrite are exclusive: resume keeps the runs in "
+                "output, overwrite deletes them"
+            )
         if self.model is not None and self.hook is None:
             raise ValueError(f"hook must be set with model={self.model!r}, got None")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from sae_lens_sampled.benchmark.runs import (
 )
 from sae_lens_sampled.benchmark.source import DataSource
 from sae_lens_sampled.benchmark.specs import RunSpec, build_sae_config
+from sae_lens_sampled.health import WINDOW_STEPS, HealthReport, TrainingHealthWarning
 from sae_lens_sampled.saes.base import BatchLevelSAE
 from sae_lens_sampled.thresholds import calibrate_thresholds
 
@@ -63,24 +65,67 @@ def compare_runs(
     source: DataSource,
     runs: list[RunSpec],
     output: Path | None,
+    results: list[dict[str, Any]] | None = None,
+    finished: dict[tuple[str, int], dict[str, Any]] | None = None,
+    on_result: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One result per run and seed, seed by seed."""
+    """One result per run and seed, seed by seed, appended to ``results``.
+
+    A run whose (label, seed) is in ``finished`` is not trained again: its result
+    is taken from there. ``on_result`` is called after each result is appended
+    (to write what is finished so far).
+    """
     check_runs(cfg, source, runs)
+    results = [] if results is None else results
+    finished = finished or {}
     seeds = cfg.seed_list
-    results = []
     for seed in seeds:
-        source.start_seed(seed)
+        started = False
         for index, spec in enumerate(runs, start=1):
             tag = f"[seed {seed}] " if len(seeds) > 1 else ""
+            kept = finished.get((spec.label, seed))
+            if kept is not None:
+                print(
+                    f"{tag}[{index}/{len(runs)}] {spec.label}: kept from results.json"
+                )
+                results.append(kept)
+                continue
             print(f"{tag}[{index}/{len(runs)}] {spec.label}", flush=True)
+            if not started:
+                source.start_seed(seed)
+                started = True
             run_dir = None
             if output is not None:
                 run_dir = output / "saes"
                 if len(seeds) > 1:
                     run_dir = run_dir / f"seed{seed}"
                 run_dir = run_dir / run_dir_name(index, spec)
-            results.append(train_and_evaluate(cfg, source, spec, seed, run_dir))
+            result = train_and_evaluate(cfg, source, spec, seed, run_dir)
+            if output is not None and run_dir is not None:
+                # Where this run's SAE is (a resumed comparison may lay them out
+                # differently from the runs it kept).
+                result["sae_dir"] = run_dir.relative_to(output).as_posix()
+            results.append(result)
+            if on_result is not None:
+                on_result()
     return results
+
+
+def health_fields(sae: Any, l0: float | None, k: float) -> dict[str, Any]:
+    """Whether the run learned: the training MSE's change over its last window (the
+    plugin's SAEs track it) and the measured per-token L0 against k; each problem
+    with its cause and the setting to change."""
+    health = getattr(sae, "health", None)
+    trained = health() if health is not None else None
+    change = trained.mse_change if trained is not None else None
+    window = trained.window_steps if trained is not None else WINDOW_STEPS
+    report = HealthReport(change, window, l0, k)
+    gain = getattr(sae.cfg, "threshold_gain", None)
+    return {
+        "mse_window_change": change,
+        "health_flags": report.flags(),
+        "health": report.problems(threshold_gain=gain),
+    }
 
 
 def train_and_evaluate(
@@ -100,7 +145,9 @@ def train_and_evaluate(
 
     result: dict[str, Any] = {"seed": seed}
     result.update(base_result(spec, sae, cfg.steps * cfg.batch_size, seconds))
-    inference = to_inference_sae(sae)
+    with warnings.catch_warnings():  # the table's health column reports it
+        warnings.simplefilter("ignore", TrainingHealthWarning)
+        inference = to_inference_sae(sae)
     per_token = source.evaluate(inference)
     result.update(rule_fields(per_token, ""))
     calibrated = None
@@ -125,6 +172,7 @@ def train_and_evaluate(
     batch = source.evaluate(view) if view is not None else None
     result.update(rule_fields(batch, "_batch"))
     result.update(ground_truth_fields(per_token))
+    result.update(health_fields(sae, result["l0"], cfg.k))
     result["absorption"] = source.absorption(inference)
     result["absorption_batch"] = source.absorption(view) if view is not None else None
     result.update(source.probe(inference))

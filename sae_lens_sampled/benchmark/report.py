@@ -1,13 +1,20 @@
-"""Output of ``compare``: terminal table, results.json and PNG plots."""
+"""Output of ``compare``: terminal table, results.json, table.md, table.csv and PNG
+plots."""
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sae_lens_sampled.benchmark.metrics import SUMMARY_METRICS
+from sae_lens_sampled.benchmark.output_dir import (
+    RESULTS_FILENAME,
+    TABLE_CSV,
+    TABLE_MARKDOWN,
+)
 from sae_lens_sampled.benchmark.probing import K_PROBE
 from sae_lens_sampled.benchmark.summary import (
     SpectrumSeries,
@@ -15,7 +22,6 @@ from sae_lens_sampled.benchmark.summary import (
     spectrum_series,
 )
 
-RESULTS_FILENAME = "results.json"
 TRADEOFF_PLOT = "ev_vs_l0.png"
 MCC_PLOT = "mcc.png"
 
@@ -37,6 +43,37 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("CE score", "ce_loss_score", "{:.3f}"),
     *((f"probe k={k}", f"probe_k{k}", "{:.3f}") for k in K_PROBE),
     ("tok/s", "tokens_per_second", "{:,.0f}"),
+)
+
+
+# What each column means (table.md's legend).
+LEGEND: dict[str, str] = {
+    "l0": "mean active features per token of the exported inference SAE "
+    "(per-token thresholds, what a saved SAE does)",
+    "l0_batch": "the same under the training SAE's batch rule (batch of "
+    "batch_size tokens)",
+    "l0_calibrated": "per token after calibrate_thresholds on held-out samples",
+    "explained_variance": "explained variance of the reconstruction, per token",
+    "explained_variance_batch": "explained variance under the batch rule",
+    "explained_variance_calibrated": "explained variance after calibration",
+    "dead_features": "features that never fire per token on the eval data",
+    "dead_features_batch": "features the batch rule never selects on the eval data",
+    "mcc": "mean correlation of the decoder with the ground-truth features (1 best)",
+    "f1": "F1 of feature recovery against ground truth",
+    "absorption": "fraction of parent-feature tokens absorbed by a child latent, "
+    "per token (0 best)",
+    "absorption_batch": "absorption under the batch rule",
+    "ce_loss_score": "fraction of the language model's loss recovered with the "
+    "SAE spliced in (1 best)",
+    "tokens_per_second": "training tokens per second (wall clock, this machine)",
+}
+
+
+HEALTH_LEGEND = (
+    "ok, or what went wrong in training: 'MSE rising' (the mean training MSE of the "
+    "last window of steps above the window before it), 'L0 +N%' (per-token L0 N% off "
+    "k: the per-token thresholds have not settled); the notes above name the cause "
+    "and the setting to change"
 )
 
 
@@ -68,15 +105,47 @@ def _layout(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table, one row per result."""
+def _flags(flags: Sequence[str]) -> str:
+    return ", ".join(flags) or "ok"
+
+
+def table_cells(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of :func:`format_table`."""
     columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in results)]
     header = ["run", *(name for name, _, _ in columns)]
     rows = [
         [r["label"], *(_cell(r.get(key), fmt) for _, key, fmt in columns)]
         for r in results
     ]
-    return _layout(header, rows)
+    if any("health_flags" in r for r in results):
+        header.append("health")
+        for row, r in zip(rows, results, strict=True):
+            row.append(_flags(r.get("health_flags", [])))
+    return header, rows
+
+
+def health_notes(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per problem of a run (and seed): its cause and the setting to
+    change (``loop.health_fields``)."""
+    seeds = {r.get("seed") for r in results}
+    notes = []
+    for r in results:
+        where = r["label"] + (f" (seed {r.get('seed')})" if len(seeds) > 1 else "")
+        notes += [f"{where}: {problem}" for problem in r.get("health", [])]
+    return notes
+
+
+def with_notes(table: str, results: Sequence[dict[str, Any]]) -> str:
+    """``table`` followed by the runs' health notes, if any."""
+    notes = health_notes(results)
+    if not notes:
+        return table
+    return "\n".join([table, "", "health:", *(f"  {note}" for note in notes)])
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table, one row per result."""
+    return _layout(*table_cells(results))
 
 
 def _mean_format(fmt: str) -> str:
@@ -84,8 +153,10 @@ def _mean_format(fmt: str) -> str:
     return "{:.1f}" if fmt == "{:.0f}" else fmt
 
 
-def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table of mean ± std over seeds, one row per run label."""
+def summary_cells(
+    summary: Sequence[dict[str, Any]],
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of :func:`format_summary_table`."""
     columns = [
         c for c in COLUMNS if any(e.get(c[1] + "_mean") is not None for e in summary)
     ]
@@ -103,14 +174,67 @@ def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
         ]
         for e in summary
     ]
-    return _layout(header, rows)
+    if any("health_flags" in e for e in summary):
+        header.append("health")
+        for row, e in zip(rows, summary, strict=True):
+            row.append(_flags(e.get("health_flags", [])))
+    return header, rows
+
+
+def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table of mean ± std over seeds, one row per run label."""
+    return _layout(*summary_cells(summary))
 
 
 def write_json(payload: dict[str, Any], output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     path = output / RESULTS_FILENAME
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    # Written beside and renamed: a Ctrl-C mid-write leaves the previous file whole.
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    partial.replace(path)
     return path
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_tables(payload: dict[str, Any], output: Path, about: str) -> list[Path]:
+    """``table.md`` (the terminal table as markdown, with a title and a legend) and
+    ``table.csv`` (one row per run and seed, unrounded) beside results.json."""
+    output.mkdir(parents=True, exist_ok=True)
+    results, summary = payload["results"], payload["summary"]
+    n_seeds = payload["config"]["seeds"]
+    if n_seeds > 1:
+        cells = summary_cells(summary)
+        spread = f"Mean ± standard deviation over {n_seeds} seeds.\n\n"
+    else:
+        cells = table_cells(results)
+        spread = ""
+    shown = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in results)]
+    legend = [f"- **{name}**: {LEGEND[key]}" for name, key, _ in shown]
+    if "health" in cells[0]:
+        legend.append(f"- **health**: {HEALTH_LEGEND}")
+    notes = health_notes(results)
+    markdown = output / TABLE_MARKDOWN
+    markdown.write_text(
+        f"# compare: {about}\n\n{spread}{_markdown(*cells)}\n\n"
+        + "".join(f"- {note}\n" for note in notes)
+        + ("\n" if notes else "")
+        + "\n".join(["Columns (- : not measured):", *legend])
+        + "\n"
+    )
+    keys = ["label", "seed", *(key for _, key, _ in shown)]
+    table_csv = output / TABLE_CSV
+    with table_csv.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(keys)
+        for r in results:
+            writer.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
+    return [markdown, table_csv]
 
 
 def mean_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,10 +250,14 @@ def mean_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_plots(summary: Sequence[dict[str, Any]], output: Path) -> list[Path]:
+def write_plots(
+    summary: Sequence[dict[str, Any]], output: Path, *, about: str | None = None
+) -> list[Path]:
     """EV vs L0 (per-token and batch rule), MCC per run and one
     ``spectrum_<field>.png`` per spectrum (:func:`spectrum_series`), from the
-    summary over seeds; needs matplotlib.
+    summary over seeds; needs matplotlib. ``about`` (the data, k, d_sae and seeds)
+    heads every plot's title. Error bars (standard deviation over seeds) are drawn
+    only where a run has several seeds; a spectrum has a panel per measured metric.
 
     Raises ImportError when matplotlib is missing.
     """
@@ -140,14 +268,18 @@ def write_plots(summary: Sequence[dict[str, Any]], output: Path) -> list[Path]:
 
     output.mkdir(parents=True, exist_ok=True)
     rows = mean_rows(summary)
-    paths = [_plot_tradeoff(plt, rows, output / TRADEOFF_PLOT)]
+    paths = [_plot_tradeoff(plt, rows, output / TRADEOFF_PLOT, about)]
     if any(r.get("mcc") is not None for r in rows):
-        paths.append(_plot_mcc(plt, rows, output / MCC_PLOT))
+        paths.append(_plot_mcc(plt, rows, output / MCC_PLOT, about))
     reference = reference_entry(summary)
     for field, series in spectrum_series(summary).items():
         path = output / spectrum_filename(field)
-        paths.append(_plot_spectrum(plt, field, series, reference, path))
+        paths.append(_plot_spectrum(plt, field, series, reference, path, about))
     return paths
+
+
+def _title(about: str | None, text: str) -> str:
+    return text if about is None else f"{about}\n{text}"
 
 
 def spectrum_filename(field: str) -> str:
@@ -194,7 +326,9 @@ def _draw(
         )
 
 
-def _plot_tradeoff(plt: Any, results: Sequence[dict[str, Any]], path: Path) -> Path:
+def _plot_tradeoff(
+    plt: Any, results: Sequence[dict[str, Any]], path: Path, about: str | None
+) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab10")
     for i, r in enumerate(results):
@@ -220,9 +354,12 @@ def _plot_tradeoff(plt: Any, results: Sequence[dict[str, Any]], path: Path) -> P
     ax.set_xlabel("L0 (mean active features per token)")
     ax.set_ylabel("explained variance")
     ax.set_title(
-        "Explained variance vs L0\n(filled: per-token inference, hollow: batch rule; "
-        f"v: below {EV_FLOOR})",
-        fontsize=10,
+        _title(
+            about,
+            "Explained variance vs L0 (filled: per-token inference, hollow: batch "
+            f"rule; v: below {EV_FLOOR})",
+        ),
+        fontsize=9,
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -232,12 +369,17 @@ def _plot_tradeoff(plt: Any, results: Sequence[dict[str, Any]], path: Path) -> P
     return path
 
 
-def _plot_mcc(plt: Any, results: Sequence[dict[str, Any]], path: Path) -> Path:
+def _plot_mcc(
+    plt: Any, results: Sequence[dict[str, Any]], path: Path, about: str | None
+) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4))
     labels = [r["label"] for r in results]
     values = [r["mcc"] if r.get("mcc") is not None else 0.0 for r in results]
-    errors = [r.get("mcc_std") or 0.0 for r in results]
+    # A standard deviation exists only over two seeds or more: one seed, no bars.
+    spread = any(r.get("mcc_std") is not None for r in results)
+    errors = [r.get("mcc_std") or 0.0 for r in results] if spread else None
     ax.bar(range(len(labels)), values, yerr=errors, capsize=3, color="tab:blue")
+    ax.set_title(_title(about, "MCC with the ground-truth features"), fontsize=9)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("MCC with ground-truth features")
@@ -280,17 +422,25 @@ def _draw_series(
     ax: Any,
     xs: Sequence[float],
     ys: Sequence[float],
-    errs: Sequence[float],
+    errs: Sequence[float | None],
     style: str,
     color: Any,
     label: str,
     floor: float | None,
 ) -> None:
-    """Means with error bars; values below ``floor`` drawn on it as "v", printed."""
+    """Means, with error bars where ``errs`` holds spreads (None: one seed); values
+    below ``floor`` drawn on it as "v", printed."""
     shown = [y if floor is None else max(y, floor) for y in ys]
     clipped = [floor is not None and y < floor for y in ys]
-    bars = [0.0 if c else e for c, e in zip(clipped, errs, strict=True)]
-    ax.errorbar(xs, shown, yerr=bars, fmt=style, color=color, capsize=3, label=label)
+    if all(e is None for e in errs):
+        ax.plot(xs, shown, style, color=color, label=label)
+    else:
+        bars = [
+            0.0 if c or e is None else e for c, e in zip(clipped, errs, strict=True)
+        ]
+        ax.errorbar(
+            xs, shown, yerr=bars, fmt=style, color=color, capsize=3, label=label
+        )
     for x, y, low, c in zip(xs, ys, shown, clipped, strict=True):
         ax.scatter(x, low, marker="v" if c else "o", color=color, zorder=3)
         if c:
@@ -304,18 +454,38 @@ def _draw_series(
             )
 
 
+def measured_panels(
+    series: Sequence[SpectrumSeries], reference: dict[str, Any] | None
+) -> list[tuple[str, tuple[tuple[str, str, str], ...]]]:
+    """The panels of :data:`SPECTRUM_PANELS` with a value in a series or the
+    reference (activations mode measures neither MCC nor absorption)."""
+    entries = [e for one in series for e in one.entries]
+    entries += [reference] if reference is not None else []
+    return [
+        (title, metrics)
+        for title, metrics in SPECTRUM_PANELS
+        if any(
+            e.get(name + "_mean") is not None for e in entries for name, _, _ in metrics
+        )
+    ]
+
+
 def _plot_spectrum(
     plt: Any,
     field: str,
     series: Sequence[SpectrumSeries],
     reference: dict[str, Any] | None,
     path: Path,
+    about: str | None = None,
 ) -> Path:
-    fig, axes = plt.subplots(1, len(SPECTRUM_PANELS), figsize=(16, 4.2), sharex=True)
+    panels = measured_panels(series, reference)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4 * len(panels), 4.2), sharex=True, squeeze=False
+    )
     colors = plt.get_cmap("tab10")
     all_values = [v for s in series for v in s.values]
     n_seeds = max(e["n_seeds"] for s in series for e in s.entries)
-    for ax, (title, metrics) in zip(axes, SPECTRUM_PANELS, strict=True):
+    for ax, (title, metrics) in zip(axes[0], panels, strict=True):
         drawn: list[float] = []
         for i, one in enumerate(series):
             for name, style, what in metrics:
@@ -323,7 +493,7 @@ def _plot_spectrum(
                 if all(m is None for m in means):
                     continue
                 points = [
-                    (x, m, e.get(name + "_std") or 0.0)
+                    (x, m, e.get(name + "_std"))
                     for x, m, e in zip(one.values, means, one.entries, strict=True)
                     if m is not None
                 ]
@@ -350,16 +520,6 @@ def _plot_spectrum(
             if spread:
                 ax.axhspan(value - spread, value + spread, color="black", alpha=0.08)
             drawn.append(value)
-        if not drawn:
-            ax.text(
-                0.5,
-                0.5,
-                "not measured",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="gray",
-            )
         if title == "explained variance" and drawn and min(drawn) < EV_FLOOR:
             ax.set_ylim(EV_FLOOR - 0.05, max(1.0, *drawn) + 0.05)
         if min(all_values) > 0:
@@ -371,12 +531,10 @@ def _plot_spectrum(
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(field)
         ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc="best")
+    over = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
     fig.suptitle(
-        f"{field} spectrum (mean ± std over {n_seeds} seed"
-        f"{'s' if n_seeds > 1 else ''}; black: reference)",
-        fontsize=10,
+        _title(about, f"{field} spectrum ({over}; black: reference)"), fontsize=10
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

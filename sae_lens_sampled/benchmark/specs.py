@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any
-
-from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-from sae_lens.saes.sae import TrainingSAEConfig
+from typing import TYPE_CHECKING, Any
 
 import sae_lens_sampled  # noqa: F401  (registers the plugin architectures)
+
+if TYPE_CHECKING:
+    from sae_lens.saes.sae import TrainingSAEConfig
+
+# SAELens's registry is imported by the functions that read it, so that the command
+# line can parse and check run specs without importing SAELens.
 
 
 @dataclass
@@ -117,6 +120,8 @@ def resolve_runs(specs: list[RunSpec]) -> tuple[list[RunSpec], list[str]]:
 
     Returns the runs to do and a note for each skipped one.
     """
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
     runs: list[RunSpec] = []
     notes: list[str] = []
     for spec in specs:
@@ -167,6 +172,8 @@ def build_sae_config(
 ) -> TrainingSAEConfig:
     """The training config of ``spec`` at the shared ``d_in``, ``d_sae``, ``k`` and
     ``normalize_activations``; the spec's own settings override them."""
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
     cfg_class = SAE_TRAINING_CLASS_REGISTRY[spec.architecture][1]
     names = {f.name for f in dataclasses.fields(cfg_class)}
     unknown = sorted(set(spec.params) - names)

@@ -26,9 +26,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+# torch is imported by the functions that use it, after the arguments are read:
+# ``bench --help`` and a bad argument answer at once.
+if TYPE_CHECKING:
+    import torch
 
 from sae_lens_sampled.shape import Shape, build_sae
 
@@ -83,11 +86,14 @@ def _coefficients(sae: Any) -> dict[str, float]:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize()
 
 
 def make_step(sae: Any, x: torch.Tensor, bf16: bool) -> Any:
     """One training step as SAELens's trainer runs it (autocast around the forward)."""
+    import torch
     from sae_lens.saes.sae import TrainStepInput
 
     device_type = x.device.type
@@ -116,6 +122,8 @@ def make_step(sae: Any, x: torch.Tensor, bf16: bool) -> Any:
 
 def make_floor_step(shape: Shape, x: torch.Tensor, bf16: bool) -> Any:
     """Encoder forward ``x @ W_enc + b_enc`` and its weight (and bias) gradient."""
+    import torch
+
     generator = torch.Generator().manual_seed(1)
     w_enc = (torch.randn(shape.d_in, shape.d_sae, generator=generator) * 0.05).to(
         x.device
@@ -180,6 +188,8 @@ def measure_peak_bytes(name: str, shape: Shape, device: str, bf16: bool) -> int 
 
     ``None`` where it cannot be measured (CPU without ``/proc/self/clear_refs``).
     """
+    import torch
+
     x = torch.randn(shape.batch, shape.d_in, device=device)
     if name == FLOOR:
         step = make_floor_step(shape, x, bf16)
@@ -210,6 +220,8 @@ def run_benchmark(
     memory: bool = True,
 ) -> list[ShapeResult]:
     """Time every architecture at every shape; see the module docstring."""
+    import torch
+
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be one of ('fp32', 'bf16'), got {dtype!r}")
     if repeats < 1:
@@ -292,9 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", help="torch device (default: cuda if available)")
     parser.add_argument(
         "--arch", action="append", help="architectures (repeatable); default: all"
     )
@@ -302,12 +312,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
     parser.add_argument("--json", help="also write the full results to this file")
     args = parser.parse_args(argv)
+    import torch
+
+    from sae_lens_sampled.benchmark.compare import check_device
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run_benchmark(
         shapes=args.shape or DEFAULT_SHAPES,
         repeats=args.repeats,
-        device=args.device,
+        device=device,
         dtype=args.dtype,
         architectures=args.arch,
         memory=not args.no_memory,

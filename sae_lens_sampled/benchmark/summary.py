@@ -31,6 +31,9 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "n_seeds": len(rows),
             "seeds": [row.get("seed") for row in rows],
         }
+        if any("health_flags" in row for row in rows):
+            flags = [flag for row in rows for flag in row.get("health_flags", [])]
+            entry["health_flags"] = list(dict.fromkeys(flags))
         for name in SUMMARY_METRICS:
             values = [float(row[name]) for row in rows if row.get(name) is not None]
             entry[name + "_mean"] = statistics.fmean(values) if values else None

@@ -26,6 +26,12 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec
 from typing_extensions import override
 
 from sae_lens_sampled.checkpoints import fill_0_1_checkpoint
+
+# Re-exported: the field checks live in a module free of torch and SAELens.
+from sae_lens_sampled.checks import FieldValueError as FieldValueError
+from sae_lens_sampled.checks import check_choice as check_choice
+from sae_lens_sampled.checks import check_range as check_range
+from sae_lens_sampled.health import HealthReport, ReconstructionWindows, warn_unhealthy
 from sae_lens_sampled.losses import (
     aux_k_budget,
     aux_k_scale,
@@ -55,42 +61,6 @@ if TYPE_CHECKING:
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
 
 AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
-
-
-class FieldValueError(ValueError):
-    """A config field holds a value outside its allowed set (``name``, ``value``)."""
-
-    def __init__(self, message: str, name: str, value: Any) -> None:
-        super().__init__(message)
-        self.name = name
-        self.value = value
-
-
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise FieldValueError(
-            f"{name} must be one of {allowed}, got {value!r}", name, value
-        )
-
-
-def check_range(
-    name: str,
-    value: float,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> None:
-    """Raise a ValueError naming ``name``, ``value`` and the allowed range."""
-    too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if too_low or too_high or value != value:  # value != value catches NaN
-        left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low}"
-        right = "inf)" if high is None else f"{high}" + ("]" if high_inclusive else ")")
-        raise FieldValueError(
-            f"{name} must be in {left}, {right}, got {value!r}", name, value
-        )
 
 
 def is_default(cfg: Any, name: str) -> bool:
@@ -309,6 +279,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         self.register_buffer(
             "n_tokens_seen", torch.zeros((), dtype=torch.float64, device=device)
         )
+        # Training MSE by window of steps (health.py); not saved in checkpoints.
+        self.reconstruction = ReconstructionWindows()
 
     @abstractmethod
     def select(self, acts: torch.Tensor) -> torch.Tensor:
@@ -597,7 +569,35 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         output.metrics["dead_features_by_rate"] = lambda: dead_by_rate(
             firing_rate, n_tokens_seen, self.cfg.zipf_ema_tokens
         ).sum()
+        self.reconstruction.add(output.losses["mse_loss"])
+        change = self.reconstruction.change_tensor()
+        if change is not None:  # logged as metrics/mse_window_change
+            output.metrics["mse_window_change"] = change
+        k = self.cfg.k
+        output.metrics["l0_per_token_drift"] = lambda: fire_rates.sum() / k - 1
         return output
+
+    def health(self) -> HealthReport:
+        """Whether reconstruction improved over the last window, and the per-token
+        L0 (EMA of the end of training) against k. One host sync."""
+        change = self.reconstruction.change_tensor()
+        token_rate = self.thresholds.token_rate
+        started = bool(self.thresholds.selection_rate.any())
+        return HealthReport(
+            mse_change=None if change is None else float(change),
+            window_steps=self.reconstruction.window,
+            l0_per_token=float(token_rate.sum()) if started else None,
+            k=float(self.cfg.k),
+        )
+
+    def record_health(self, metadata: Any) -> HealthReport:
+        """Write :meth:`health` into SAELens ``metadata``: ``reconstruction_improved``
+        (None before two windows), ``mse_window_change`` and ``l0_per_token_drift``."""
+        report = self.health()
+        metadata.reconstruction_improved = report.reconstruction_improved
+        metadata.mse_window_change = report.mse_change
+        metadata.l0_per_token_drift = report.l0_drift
+        return report
 
     @torch.no_grad()
     def update_state(
@@ -655,6 +655,12 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         for name in self.training_buffers:
             state_dict.pop(name)
         self.thresholds.record_metadata(self.cfg.metadata)
+        # The end of training: say so if the run is not learning.
+        warn_unhealthy(
+            self.record_health(self.cfg.metadata),
+            f"{type(self).__name__}",
+            threshold_gain=self.cfg.threshold_gain,
+        )
         # TopK's version folds the decoder norms into W_enc and b_enc, which puts the
         # inference hidden_pre in the units the thresholds were learned in.
         super().process_state_dict_for_saving_inference(state_dict)
@@ -672,6 +678,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving(state_dict)
         self.thresholds.record_metadata(self.cfg.metadata)
+        self.record_health(self.cfg.metadata)
         # SAELens's loader casts every saved tensor to the cfg dtype. Bytes (0..255)
         # survive a cast to any float dtype, bfloat16 included, so float64 EMAs and
         # int64 counters are saved as their raw bytes and restored bit-exactly.

@@ -108,7 +108,7 @@ class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             so ``"firing_rate"`` ranks stay where they started and ``"zipf"`` then
             behaves as ``"zipf_fixed"``; ``"demand"`` re-ranks by the data. At
             ``zipf_alpha=0.5`` the two trained equally well on every data set we
-            measured, and ``"demand"`` ran 20 to 30 % slower (docs/feature_choice.md).
+            measured, and ``"demand"`` ran 20 to 30 percent slower (docs/feature_choice.md).
         threshold_mode (str): Per-token inference thresholds: ``"rate"`` (default;
             each feature fires per token as often as it picks tokens in training),
             ``"per_feature"`` (EMA of its smallest selected activation) or
