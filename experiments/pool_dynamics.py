@@ -160,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     traces: list[Trace] = []
     with traced(traces):
         status = compare_main(argv)
+    if status != 0:
+        return status
     summaries = [trace.summary() for trace in traces]
     for summary in summaries:
         print(json.dumps(summary))

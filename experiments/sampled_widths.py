@@ -9,6 +9,8 @@ the results and writes ``widths.md`` (mean ± std over seeds) and ``widths.png``
 The table and figure of docs/sampled.md ("Pool size across widths") come from::
 
     python -m experiments.sampled_widths run --activations acts.npy --output widths
+    python -m experiments.sampled_widths run --set extra --activations acts.npy \
+        --output widths
     python -m experiments.sampled_widths report widths
 
 Each width's runs are listed in ``WIDTHS`` below; every run of one width and seed
@@ -57,6 +59,15 @@ WIDTHS = (
     Width(16384, 64, 100, (0,), (SPECTRUM[0],) + SPECTRUM[3:5]),
 )
 
+# A second set, run after the first had shown where the defaults fall: the point
+# between the two fractions, and a sharper sampled pool (less churn) at a quarter.
+BETWEEN = ("sampled:pool_fraction=0.375", "sampled:pool_fraction=0.25,pool_beta=4")
+EXTRA_WIDTHS = (
+    Width(1536, 16, 300, (0, 1, 2), BETWEEN),
+    Width(4096, 16, 300, (0, 1, 2), BETWEEN[:1]),
+)
+SETS = {"main": WIDTHS, "extra": EXTRA_WIDTHS}
+
 COLUMNS = (
     ("ev", "EV per token"),
     ("ev_batch", "EV batch rule"),
@@ -67,6 +78,11 @@ COLUMNS = (
 
 def run_dir(output: Path, width: Width, seed: int) -> Path:
     return output / f"d{width.d_sae}_k{width.k}" / f"seed{seed}"
+
+
+def log_path(output: Path, width: Width, seed: int) -> Path:
+    # Beside compare's output directory: compare refuses one that holds other files.
+    return output / f"d{width.d_sae}_k{width.k}" / f"seed{seed}.log"
 
 
 def command(activations: str, width: Width, seed: int, output: Path) -> list[str]:
@@ -96,11 +112,13 @@ def command(activations: str, width: Width, seed: int, output: Path) -> list[str
 
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
+    if args.set != "main":
+        output = output / args.set
     # Seed by seed, so that a first reading of every width comes early.
     jobs = [
         (width, seed)
         for seed in range(3)
-        for width in WIDTHS
+        for width in SETS[args.set]
         if seed in width.seeds and (not args.widths or width.d_sae in args.widths)
     ]
 
@@ -109,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
         target = run_dir(output, width, seed)
         if (target / "pool_dynamics.json").exists():
             return 0
-        target.mkdir(parents=True, exist_ok=True)
-        with open(target / "log.txt", "w") as log:
+        log_file = log_path(output, width, seed)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "w") as log:
             done = subprocess.run(
                 command(args.activations, width, seed, output),
                 stdout=log,
@@ -129,7 +148,7 @@ def collect(output: Path) -> dict[tuple[int, int, str], list[dict[str, Any]]]:
     """Results by (d_sae, k, run label), one dict per seed, with the traced pool
     summary merged in."""
     found: dict[tuple[int, int, str], list[dict[str, Any]]] = defaultdict(list)
-    for results in sorted(output.glob("d*_k*/seed*/results.json")):
+    for results in sorted(output.rglob("d*_k*/seed*/results.json")):
         payload = json.loads(results.read_text())
         config = payload["config"]
         dynamics_path = results.parent / "pool_dynamics.json"
@@ -231,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument("--output", required=True)
     run_parser.add_argument("--jobs", type=int, default=2)
     run_parser.add_argument("--widths", type=int, nargs="*", help="only these d_sae")
+    run_parser.add_argument(
+        "--set", choices=sorted(SETS), default="main", help="which set of runs"
+    )
     report_parser = sub.add_parser("report", help="table and figure from the results")
     report_parser.add_argument("output")
     args = parser.parse_args(argv)
