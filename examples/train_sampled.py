@@ -23,7 +23,16 @@ from sae_lens_sampled import SampledTrainingSAEConfig
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument(
-        "--pool-factor", type=float, default=16.0, help="the paper's l (default 16)"
+        "--pool-fraction",
+        type=float,
+        default=None,
+        help="the pool as a share of the dictionary (default 0.5)",
+    )
+    parser.add_argument(
+        "--pool-factor",
+        type=float,
+        default=None,
+        help="the paper's l instead: a pool of k * l features",
     )
     parser.add_argument(
         "--score",
@@ -35,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     sae_cfg = SampledTrainingSAEConfig(
         **sae_fields(args),
+        pool_fraction=args.pool_fraction,
         pool_factor=args.pool_factor,
         score=args.score,
         pool_mode=args.pool_mode,

@@ -11,6 +11,9 @@ The table and figure of docs/sampled.md ("Pool size across widths") come from::
     python -m experiments.sampled_widths run --activations acts.npy --output widths
     python -m experiments.sampled_widths run --set extra --activations acts.npy \
         --output widths
+    python -m experiments.sampled_widths run --set aux_dead --activations acts.npy \
+        --output widths
+    python -m experiments.sampled_widths probe --labels labels.npz widths
     python -m experiments.sampled_widths report widths
 
 Each width's runs are listed in ``WIDTHS`` below; every run of one width and seed
@@ -66,7 +69,18 @@ EXTRA_WIDTHS = (
     Width(1536, 16, 300, (0, 1, 2), BETWEEN),
     Width(4096, 16, 300, (0, 1, 2), BETWEEN[:1]),
 )
-SETS = {"main": WIDTHS, "extra": EXTRA_WIDTHS}
+# A third: the aux loss's dead set counted from missed chances in the pool, not from
+# steps unselected (the rise of the loss starts once the trainer's window has passed).
+POOLED_DEAD = (
+    "sampled:pool_fraction=0.25,aux_dead=pooled",
+    "sampled:pool_fraction=0.5,aux_dead=pooled",
+    "sampled:pool_factor=16,aux_dead=pooled",
+)
+AUX_DEAD_WIDTHS = (
+    Width(1536, 16, 300, (0, 1, 2), POOLED_DEAD),
+    Width(4096, 16, 300, (0,), POOLED_DEAD),
+)
+SETS = {"main": WIDTHS, "extra": EXTRA_WIDTHS, "aux_dead": AUX_DEAD_WIDTHS}
 
 COLUMNS = (
     ("ev", "EV per token"),
@@ -144,6 +158,96 @@ def run(args: argparse.Namespace) -> int:
     return max(codes, default=0)
 
 
+# Probing tasks (name, labels column, groups column): the module a docstring documents,
+# on docstrings (rows mean-pooled by doc), and the identity of the 20 most frequent
+# tokens, on single tokens.
+PROBE_TASKS = (("module", "module", "doc"), ("token", "token_id", None))
+
+
+def probe(args: argparse.Namespace) -> int:
+    """Sparse probing of every finished width and seed, on each of PROBE_TASKS."""
+    output = Path(args.output)
+    status = 0
+    for results in sorted(output.rglob("d*_k*/seed*/results.json")):
+        if not json.loads(results.read_text()).get("complete", True):
+            continue  # still training
+        for tag, column, groups in PROBE_TASKS:
+            if (results.parent / f"probe_results_{tag}.json").exists():
+                continue
+            cmd = [
+                sys.executable,
+                "-m",
+                "sae_lens_sampled",
+                "probe",
+                str(results.parent),
+                "--labels",
+                f"{args.labels}:{column}",
+                "--tag",
+                tag,
+                "--no-plots",
+            ]
+            if groups is not None:
+                cmd += ["--groups", f"{args.labels}:{groups}"]
+            log_file = results.parent.with_name(results.parent.name + f".{tag}.log")
+            with open(log_file, "w") as log:
+                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+            print(f"{results.parent} {tag}: exit {done.returncode}", flush=True)
+            status = max(status, done.returncode)
+    return status
+
+
+def collect_probes(
+    output: Path,
+) -> tuple[dict[tuple[int, str, str], list[dict[str, float]]], dict[Any, list[float]]]:
+    """Probe accuracies by (d_sae, run label, task), one dict per seed, and the
+    baselines by (d_sae, baseline, task, k)."""
+    runs: dict[tuple[int, str, str], list[dict[str, float]]] = defaultdict(list)
+    baselines: dict[Any, list[float]] = defaultdict(list)
+    for path in sorted(output.rglob("d*_k*/seed*/probe_results_*.json")):
+        task = path.stem.removeprefix("probe_results_")
+        payload = json.loads(path.read_text())
+        d_sae = int(payload["config"]["d_sae"])
+        for row in payload["results"]:
+            runs[(d_sae, row["label"], task)].append(
+                {k: v for k, v in row.items() if k.startswith("probe_k")}
+            )
+        if "main" not in path.parts and "extra" in path.parts:
+            continue  # the baselines do not depend on the run set
+        found = payload["probing"]["baselines"]
+        # the raw activations, and the random directions drawn for each seed
+        named = [("raw activations", found["raw"])]
+        named += [
+            ("random directions", by_seed) for by_seed in found["random"].values()
+        ]
+        for name, baseline in named:
+            for k, accuracy in baseline["mean"].items():
+                baselines[(d_sae, name, task, k)].append(accuracy)
+    return runs, baselines
+
+
+def probe_table(output: Path) -> list[str]:
+    runs, baselines = collect_probes(output)
+    if not runs:
+        return []
+    ks = ("1", "2", "5", "20")
+    lines = [
+        "| d_sae | task | run | seeds | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|" + "---|" * (4 + len(ks)),
+    ]
+    for d_sae, label, task in sorted(runs, key=lambda key: (key[0], key[2])):
+        rows = runs[(d_sae, label, task)]
+        cells = [str(d_sae), task, f"`{label}`", str(len(rows))]
+        cells += [mean_std([r[f"probe_k{k}"] for r in rows]) for k in ks]
+        lines.append("| " + " | ".join(cells) + " |")
+    names = sorted({(d, n, t) for d, n, t, _ in baselines})
+    for d_sae, name, task in names:
+        values = [baselines.get((d_sae, name, task, k), []) for k in ks]
+        cells = [str(d_sae), task, name, str(max(len(v) for v in values))]
+        cells += [mean_std(v) if v else "-" for v in values]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def collect(output: Path) -> dict[tuple[int, int, str], list[dict[str, Any]]]:
     """Results by (d_sae, k, run label), one dict per seed, with the traced pool
     summary merged in."""
@@ -206,6 +310,9 @@ def report(args: argparse.Namespace) -> int:
         else:
             cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
+    probes = probe_table(output)
+    if probes:
+        lines += ["", "Sparse probing (balanced accuracy, eval split):", "", *probes]
     (output / "widths.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(found, output / "widths.png")
@@ -253,10 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument(
         "--set", choices=sorted(SETS), default="main", help="which set of runs"
     )
+    probe_parser = sub.add_parser("probe", help="sparse probing of the saved SAEs")
+    probe_parser.add_argument("--labels", required=True, help="the labels .npz")
+    probe_parser.add_argument("output")
     report_parser = sub.add_parser("report", help="table and figure from the results")
     report_parser.add_argument("output")
     args = parser.parse_args(argv)
-    return run(args) if args.command == "run" else report(args)
+    commands = {"run": run, "probe": probe, "report": report}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

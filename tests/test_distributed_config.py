@@ -44,7 +44,11 @@ TRAINER_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] 
     "k": ({}, {"k": 4}, {}),
     "d_sae": ({}, {"d_sae": 24}, {}),
     "architecture": ({}, {"architecture": "sampled"}, {}),
-    "pool_factor": ({"architecture": "sampled"}, {"pool_factor": 3.0}, {}),
+    "pool_factor": (
+        {"architecture": "sampled", "pool_factor": 16.0},
+        {"pool_factor": 3.0},
+        {},
+    ),
     "threshold_gain": ({}, {"threshold_gain": 0.2}, {}),
     "lr": ({}, {}, {"lr": 3e-3}),
     "dtype": ({}, {"state_dtype": torch.float64}, {}),

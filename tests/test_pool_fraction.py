@@ -58,8 +58,8 @@ def test_a_whole_dictionary_pool_is_batch_topk():
 
 
 def test_the_default_pool_is_a_share_of_the_dictionary():
-    assert DEFAULT_POOL_FRACTION == 0.25
-    for d_sae, expected in ((64, 16), (256, 64), (4096, 1024)):
+    assert DEFAULT_POOL_FRACTION == 0.5
+    for d_sae, expected in ((64, 32), (256, 128), (4096, 2048)):
         cfg = SampledTrainingSAEConfig(d_in=8, d_sae=d_sae, k=4)
         # written into the config, so a saved SAE names the pool it was trained with
         assert (cfg.pool_factor, cfg.pool_fraction) == (None, DEFAULT_POOL_FRACTION)
@@ -67,9 +67,9 @@ def test_the_default_pool_is_a_share_of_the_dictionary():
 
 
 def test_the_default_pool_holds_at_least_k_features():
-    cfg = SampledTrainingSAEConfig(d_in=8, d_sae=8, k=4)
-    assert cfg.pool_fraction == 0.5
-    assert config_pool_size(cfg) == 4
+    cfg = SampledTrainingSAEConfig(d_in=8, d_sae=8, k=6)
+    assert cfg.pool_fraction == 0.75
+    assert config_pool_size(cfg) == 6
 
 
 def test_pool_factor_alone_keeps_the_papers_size():

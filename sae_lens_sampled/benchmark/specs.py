@@ -44,14 +44,14 @@ class RunSpec:
         return f"{self.architecture}:{settings}"
 
 
-# The default set: SAELens's per-token and batch top-k, Sampled-SAE at three pool
-# factors (its defaults otherwise: a spectrum from a narrow pool towards BatchTopK),
+# The default set: SAELens's per-token and batch top-k, Sampled-SAE at a narrow pool
+# (the paper's l = 4), its default pool (half the dictionary) and a wide one (l = 32),
 # Feature Choice and Mutual Choice, each at its defaults.
 DEFAULT_RUNS: tuple[RunSpec, ...] = (
     RunSpec("topk"),
     RunSpec("batchtopk"),
     RunSpec("sampled", {"pool_factor": 4.0}),
-    RunSpec("sampled", {"pool_factor": 16.0}),
+    RunSpec("sampled"),
     RunSpec("sampled", {"pool_factor": 32.0}),
     RunSpec("feature_choice"),
     RunSpec("mutual_choice"),

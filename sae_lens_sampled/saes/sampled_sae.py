@@ -4,7 +4,7 @@ Each step scores every feature column of the batch's activations (L2, squared L2
 entropy or uniform), forms a pool of features (sampled in proportion to the score by
 default, or the best scores), and keeps the batch's ``round(k * B)`` largest
 activations inside the pool. The pool holds ``round(pool_fraction * d_sae)`` features
-(default a quarter of the dictionary) or, with the paper's ``l`` as ``pool_factor``,
+(default half the dictionary) or, with the paper's ``l`` as ``pool_factor``,
 ``round(k * pool_factor)``: small pools force the batch onto a few shared features,
 and a pool of every feature is exactly BatchTopK.
 """
@@ -52,7 +52,7 @@ AUX_DEAD: tuple[str, ...] = ("trainer", "pooled")
 
 # The pool's default size as a share of the dictionary, so that the default lands on
 # the same point of the spectrum at every width (docs/sampled.md, "Pool size").
-DEFAULT_POOL_FRACTION = 0.25
+DEFAULT_POOL_FRACTION = 0.5
 
 
 def validate_pool_size(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
@@ -119,8 +119,10 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             pool is sized by ``pool_fraction`` instead. Set at most one of the two.
         pool_fraction (float | None): The pool as a share of the dictionary, in
             ``[k / d_sae, 1]``: ``round(pool_fraction * d_sae)`` features. With
-            neither field set, ``DEFAULT_POOL_FRACTION`` (0.25; ``k / d_sae`` if
-            larger) is used and written into the config. Explained variance rises with the pool and reaches
+            neither field set, ``DEFAULT_POOL_FRACTION`` (0.5; ``k / d_sae`` if
+            larger) is used and written into the config: on real activations
+            at 1,536 to 16,384 latents it reconstructs within 0.015 of BatchTopK,
+            where smaller pools lose more as the dictionary grows (docs/sampled.md). Explained variance rises with the pool and reaches
             BatchTopK's at 1 (docs/sampled.md).
         score (str): Column score: ``"squared_l2"`` (default), ``"l2"``,
             ``"entropy"`` (high entropy, i.e. spread over many tokens, is kept) or
@@ -375,7 +377,7 @@ class SampledSAEConfig(BatchLevelSAEConfig):
             ``round(k * pool_factor)`` features. Set at most one of the two sizes.
         pool_fraction (float | None): The pool as a share of the dictionary
             (``round(pool_fraction * d_sae)`` features, ``[k / d_sae, 1]``); with
-            neither set, 0.25. Files saved before 0.3 carry ``pool_factor`` only.
+            neither set, 0.5. Files saved before 0.3 carry ``pool_factor`` only.
         score (str): ``"squared_l2"``, ``"l2"``, ``"entropy"`` or ``"uniform"``.
         pool_mode (str): ``"sample"`` or ``"top"``.
         pool_beta (float): Sharpness of the sampled pool: probability proportional
