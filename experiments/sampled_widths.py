@@ -254,6 +254,8 @@ def collect(output: Path) -> dict[tuple[int, int, str], list[dict[str, Any]]]:
     found: dict[tuple[int, int, str], list[dict[str, Any]]] = defaultdict(list)
     for results in sorted(output.rglob("d*_k*/seed*/results.json")):
         payload = json.loads(results.read_text())
+        if not payload.get("complete", True):
+            continue  # still training
         config = payload["config"]
         dynamics_path = results.parent / "pool_dynamics.json"
         traced: list[dict[str, Any]] = []
@@ -296,7 +298,7 @@ def report(args: argparse.Namespace) -> int:
         cells.append(mean_std(batch) if None not in batch else "-")
         cells.append(mean_std([r["l0"] for r in rows]))
         cells.append(count_std([r["dead_features"] for r in rows]))
-        if "pool_mse_first_fifth" in rows[0]:
+        if all("pool_mse_first_fifth" in row for row in rows):
             first = statistics.fmean(r["pool_mse_first_fifth"] for r in rows)
             last = statistics.fmean(r["pool_mse_last_fifth"] for r in rows)
             cells.append(f"{first:.1f} / {last:.1f}")
@@ -326,6 +328,16 @@ def plot(found: dict[tuple[int, int, str], list[dict[str, Any]]], path: Path) ->
     import matplotlib.pyplot as plt
 
     widths = sorted({(d, k) for d, k, _ in found})
+    # One colour and marker per run label, the same in every panel.
+    all_labels = sorted({label for _, _, label in found})
+    palette = [plt.get_cmap("tab20")(i) for i in range(20)]
+    style = {
+        label: (
+            palette[i % len(palette)],
+            "s" if label == "batchtopk" else "oD^v<>"[i % 6],
+        )
+        for i, label in enumerate(all_labels)
+    }
     fig, axes = plt.subplots(
         1, len(widths), figsize=(5 * len(widths), 4), squeeze=False
     )
@@ -338,8 +350,15 @@ def plot(found: dict[tuple[int, int, str], list[dict[str, Any]]], path: Path) ->
             ev = [r["explained_variance"] for r in rows]
             err = statistics.stdev(ev) if len(ev) > 1 else None
             dead = statistics.fmean(r["dead_features"] for r in rows) / d_sae
-            marker = "s" if label == "batchtopk" else "o"
-            ax.errorbar(dead, statistics.fmean(ev), yerr=err, fmt=marker, label=label)
+            color, marker = style[label]
+            ax.errorbar(
+                dead,
+                statistics.fmean(ev),
+                yerr=err,
+                fmt=marker,
+                color=color,
+                label=label,
+            )
         ax.set_title(f"d_sae {d_sae}, k {k}, {seeds} seed(s)")
         ax.set_xlabel("dead features (share of d_sae, eval)")
         ax.set_ylabel("explained variance per token")
