@@ -66,6 +66,12 @@ LEGEND: dict[str, str] = {
     "ce_loss_score": "fraction of the language model's loss recovered with the "
     "SAE spliced in (1 best)",
     "tokens_per_second": "training tokens per second (wall clock, this machine)",
+    **{
+        f"probe_k{k}": f"sparse probing: balanced accuracy on the eval split of "
+        f"one-vs-rest probes on the {k} latent(s) of largest train mean difference, "
+        "mean over classes and label tasks (0.5 is chance)"
+        for k in K_PROBE
+    },
 }
 
 
