@@ -41,6 +41,7 @@ from sae_lens_sampled.losses import (
     underutilised_mask,
 )
 from sae_lens_sampled.sparse import (
+    SelectedEntries,
     SparseCodes,
     attach_values,
     column_stats,
@@ -265,6 +266,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     # Set (to a distributed.DataParallelStep) only inside a data-parallel training
     # step: select and update the state from the global batch.
     data_parallel: "DataParallelStep | None" = None
+    # The sparse path's entries of the codes the last training encode returned.
+    selected_entries: SelectedEntries | None = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -387,10 +390,16 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             values = values * self.W_dec.norm(dim=-1)[codes.cols]
         values = values.relu()
         feature_acts = attach_values(values, selected, codes)
-        # decode() takes the sparse path only for this very tensor, unmodified (a
-        # hook returning another tensor, or an in-place edit, gets the dense path).
-        feature_acts.sparse_codes = (codes, values, feature_acts._version)  # type: ignore[attr-defined]
+        self.selected_entries = SelectedEntries.of(feature_acts, codes, values)
         return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    def entries_of(self, feature_acts: torch.Tensor) -> SelectedEntries | None:
+        """The selected entries of ``feature_acts`` when the last training encode
+        returned this very tensor, unmodified (the sparse path); else None."""
+        entries = self.selected_entries
+        return (
+            entries if entries is not None and entries.describe(feature_acts) else None
+        )
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -399,13 +408,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         inverse_norms = 1 / self.W_dec.norm(dim=-1).clamp_min(
             torch.finfo(self.W_dec.dtype).tiny
         )
-        sparse = getattr(feature_acts, "sparse_codes", None)
-        if sparse is None or sparse[2] != feature_acts._version:
+        entries = self.entries_of(feature_acts)
+        if entries is None:
             if self.cfg.rescale_acts_by_decoder_norm:
                 feature_acts = feature_acts * inverse_norms
             sae_out_pre = act_times_W_dec(feature_acts, self.W_dec, False) + self.b_dec
         else:
-            codes, values, _ = sparse
+            codes, values = entries.codes, entries.values
             if self.cfg.rescale_acts_by_decoder_norm:
                 values = values * inverse_norms[codes.cols]
             sae_out_pre = sparse_decode(values, self.W_dec, codes) + self.b_dec
@@ -609,11 +618,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         entries when the codes carry them (the training fast path, O(selected)), else
         from the dense codes. Returns each feature's per-token fire rate.
         """
-        sparse = getattr(feature_acts, "sparse_codes", None)
-        if sparse is not None and sparse[2] == feature_acts._version:
-            codes, values, _ = sparse
-            counts, smallest = column_stats(codes, values)
-            n_tokens = codes.n_rows
+        entries = self.entries_of(feature_acts)
+        if entries is not None:
+            counts, smallest = column_stats(entries.codes, entries.values)
+            n_tokens = entries.codes.n_rows
         else:
             dense = feature_acts.detach().flatten(end_dim=-2)
             counts, smallest = column_stats_dense(dense)

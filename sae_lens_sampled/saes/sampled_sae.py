@@ -44,6 +44,7 @@ from sae_lens_sampled.selection import (
     update_missed_chances,
     update_staleness,
 )
+from sae_lens_sampled.sparse import SelectedEntries
 
 ARCHITECTURE = "sampled"
 
@@ -384,7 +385,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         self.pool_staleness.copy_(update_staleness(self.pool_staleness, step_pool.pool))
         if step_pool.positive is not None:
             chance = (self.pool_staleness == 0) | ~step_pool.positive
-            fired = fired_features(feature_acts)
+            fired = fired_features(feature_acts, self.entries_of(feature_acts))
             if self.data_parallel is not None:  # fired on any rank's rows
                 fired = self.data_parallel.sum_counts(fired.long()) > 0
             self.missed_chances.copy_(
@@ -393,12 +394,13 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         return fire_rates
 
 
-def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:
+def fired_features(
+    feature_acts: torch.Tensor, entries: SelectedEntries | None = None
+) -> torch.Tensor:
     """Which features have a non-zero code on some token (the trainer's ``did_fire``),
-    from the selected entries when the codes carry them."""
-    sparse = getattr(feature_acts, "sparse_codes", None)
-    if sparse is not None and sparse[2] == feature_acts._version:
-        codes, values, _ = sparse
+    from the selected ``entries`` of ``feature_acts`` when given."""
+    if entries is not None:
+        codes, values = entries.codes, entries.values
         fired = torch.zeros(codes.n_cols, dtype=torch.bool, device=values.device)
         return fired.index_fill_(0, codes.cols[values != 0], True)
     return (feature_acts.detach().flatten(end_dim=-2) != 0).any(dim=0)
