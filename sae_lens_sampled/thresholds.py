@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from sae_lens import JumpReLUSAE
     from sae_lens.saes.sae import SAEMetadata
 
-    from sae_lens_sampled.distributed.step import DataParallelStep
+    from sae_lens_sampled.global_batch import GlobalBatch
     from sae_lens_sampled.saes.base import BatchLevelSAE, BatchLevelTrainingSAE
 
 # What calibration reads and re-fits: a plugin SAE (inference or training), or a
@@ -257,7 +257,7 @@ class ThresholdState:
         selected: torch.Tensor,
         smallest: torch.Tensor,
         n_tokens: int,
-        data_parallel: DataParallelStep | None = None,
+        data_parallel: GlobalBatch | None = None,
     ) -> torch.Tensor:
         """Update from one training batch; returns the per-token fire rates.
 
@@ -265,7 +265,7 @@ class ThresholdState:
         ``smallest``: the batch rule's positive selections per feature and the
         smallest selected value (``inf`` if none), over the batch of ``n_tokens``
         tokens, which the owner's ``n_tokens_seen`` already counts. Under data
-        parallelism (``data_parallel``, a ``DataParallelStep``) these are global and
+        parallelism (``data_parallel``, a :class:`GlobalBatch`) these are global and
         ``hidden_pre`` holds this rank's rows. The fire rates are taken at the
         thresholds before this update.
         """

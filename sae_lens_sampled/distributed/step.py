@@ -37,6 +37,7 @@ from sae_lens_sampled.distributed.global_select import (
     shared_pool,
     sum_counts,
 )
+from sae_lens_sampled.global_batch import GlobalBatch
 from sae_lens_sampled.selection import batch_budget
 
 if TYPE_CHECKING:
@@ -160,7 +161,8 @@ def data_parallel_step(
     """Make ``sae`` select and update its state from the global batch of ``step``."""
     # A plain attribute: nn.Module's __setattr__ is typed for tensors and modules.
     previous = getattr(sae, "data_parallel", None)
-    sae.data_parallel = step  # type: ignore[assignment]
+    batch: GlobalBatch | None = step  # the core's view of the step
+    sae.data_parallel = batch  # type: ignore[assignment]
     try:
         yield
     finally:

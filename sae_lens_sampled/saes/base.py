@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
@@ -31,6 +31,7 @@ from sae_lens_sampled.checkpoints import fill_0_1_checkpoint
 from sae_lens_sampled.checks import FieldValueError as FieldValueError
 from sae_lens_sampled.checks import check_choice as check_choice
 from sae_lens_sampled.checks import check_range as check_range
+from sae_lens_sampled.global_batch import GlobalBatch
 from sae_lens_sampled.health import HealthReport, ReconstructionWindows, warn_unhealthy
 from sae_lens_sampled.losses import (
     aux_k_budget,
@@ -55,9 +56,6 @@ from sae_lens_sampled.thresholds import (
     column_stats_dense,
     update_firing_rate,
 )
-
-if TYPE_CHECKING:
-    from sae_lens_sampled.distributed.step import DataParallelStep
 
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
 
@@ -263,9 +261,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         "n_tokens_seen",
         *ThresholdState.training_buffers,
     )
-    # Set (to a distributed.DataParallelStep) only inside a data-parallel training
-    # step: select and update the state from the global batch.
-    data_parallel: "DataParallelStep | None" = None
+    # Set only inside a data-parallel training step: select and update the state
+    # from the global batch.
+    data_parallel: GlobalBatch | None = None
     # The sparse path's entries of the codes the last training encode returned.
     selected_entries: SelectedEntries | None = None
 
