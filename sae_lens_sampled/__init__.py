@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sae_lens_sampled._registry import register_architecture
+    from sae_lens_sampled.calibration import calibrate_thresholds, export_jumprelu
     from sae_lens_sampled.saes.feature_choice_sae import (
         FeatureChoiceSAE,
         FeatureChoiceSAEConfig,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
         SampledTrainingSAE,
         SampledTrainingSAEConfig,
     )
-    from sae_lens_sampled.thresholds import calibrate_thresholds, export_jumprelu
 
     __version__: str
 
@@ -65,8 +65,8 @@ _LAZY: dict[str, str] = {
     "SampledSAEConfig": f"{_SAES}.sampled_sae",
     "SampledTrainingSAE": f"{_SAES}.sampled_sae",
     "SampledTrainingSAEConfig": f"{_SAES}.sampled_sae",
-    "calibrate_thresholds": "sae_lens_sampled.thresholds",
-    "export_jumprelu": "sae_lens_sampled.thresholds",
+    "calibrate_thresholds": "sae_lens_sampled.calibration",
+    "export_jumprelu": "sae_lens_sampled.calibration",
     "register_architecture": "sae_lens_sampled._registry",
 }
 

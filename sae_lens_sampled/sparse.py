@@ -18,6 +18,7 @@ SAELens imports.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,3 +270,40 @@ def attach_values(
     """
     out: torch.Tensor = _Densify.apply(values, [dense.detach()], codes)  # type: ignore[no-untyped-call]
     return out
+
+
+@dataclass(frozen=True)
+class SelectedEntries:
+    """The selected entries of the dense codes one training encode returned.
+
+    Decoding and the state update read these (``O(n_selected)``) instead of the dense
+    codes, but only for that very tensor, unmodified: a hook that returns another
+    tensor, or an in-place edit, leaves the dense codes as the only truth.
+
+    Args:
+        codes (SparseCodes): Positions of the selected entries.
+        values (torch.Tensor): Their values (differentiable), ``[n_selected]``.
+        dense (weakref.ref): The dense codes tensor they belong to (weak, so these
+            never keep it alive).
+        version (int): That tensor's in-place version counter when it was returned.
+    """
+
+    codes: SparseCodes
+    values: torch.Tensor
+    dense: weakref.ref[torch.Tensor]
+    version: int
+
+    @classmethod
+    def of(
+        cls, dense: torch.Tensor, codes: SparseCodes, values: torch.Tensor
+    ) -> SelectedEntries:
+        return cls(codes, values, weakref.ref(dense), dense._version)
+
+    def describe(self, dense: torch.Tensor) -> bool:
+        """Whether these are the entries of ``dense`` as it is now."""
+        return self.dense() is dense and dense._version == self.version
+
+    # A copy of the module holding these gets none: they belong to a tensor of the
+    # original's autograd graph, which cannot be deep-copied.
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None

@@ -6,6 +6,7 @@ import pytest
 import torch
 from sae_lens import SAE, JumpReLUSAE
 
+import sae_lens_sampled.calibration as calibration_module
 import sae_lens_sampled.thresholds as thresholds_module
 from sae_lens_sampled import (
     FeatureChoiceTrainingSAE,
@@ -425,7 +426,7 @@ def test_export_after_fold_W_dec_norm_keeps_the_batch_rule(name, tmp_path):
     plugin.fold_W_dec_norm()
     assert not torch.equal(plugin.rank_scale, torch.ones(D_SAE))
     export_jumprelu(plugin, tmp_path / "jumprelu")
-    rule = thresholds_module._rule_from_metadata(
+    rule = calibration_module._rule_from_metadata(
         SAE.load_from_disk(tmp_path / "jumprelu")
     )
     x = data(512, 7)

@@ -29,9 +29,9 @@ from sae_lens_sampled.benchmark.runs import (
 )
 from sae_lens_sampled.benchmark.source import DataSource
 from sae_lens_sampled.benchmark.specs import RunSpec, build_sae_config
+from sae_lens_sampled.calibration import calibrate_thresholds
 from sae_lens_sampled.health import WINDOW_STEPS, HealthReport, TrainingHealthWarning
 from sae_lens_sampled.saes.base import BatchLevelSAE
-from sae_lens_sampled.thresholds import calibrate_thresholds
 
 # Batch-rule draws per calibration batch that calibrate_thresholds averages
 # (Sampled-SAE pools).

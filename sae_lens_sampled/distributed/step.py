@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +37,8 @@ from sae_lens_sampled.distributed.global_select import (
     shared_pool,
     sum_counts,
 )
-from sae_lens_sampled.selection import batch_budget, pool_size, topk_in_pool
+from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.selection import batch_budget
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainingSAE
@@ -159,7 +161,8 @@ def data_parallel_step(
     """Make ``sae`` select and update its state from the global batch of ``step``."""
     # A plain attribute: nn.Module's __setattr__ is typed for tensors and modules.
     previous = getattr(sae, "data_parallel", None)
-    sae.data_parallel = step  # type: ignore[assignment]
+    batch: GlobalBatch | None = step  # the core's view of the step
+    sae.data_parallel = batch  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -176,33 +179,18 @@ def _mutual_choice(
 
 
 def _sampled(sae: Any, acts: torch.Tensor, step: DataParallelStep) -> torch.Tensor:
-    cfg = sae.cfg
-    budget = batch_budget(cfg.k, step.n_tokens)
-    size = pool_size(cfg.k, cfg.pool_factor, acts.shape[-1], cfg.pool_fraction)
-    positive = None
-    if cfg.aux_dead == "pooled":
-        with torch.no_grad():  # a positive activation anywhere in the global batch
-            positive = step.sum_counts((acts > 0).any(dim=0).long()) > 0
-    if size >= acts.shape[-1] or sae.in_warmup():
-        sae._step_pool = (None, positive)
-        return step.batch_topk(acts, budget)
-    scores = global_feature_scores(acts, cfg.score, step.comm)
-    # Rank 0's generator: seeded from (pool_seed, step count) as in one process.
-    generator = sae._generator() if step.comm.rank == 0 else None
-    explore = cfg.pool_explore > 0
-    pool = shared_pool(
-        scores,
-        size,
-        cfg.pool_mode,
-        generator,
-        step.comm,
-        beta=cfg.pool_beta,
-        staleness=sae.pool_staleness if explore else None,
-        explore=cfg.pool_explore,
+    # The one-process rule on the global batch; rank 0 draws the pool (its generator
+    # seeded from (pool_seed, step count) as in one process) and broadcasts it.
+    comm = step.comm
+    selected: torch.Tensor = sae.select_in_step(
+        acts,
+        step.n_tokens,
+        any_positive=lambda flags: step.sum_counts(flags.long()) > 0,
+        scores=partial(global_feature_scores, comm=comm),
+        draw_pool=partial(shared_pool, comm=comm),
+        select=step.batch_topk,
     )
-    # update_state moves the staleness and missed-chance counters from this pool.
-    sae._step_pool = (pool, positive)
-    return topk_in_pool(acts, budget, pool, step.batch_topk)
+    return selected
 
 
 def _feature_choice(

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
@@ -31,6 +31,7 @@ from sae_lens_sampled.checkpoints import fill_0_1_checkpoint
 from sae_lens_sampled.checks import FieldValueError as FieldValueError
 from sae_lens_sampled.checks import check_choice as check_choice
 from sae_lens_sampled.checks import check_range as check_range
+from sae_lens_sampled.global_batch import GlobalBatch
 from sae_lens_sampled.health import HealthReport, ReconstructionWindows, warn_unhealthy
 from sae_lens_sampled.losses import (
     aux_k_budget,
@@ -41,6 +42,7 @@ from sae_lens_sampled.losses import (
     underutilised_mask,
 )
 from sae_lens_sampled.sparse import (
+    SelectedEntries,
     SparseCodes,
     attach_values,
     column_stats,
@@ -54,9 +56,6 @@ from sae_lens_sampled.thresholds import (
     column_stats_dense,
     update_firing_rate,
 )
-
-if TYPE_CHECKING:
-    from sae_lens_sampled.distributed.step import DataParallelStep
 
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
 
@@ -262,9 +261,11 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         "n_tokens_seen",
         *ThresholdState.training_buffers,
     )
-    # Set (to a distributed.DataParallelStep) only inside a data-parallel training
-    # step: select and update the state from the global batch.
-    data_parallel: "DataParallelStep | None" = None
+    # Set only inside a data-parallel training step: select and update the state
+    # from the global batch.
+    data_parallel: GlobalBatch | None = None
+    # The sparse path's entries of the codes the last training encode returned.
+    selected_entries: SelectedEntries | None = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -387,10 +388,16 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             values = values * self.W_dec.norm(dim=-1)[codes.cols]
         values = values.relu()
         feature_acts = attach_values(values, selected, codes)
-        # decode() takes the sparse path only for this very tensor, unmodified (a
-        # hook returning another tensor, or an in-place edit, gets the dense path).
-        feature_acts.sparse_codes = (codes, values, feature_acts._version)  # type: ignore[attr-defined]
+        self.selected_entries = SelectedEntries.of(feature_acts, codes, values)
         return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    def entries_of(self, feature_acts: torch.Tensor) -> SelectedEntries | None:
+        """The selected entries of ``feature_acts`` when the last training encode
+        returned this very tensor, unmodified (the sparse path); else None."""
+        entries = self.selected_entries
+        return (
+            entries if entries is not None and entries.describe(feature_acts) else None
+        )
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -399,13 +406,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         inverse_norms = 1 / self.W_dec.norm(dim=-1).clamp_min(
             torch.finfo(self.W_dec.dtype).tiny
         )
-        sparse = getattr(feature_acts, "sparse_codes", None)
-        if sparse is None or sparse[2] != feature_acts._version:
+        entries = self.entries_of(feature_acts)
+        if entries is None:
             if self.cfg.rescale_acts_by_decoder_norm:
                 feature_acts = feature_acts * inverse_norms
             sae_out_pre = act_times_W_dec(feature_acts, self.W_dec, False) + self.b_dec
         else:
-            codes, values, _ = sparse
+            codes, values = entries.codes, entries.values
             if self.cfg.rescale_acts_by_decoder_norm:
                 values = values * inverse_norms[codes.cols]
             sae_out_pre = sparse_decode(values, self.W_dec, codes) + self.b_dec
@@ -609,11 +616,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         entries when the codes carry them (the training fast path, O(selected)), else
         from the dense codes. Returns each feature's per-token fire rate.
         """
-        sparse = getattr(feature_acts, "sparse_codes", None)
-        if sparse is not None and sparse[2] == feature_acts._version:
-            codes, values, _ = sparse
-            counts, smallest = column_stats(codes, values)
-            n_tokens = codes.n_rows
+        entries = self.entries_of(feature_acts)
+        if entries is not None:
+            counts, smallest = column_stats(entries.codes, entries.values)
+            n_tokens = entries.codes.n_rows
         else:
             dense = feature_acts.detach().flatten(end_dim=-2)
             counts, smallest = column_stats_dense(dense)

@@ -11,7 +11,7 @@ and a pool of every feature is exactly BatchTopK.
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -35,14 +35,16 @@ from sae_lens_sampled.selection import (
     PoolMode,
     ScoreName,
     batch_budget,
+    feature_scores,
+    pool_from_scores,
     pool_size,
-    sampled_pool,
     sampled_topk,
     seeded_generator,
     topk_in_pool,
     update_missed_chances,
     update_staleness,
 )
+from sae_lens_sampled.sparse import SelectedEntries
 
 ARCHITECTURE = "sampled"
 
@@ -88,6 +90,20 @@ def validate_pool_size(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> No
 def config_pool_size(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> int:
     """The number of features in the pool of ``cfg``."""
     return pool_size(cfg.k, cfg.pool_factor, cfg.d_sae, cfg.pool_fraction)
+
+
+@dataclass(frozen=True)
+class StepPool:
+    """What a training step's selection leaves for its state update.
+
+    Args:
+        pool (torch.Tensor | None): The pooled features (None: every feature).
+        positive (torch.Tensor | None): Per feature, whether it had a positive
+            activation in the batch (``aux_dead="pooled"`` only, else None).
+    """
+
+    pool: torch.Tensor | None
+    positive: torch.Tensor | None
 
 
 def validate_pool_fields(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
@@ -237,10 +253,10 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         return seeded_generator(self.cfg.pool_seed, step, self.W_dec.device)
 
     _draw_seed: int | None = None
-    # Set during training_forward_pass: warm-up and exploration apply, and the
-    # step's pool is kept for the state update.
+    # Set during training_forward_pass: select is the training step's rule.
     _in_training_step: bool = False
-    _step_pool: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+    # The pool of the current training step (select_in_step), until update_state.
+    step_pool: "StepPool | None" = None
 
     @override
     @contextmanager
@@ -276,32 +292,55 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
                 beta=cfg.pool_beta,
                 pool_fraction=cfg.pool_fraction,
             )
-        pool = None
-        if not self.in_warmup():
-            pool, _ = sampled_pool(
-                acts,
-                cfg.k,
-                cfg.pool_factor,
-                cfg.score,
-                cfg.pool_mode,
-                self._generator(),
-                beta=cfg.pool_beta,
-                explore=cfg.pool_explore,
-                staleness=self.pool_staleness if cfg.pool_explore > 0 else None,
-                pool_fraction=cfg.pool_fraction,
-            )
+        return self.select_in_step(acts, acts.shape[0])
+
+    def select_in_step(
+        self,
+        acts: torch.Tensor,
+        n_tokens: int,
+        *,
+        any_positive: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        scores: Callable[[torch.Tensor, str], torch.Tensor] = feature_scores,
+        draw_pool: Callable[..., torch.Tensor] = pool_from_scores,
+        select: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The training step's rule on ``acts`` of a batch of ``n_tokens`` tokens; keeps
+        the pool in :attr:`step_pool` for the state update.
+
+        Warm-up and exploration apply. One process uses the defaults; the data-parallel
+        step passes their global forms: ``any_positive`` ORs per-feature flags over the
+        ranks, ``scores(acts, score)`` scores the global batch, ``draw_pool`` takes
+        :func:`pool_from_scores`'s arguments and gives every rank the same pool, and
+        ``select(acts, budget)`` is the global batch top-k.
+        """
+        cfg = self.cfg
         positive = None
         if cfg.aux_dead == "pooled":
             with torch.no_grad():
                 # A feature with no positive activation could not have fired anyway.
                 positive = (acts > 0).any(dim=0)
-        self._step_pool = (pool, positive)
-        return topk_in_pool(acts, batch_budget(cfg.k, acts.shape[0]), pool)
+                if any_positive is not None:
+                    positive = any_positive(positive)
+        pool = None
+        size = config_pool_size(cfg)
+        if size < acts.shape[-1] and not self.in_warmup():
+            explore = cfg.pool_explore > 0
+            pool = draw_pool(
+                scores(acts, cfg.score),
+                size,
+                cfg.pool_mode,
+                self._generator(),
+                beta=cfg.pool_beta,
+                explore=cfg.pool_explore,
+                staleness=self.pool_staleness if explore else None,
+            )
+        self.step_pool = StepPool(pool, positive)
+        return topk_in_pool(acts, batch_budget(cfg.k, n_tokens), pool, select)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self._in_training_step = True
-        self._step_pool = None
+        self.step_pool = None
         try:
             output = super().training_forward_pass(step_input)
         finally:
@@ -340,14 +379,13 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
     ) -> torch.Tensor:
         fire_rates = super().update_state(feature_acts, hidden_pre)
         self.n_selection_steps += 1
-        if self._step_pool is None:  # called outside a training step
+        step_pool, self.step_pool = self.step_pool, None
+        if step_pool is None:  # called outside a training step
             return fire_rates
-        pool, positive = self._step_pool
-        self._step_pool = None
-        self.pool_staleness.copy_(update_staleness(self.pool_staleness, pool))
-        if positive is not None:
-            chance = (self.pool_staleness == 0) | ~positive
-            fired = fired_features(feature_acts)
+        self.pool_staleness.copy_(update_staleness(self.pool_staleness, step_pool.pool))
+        if step_pool.positive is not None:
+            chance = (self.pool_staleness == 0) | ~step_pool.positive
+            fired = fired_features(feature_acts, self.entries_of(feature_acts))
             if self.data_parallel is not None:  # fired on any rank's rows
                 fired = self.data_parallel.sum_counts(fired.long()) > 0
             self.missed_chances.copy_(
@@ -356,12 +394,13 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         return fire_rates
 
 
-def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:
+def fired_features(
+    feature_acts: torch.Tensor, entries: SelectedEntries | None = None
+) -> torch.Tensor:
     """Which features have a non-zero code on some token (the trainer's ``did_fire``),
-    from the selected entries when the codes carry them."""
-    sparse = getattr(feature_acts, "sparse_codes", None)
-    if sparse is not None and sparse[2] == feature_acts._version:
-        codes, values, _ = sparse
+    from the selected ``entries`` of ``feature_acts`` when given."""
+    if entries is not None:
+        codes, values = entries.codes, entries.values
         fired = torch.zeros(codes.n_cols, dtype=torch.bool, device=values.device)
         return fired.index_fill_(0, codes.cols[values != 0], True)
     return (feature_acts.detach().flatten(end_dim=-2) != 0).any(dim=0)
