@@ -50,10 +50,9 @@ class Trace:
         self.steps: list[dict[str, float]] = []
 
     def record(self, sae: SampledTrainingSAE, hidden_pre: torch.Tensor) -> None:
-        pool_and_positive = sae._step_pool
-        if pool_and_positive is None:
+        if sae.step_pool is None:
             return
-        pool = pool_and_positive[0]
+        pool = sae.step_pool.pool
         acts = torch.relu(hidden_pre.detach().flatten(end_dim=-2)).float()
         if sae.cfg.rescale_acts_by_decoder_norm:
             acts = acts * sae.W_dec.detach().norm(dim=-1).float()
