@@ -55,11 +55,11 @@ class Width:
 
 
 # What a 2-core CPU allowed: the whole spectrum at the smallest width, its main
-# points at 4,096, one seed and 100 steps at 16,384.
+# points at 4,096, 100 steps at 16,384.
 WIDTHS = (
     Width(1536, 16, 300, (0, 1, 2), SPECTRUM[:2] + SPECTRUM[3:]),
     Width(4096, 16, 300, (0, 1, 2), SPECTRUM[:2] + SPECTRUM[3:5]),
-    Width(16384, 64, 100, (0,), (SPECTRUM[0],) + SPECTRUM[3:5]),
+    Width(16384, 64, 100, (0, 1, 2), (SPECTRUM[0],) + SPECTRUM[3:5]),
 )
 
 # A second set, run after the first had shown where the defaults fall: the point
