@@ -8,54 +8,22 @@ runner config (:mod:`sae_lens_sampled.flat_config`).
 
 from __future__ import annotations
 
-from sae_lens_sampled._registry import register_architecture
+from sae_lens_sampled._registry import Architecture, add_architecture
 from sae_lens_sampled.flat_config import install_flat_form
-from sae_lens_sampled.saes.feature_choice_sae import (
-    FeatureChoiceSAE,
-    FeatureChoiceSAEConfig,
-    FeatureChoiceTrainingSAE,
-    FeatureChoiceTrainingSAEConfig,
-)
-from sae_lens_sampled.saes.mutual_choice_sae import (
-    MutualChoiceSAE,
-    MutualChoiceSAEConfig,
-    MutualChoiceTrainingSAE,
-    MutualChoiceTrainingSAEConfig,
-)
-from sae_lens_sampled.saes.sampled_sae import (
-    SampledSAE,
-    SampledSAEConfig,
-    SampledTrainingSAE,
-    SampledTrainingSAEConfig,
-)
+from sae_lens_sampled.saes import feature_choice_sae, mutual_choice_sae, sampled_sae
 
-# key -> (inference SAE, its config, training SAE, its config)
-ARCHITECTURES: dict[str, tuple[type, type, type, type]] = {
-    "sampled": (
-        SampledSAE,
-        SampledSAEConfig,
-        SampledTrainingSAE,
-        SampledTrainingSAEConfig,
-    ),
-    "feature_choice": (
-        FeatureChoiceSAE,
-        FeatureChoiceSAEConfig,
-        FeatureChoiceTrainingSAE,
-        FeatureChoiceTrainingSAEConfig,
-    ),
-    "mutual_choice": (
-        MutualChoiceSAE,
-        MutualChoiceSAEConfig,
-        MutualChoiceTrainingSAE,
-        MutualChoiceTrainingSAEConfig,
-    ),
-}
+# One line per architecture; bench and the traffic model list them in this order.
+ENTRIES: tuple[Architecture, ...] = (
+    mutual_choice_sae.ENTRY,
+    sampled_sae.ENTRY,
+    feature_choice_sae.ENTRY,
+)
 
 
 def register_all() -> None:
     """Register every architecture and the flat config form; safe to call again."""
-    for key, classes in ARCHITECTURES.items():
-        register_architecture(key, *classes)
+    for entry in ENTRIES:
+        add_architecture(entry)
     install_flat_form()
 
 

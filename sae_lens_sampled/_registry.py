@@ -1,14 +1,55 @@
-"""Idempotent registration of the plugin's architectures in SAELens's registries."""
+"""The plugin's architecture registry, and its idempotent registration in SAELens.
+
+Each architecture module declares one :class:`Architecture` entry (its key, classes
+and data-parallel rule); :mod:`sae_lens_sampled._plugin` hands the entries to
+:func:`add_architecture`. Everything that needs the list of the plugin's
+architectures (``bench``, ``compare``, the data-parallel trainer) reads it here.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sae_lens import register_sae_class, register_sae_training_class
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
 if TYPE_CHECKING:
+    import torch
     from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
+
+    from sae_lens_sampled.global_batch import GlobalBatch
+
+# ``rule(sae, acts, batch)``: the batch rule over a batch split across processes, on
+# this process's ``acts``, through the ``GlobalBatch`` protocol.
+DataParallelRule = Callable[[Any, "torch.Tensor", "GlobalBatch"], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture of the plugin, as its module declares it.
+
+    Args:
+        key: The registry key (``cfg.architecture()``), e.g. ``"mutual_choice"``.
+        sae_class: The inference SAE.
+        sae_config_class: Its config.
+        training_sae_class: The training SAE.
+        training_config_class: Its config.
+        data_parallel_rule: The batch rule over a batch split across processes, or
+            None if the architecture does not train data-parallel.
+    """
+
+    key: str
+    sae_class: type[SAE[Any]]
+    sae_config_class: type[SAEConfig]
+    training_sae_class: type[TrainingSAE[Any]]
+    training_config_class: type[TrainingSAEConfig]
+    data_parallel_rule: DataParallelRule | None = None
+
+
+_ARCHITECTURES: dict[str, Architecture] = {}
 
 _PACKAGE = __name__.split(".")[0]
 
@@ -48,3 +89,36 @@ def register_architecture(
         key,
         (training_sae_class, training_config_class),
     )
+
+
+def add_architecture(entry: Architecture) -> None:
+    """Register ``entry`` in SAELens's registries and in the plugin's; idempotent."""
+    register_architecture(
+        entry.key,
+        entry.sae_class,
+        entry.sae_config_class,
+        entry.training_sae_class,
+        entry.training_config_class,
+    )
+    _ARCHITECTURES[entry.key] = entry
+
+
+def architectures() -> list[Architecture]:
+    """The plugin's architectures, in the order they were added."""
+    if not _ARCHITECTURES:  # the plugin's own entries are added on first use
+        importlib.import_module(f"{_PACKAGE}._plugin").register_all()
+    return list(_ARCHITECTURES.values())
+
+
+def architecture_keys() -> list[str]:
+    """The registry keys of the plugin's architectures, in the order they were added."""
+    return [entry.key for entry in architectures()]
+
+
+def data_parallel_rules() -> dict[str, DataParallelRule]:
+    """Key -> data-parallel rule, for the architectures that declare one."""
+    return {
+        entry.key: entry.data_parallel_rule
+        for entry in architectures()
+        if entry.data_parallel_rule is not None
+    }

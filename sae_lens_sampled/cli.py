@@ -111,7 +111,8 @@ def train_help_header() -> str:
     """Lines printed above SAELens's help: the plugin architectures and their flags."""
     from sae_lens.saes.sae import TrainingSAEConfig
 
-    from sae_lens_sampled._plugin import ARCHITECTURES
+    from sae_lens_sampled._plugin import register_all
+    from sae_lens_sampled._registry import architectures
     from sae_lens_sampled.saes.base import BatchLevelTrainingSAEConfig
 
     saelens = _defaults(TrainingSAEConfig)
@@ -127,17 +128,19 @@ def train_help_header() -> str:
         "",
         "Plugin architectures (--architecture NAME), their own flags and defaults:",
     ]
-    for key, classes in ARCHITECTURES.items():
+    register_all()
+    for entry in architectures():
+        key = entry.key
         own = {
             name: value
-            for name, value in _defaults(classes[3]).items()
+            for name, value in _defaults(entry.training_config_class).items()
             if name not in saelens and shared.get(name, dataclasses.MISSING) != value
         }
         if own:
             lines.append(_wrapped_flags(f"  {key:16s}", own))
         else:
             lines.append(f"  {key:16s}(the shared flags below only)")
-    lines.append(_wrapped_flags(f"  {'all three:':16s}", shared))
+    lines.append(_wrapped_flags(f"  {'all of them:':16s}", shared))
     lines += [
         "  and SAELens's SAE flags (--d_in, --d_sae, ...).",
         "",

@@ -37,6 +37,8 @@ and exports the result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
     from sae_lens_sampled.global_batch import GlobalBatch
 
 ThresholdMode = Literal["rate", "per_feature", "global"]
-THRESHOLD_MODES: tuple[str, ...] = ("rate", "per_feature", "global")
 
 # Largest upward step of the rate rule, in tail scales per lr: a feature firing far
 # too often climbs steadily instead of jumping past its quantile.
@@ -163,6 +164,79 @@ def update_per_feature_threshold(
     return torch.where(torch.isfinite(batch_min), updated, threshold)
 
 
+@dataclass(frozen=True)
+class ThresholdStep:
+    """What one training batch gives a threshold rule (float64, ``[d_sae]``).
+
+    Args:
+        threshold: The thresholds before this batch.
+        smallest: Each feature's smallest positive selection (``inf`` if none).
+        fired: Tokens above ``threshold``, per feature.
+        excess: Summed excess over ``threshold`` of those tokens, per feature.
+        n_tokens: Tokens in the batch.
+        lr: ``topk_threshold_lr``.
+        gain: ``threshold_gain``, 0 for a batch in which the rule selected nothing.
+        weight: This batch's EMA weight (the plain mean at first), 0 likewise.
+        selection_rate: The batch rule's selection-rate EMA, this batch included.
+        token_rate: The per-token firing-rate EMA from before this batch.
+        tail_scale: The tail-scale buffer; a rule that keeps it updates it in place.
+    """
+
+    threshold: torch.Tensor
+    smallest: torch.Tensor
+    fired: torch.Tensor
+    excess: torch.Tensor
+    n_tokens: int
+    lr: float
+    gain: torch.Tensor
+    weight: torch.Tensor
+    selection_rate: torch.Tensor
+    token_rate: torch.Tensor
+    tail_scale: torch.Tensor
+
+
+def global_rule(step: ThresholdStep) -> torch.Tensor:
+    """``"global"``: :func:`update_global_threshold`."""
+    return update_global_threshold(step.threshold, step.smallest, step.lr)
+
+
+def per_feature_rule(step: ThresholdStep) -> torch.Tensor:
+    """``"per_feature"``: :func:`update_per_feature_threshold`."""
+    return update_per_feature_threshold(step.threshold, step.smallest, step.lr)
+
+
+def rate_rule(step: ThresholdStep) -> torch.Tensor:
+    """``"rate"``: the tail scales' EMA, then :func:`update_rate_threshold`."""
+    scale, fired = step.tail_scale, step.fired
+    batch_scale = step.excess / fired.clamp_min(1.0)
+    blended = scale + step.weight * (batch_scale - scale)
+    blended = torch.where(scale > 0, blended, batch_scale)
+    scale.copy_(torch.where(fired > 0, blended, scale))
+    moved = update_rate_threshold(
+        step.threshold,
+        scale,
+        step.selection_rate,
+        step.token_rate,
+        fired,
+        step.n_tokens,
+        step.gain,
+    )
+    # A feature's first selection after the first batch starts it at its smallest
+    # selected value; the steps take it from there.
+    first_seen = torch.isinf(step.threshold) & torch.isfinite(step.smallest)
+    return torch.where(first_seen, step.smallest, moved)
+
+
+# threshold_mode -> its rule; a new rule is a function here and its name in
+# ThresholdMode (the config field's type, whose values the CLI offers).
+THRESHOLD_RULES: dict[str, Callable[[ThresholdStep], torch.Tensor]] = {
+    "rate": rate_rule,
+    "per_feature": per_feature_rule,
+    "global": global_rule,
+}
+THRESHOLD_MODES: tuple[str, ...] = tuple(THRESHOLD_RULES)
+
+
 @torch.no_grad()
 def update_firing_rate(
     firing_rate: torch.Tensor,
@@ -219,7 +293,7 @@ class ThresholdState:
     The buffers are registered on ``owner`` (so they keep their names in state dicts,
     and float64 state is saved bit-exactly with the owner's other buffers); the rule
     is the owner's ``cfg.threshold_mode``, paced by ``cfg.topk_threshold_lr`` and
-    ``cfg.threshold_gain``. Adding a rule means a branch in :meth:`update`.
+    ``cfg.threshold_gain``; :data:`THRESHOLD_RULES` maps the mode to its rule.
 
     - ``running_threshold``: the thresholds, in the units of the owner's
       ``hidden_pre`` (exported as the inference SAE's ``threshold``);
@@ -299,30 +373,21 @@ class ThresholdState:
         # The per-token rate follows the thresholds, at their pace.
         self.token_rate.add_(fast_weight * (fired / n_tokens - self.token_rate))
 
-        smallest = smallest.to(threshold.dtype)
-        if cfg.threshold_mode == "global":
-            threshold.copy_(update_global_threshold(threshold, smallest, lr))
-        elif cfg.threshold_mode == "per_feature":
-            threshold.copy_(update_per_feature_threshold(threshold, smallest, lr))
-        else:
-            scale = self.tail_scale
-            batch_scale = excess / fired.clamp_min(1.0)
-            blended = scale + weight * (batch_scale - scale)
-            blended = torch.where(scale > 0, blended, batch_scale)
-            scale.copy_(torch.where(fired > 0, blended, scale))
-            moved = update_rate_threshold(
-                threshold,
-                scale,
-                self.selection_rate,
-                token_rate,
-                fired,
-                n_tokens,
-                gain * informative,
-            )
-            # A feature's first selection after the first batch starts it at its
-            # smallest selected value; the steps take it from there.
-            first_seen = torch.isinf(threshold) & torch.isfinite(smallest)
-            threshold.copy_(torch.where(first_seen, smallest, moved))
+        rule = THRESHOLD_RULES[cfg.threshold_mode]
+        step = ThresholdStep(
+            threshold=threshold,
+            smallest=smallest.to(threshold.dtype),
+            fired=fired,
+            excess=excess,
+            n_tokens=n_tokens,
+            lr=lr,
+            gain=gain * informative,
+            weight=weight,
+            selection_rate=self.selection_rate,
+            token_rate=token_rate,
+            tail_scale=self.tail_scale,
+        )
+        threshold.copy_(rule(step))
         return fired / n_tokens
 
     @torch.no_grad()

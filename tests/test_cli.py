@@ -15,7 +15,7 @@ from sae_lens.llm_sae_training_runner import _parse_cfg_args
 from sae_lens.saes.sae import TrainingSAEConfig
 
 from sae_lens_sampled import MutualChoiceTrainingSAEConfig, SampledTrainingSAEConfig
-from sae_lens_sampled._plugin import ARCHITECTURES
+from sae_lens_sampled._plugin import ENTRIES
 from sae_lens_sampled.cli import main
 from tests.helpers import CONTEXT, HOOK, tiny_model, token_dataset
 
@@ -107,22 +107,22 @@ def test_train_help_lists_each_plugin_architecture_and_its_fields(capsys):
     lines = out.splitlines()
     assert "train --architecture NAME --help" in " ".join(lines[:3])
     header = out[: out.index("usage:")]
-    for key, classes in ARCHITECTURES.items():
-        # Every field of the architecture is listed, under it or under "all three".
-        block = header[header.index(f"  {key} ") :]
-        for name in own_fields(classes[3]):
-            assert f"{flag(name)} " in block, (key, name)
+    for entry in ENTRIES:
+        # Every field of the architecture is listed, under it or under "all of them".
+        block = header[header.index(f"  {entry.key} ") :]
+        for name in own_fields(entry.training_config_class):
+            assert f"{flag(name)} " in block, (entry.key, name)
     assert re.search(r"^usage: sae-lens-sampled train ", out, re.MULTILINE)
 
 
-@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", sorted(entry.key for entry in ENTRIES))
 def test_train_architecture_help_describes_its_flags(architecture, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # runpy's warning is silenced
         assert main(["train", "--architecture", architecture, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: sae-lens-sampled train ")
-    config_class = ARCHITECTURES[architecture][3]
+    config_class = {e.key: e.training_config_class for e in ENTRIES}[architecture]
     assert f"{config_class.__name__} ['cfg.sae']:" in out
     for name in own_fields(config_class):
         assert re.search(rf"^  {re.escape(flag(name))} ", out, re.MULTILINE), name

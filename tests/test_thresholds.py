@@ -1,6 +1,7 @@
 """Threshold update rules, the rate-matching state, calibration and JumpReLU export."""
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from sae_lens_sampled import (
 )
 from sae_lens_sampled.thresholds import (
     MAX_RELATIVE_STEP,
+    THRESHOLD_MODES,
+    THRESHOLD_RULES,
+    ThresholdMode,
     column_stats_dense,
     fired_and_excess,
     update_firing_rate,
@@ -440,3 +444,28 @@ def test_export_after_fold_W_dec_norm_keeps_the_batch_rule(name, tmp_path):
     reference = calibrate_thresholds(plugin, [x], batch_size=512, min_selections=0)
     assert torch.equal(ours.selected, reference.selected)
     torch.testing.assert_close(ours.thresholds, reference.thresholds)
+
+
+# --- the rule table ----------------------------------------------------------------
+
+
+def test_threshold_modes_are_the_rule_table_and_the_config_type():
+    assert THRESHOLD_MODES == tuple(THRESHOLD_RULES) == get_args(ThresholdMode)
+
+
+def test_training_step_runs_the_rule_the_table_holds(monkeypatch):
+    seen = []
+
+    def constant(step):
+        seen.append(step.n_tokens)
+        return torch.full_like(step.threshold, 7.0)
+
+    monkeypatch.setitem(THRESHOLD_RULES, "global", constant)
+    torch.manual_seed(0)
+    cfg = MutualChoiceTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, k=2, threshold_mode="global"
+    )
+    sae = MutualChoiceTrainingSAE(cfg)
+    sae.training_forward_pass(step_input(torch.randn(6, D_IN)))
+    assert seen == [6]
+    assert sae.running_threshold.tolist() == [7.0] * D_SAE

@@ -57,9 +57,13 @@ DEFAULT_RUNS: tuple[RunSpec, ...] = (
     RunSpec("mutual_choice"),
 )
 
-# Architectures of the default set that may be missing from the registry (built by
-# the plugin separately); they are skipped with a note instead of failing.
-OPTIONAL_ARCHITECTURES: tuple[str, ...] = ("feature_choice",)
+
+def optional_architectures() -> list[str]:
+    """The plugin's architectures (from its registry): one missing from SAELens's
+    registry is skipped with a note instead of failing."""
+    from sae_lens_sampled._registry import architecture_keys
+
+    return architecture_keys()
 
 
 def parse_value(text: str) -> Any:
@@ -122,12 +126,13 @@ def resolve_runs(specs: list[RunSpec]) -> tuple[list[RunSpec], list[str]]:
     """
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
+    optional = optional_architectures()
     runs: list[RunSpec] = []
     notes: list[str] = []
     for spec in specs:
         if spec.architecture in SAE_TRAINING_CLASS_REGISTRY:
             runs.append(spec)
-        elif spec.architecture in OPTIONAL_ARCHITECTURES:
+        elif spec.architecture in optional:
             notes.append(
                 f"skipped {spec.label}: architecture {spec.architecture!r} is not "
                 "registered in this installation"

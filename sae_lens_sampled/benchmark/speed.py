@@ -37,7 +37,6 @@ from sae_lens_sampled.shape import Shape, build_sae
 
 BASELINE = "batchtopk"
 SAELENS_ARCHITECTURES = ("batchtopk", "topk")
-PLUGIN_ARCHITECTURES = ("mutual_choice", "sampled", "feature_choice")
 FLOOR = "encoder_floor"
 
 
@@ -68,12 +67,13 @@ class ShapeResult:
 
 
 def available_architectures() -> list[str]:
-    """SAELens's two plus every plugin architecture that is registered."""
+    """SAELens's two plus every architecture of the plugin's registry that SAELens's
+    holds."""
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
-    import sae_lens_sampled  # noqa: F401  (registers the plugin's architectures)
+    from sae_lens_sampled._registry import architecture_keys
 
-    plugins = [a for a in PLUGIN_ARCHITECTURES if a in SAE_TRAINING_CLASS_REGISTRY]
+    plugins = [a for a in architecture_keys() if a in SAE_TRAINING_CLASS_REGISTRY]
     return [*SAELENS_ARCHITECTURES, *plugins]
 
 

@@ -15,7 +15,9 @@ for three things, and nothing else changes:
 
 The trainer sets it around ``training_forward_pass`` only, so ``encode`` called
 anywhere else (evals on one rank, ``HookedSAETransformer``) never runs a collective.
-Rules for other architectures can be added with :func:`register_data_parallel_rule`.
+Each architecture declares its rule in its registry entry (written against
+:class:`~sae_lens_sampled.global_batch.GlobalBatch`);
+:func:`register_data_parallel_rule` replaces one.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_lens_sampled._registry import data_parallel_rules
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import (
     global_feature_choice_mask,
@@ -43,12 +45,17 @@ from sae_lens_sampled.selection import batch_budget
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainingSAE
 
-Rule = Callable[[Any, torch.Tensor, "DataParallelStep"], torch.Tensor]
+Rule = Callable[[Any, torch.Tensor, Any], torch.Tensor]
+# Rules added here take precedence over the ones the architectures declare.
 _RULES: dict[str, Rule] = {}
 
 
 def register_data_parallel_rule(architecture: str, rule: Rule) -> None:
-    """Use ``rule(sae, acts, step)`` for ``architecture`` in data-parallel steps."""
+    """Use ``rule(sae, acts, step)`` for ``architecture`` in data-parallel steps.
+
+    An architecture in the plugin's registry (:func:`~sae_lens_sampled._registry.
+    add_architecture`) brings its own rule; this one replaces it.
+    """
     _RULES[architecture] = rule
 
 
@@ -100,11 +107,12 @@ class DataParallelStep:
         """``sae``'s batch rule over the global batch, on this rank's ``acts``."""
         self._check_rows(acts)
         architecture = sae.cfg.architecture()
-        rule = _RULES.get(architecture)
+        rule = _RULES.get(architecture) or data_parallel_rules().get(architecture)
         if rule is None:
+            known = sorted({*_RULES, *data_parallel_rules()})
             raise NotImplementedError(
                 f"no data-parallel selection rule for architecture {architecture!r}; "
-                f"known: {sorted(_RULES)}"
+                f"known: {known}"
             )
         return rule(sae, acts, self)
 
@@ -147,6 +155,34 @@ class DataParallelStep:
         return sum_counts(counts, self.comm)
 
     @torch.no_grad()
+    def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
+        """Per-feature boolean ``flags`` ORed over the ranks."""
+        return self.sum_counts(flags.long()) > 0
+
+    def feature_scores(self, acts: torch.Tensor, score: str) -> torch.Tensor:
+        """Sampled-SAE column scores of the global batch, float64 ``[d_sae]``."""
+        return global_feature_scores(acts, score, self.comm)
+
+    def draw_pool(
+        self,
+        scores: torch.Tensor,
+        size: int,
+        mode: str,
+        generator: torch.Generator | None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """The pool drawn on rank 0 (as one process would) and broadcast."""
+        return shared_pool(scores, size, mode, generator, self.comm, **options)
+
+    def column_topk_mask(
+        self, acts: torch.Tensor, capacities: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's entries among each feature's global top ``capacities[j]``."""
+        return global_feature_choice_mask(
+            acts, capacities, self.comm, self.shard_sizes, self.feature_choice_layout
+        )
+
+    @torch.no_grad()
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
         """Per-feature counts of the global top ``round(k * B)``, and ``B``."""
         indices = self.topk_indices(acts, batch_budget(k, self.n_tokens))
@@ -167,42 +203,3 @@ def data_parallel_step(
         yield
     finally:
         sae.data_parallel = previous  # type: ignore[assignment]
-
-
-# --- the plugin's architectures ---
-
-
-def _mutual_choice(
-    sae: Any, acts: torch.Tensor, step: DataParallelStep
-) -> torch.Tensor:
-    return step.batch_topk(acts, batch_budget(sae.cfg.k, step.n_tokens))
-
-
-def _sampled(sae: Any, acts: torch.Tensor, step: DataParallelStep) -> torch.Tensor:
-    # The one-process rule on the global batch; rank 0 draws the pool (its generator
-    # seeded from (pool_seed, step count) as in one process) and broadcasts it.
-    comm = step.comm
-    selected: torch.Tensor = sae.select_in_step(
-        acts,
-        step.n_tokens,
-        any_positive=lambda flags: step.sum_counts(flags.long()) > 0,
-        scores=partial(global_feature_scores, comm=comm),
-        draw_pool=partial(shared_pool, comm=comm),
-        select=step.batch_topk,
-    )
-    return selected
-
-
-def _feature_choice(
-    sae: Any, acts: torch.Tensor, step: DataParallelStep
-) -> torch.Tensor:
-    capacities = sae.capacities(step.n_tokens)
-    mask = global_feature_choice_mask(
-        acts, capacities, step.comm, step.shard_sizes, step.feature_choice_layout
-    )
-    return torch.where(mask, acts, 0)
-
-
-register_data_parallel_rule("mutual_choice", _mutual_choice)
-register_data_parallel_rule("sampled", _sampled)
-register_data_parallel_rule("feature_choice", _feature_choice)

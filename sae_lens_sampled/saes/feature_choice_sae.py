@@ -18,6 +18,8 @@ import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
+from sae_lens_sampled._registry import Architecture
+from sae_lens_sampled.global_batch import GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
@@ -306,3 +308,21 @@ class FeatureChoiceSAE(BatchLevelSAE):
     @override
     def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
         return feature_choice_select(ranking, self.capacities(ranking.shape[0]))
+
+
+def data_parallel_select(
+    sae: FeatureChoiceTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+) -> torch.Tensor:
+    """Each feature's top ``m_j`` tokens of a batch split across processes."""
+    mask = batch.column_topk_mask(acts, sae.capacities(batch.n_tokens))
+    return torch.where(mask, acts, 0)
+
+
+ENTRY = Architecture(
+    ARCHITECTURE,
+    FeatureChoiceSAE,
+    FeatureChoiceSAEConfig,
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+    data_parallel_select,
+)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from typing_extensions import override
 
+from sae_lens_sampled._registry import Architecture
+from sae_lens_sampled.global_batch import GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
@@ -87,3 +89,20 @@ class MutualChoiceSAE(BatchLevelSAE):
     @override
     def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
         return mutual_choice_select(ranking, self.cfg.k)
+
+
+def data_parallel_select(
+    sae: MutualChoiceTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+) -> torch.Tensor:
+    """The global top ``k * B`` of a batch split across processes."""
+    return batch.batch_topk(acts, batch_budget(sae.cfg.k, batch.n_tokens))
+
+
+ENTRY = Architecture(
+    ARCHITECTURE,
+    MutualChoiceSAE,
+    MutualChoiceSAEConfig,
+    MutualChoiceTrainingSAE,
+    MutualChoiceTrainingSAEConfig,
+    data_parallel_select,
+)

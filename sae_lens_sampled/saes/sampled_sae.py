@@ -20,6 +20,8 @@ import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
+from sae_lens_sampled._registry import Architecture
+from sae_lens_sampled.global_batch import GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
@@ -475,3 +477,31 @@ class SampledSAE(BatchLevelSAE):
             beta=self.cfg.pool_beta,
             pool_fraction=self.cfg.pool_fraction,
         )
+
+
+def data_parallel_select(
+    sae: SampledTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+) -> torch.Tensor:
+    """The one-process rule on the global batch.
+
+    The first process draws the pool (its generator seeded from (pool_seed, step
+    count) as in one process) and every process uses that pool.
+    """
+    return sae.select_in_step(
+        acts,
+        batch.n_tokens,
+        any_positive=batch.any_positive,
+        scores=batch.feature_scores,
+        draw_pool=batch.draw_pool,
+        select=batch.batch_topk,
+    )
+
+
+ENTRY = Architecture(
+    ARCHITECTURE,
+    SampledSAE,
+    SampledSAEConfig,
+    SampledTrainingSAE,
+    SampledTrainingSAEConfig,
+    data_parallel_select,
+)

@@ -1,0 +1,161 @@
+"""A fourth architecture added from this one file, through the plugin's registry.
+
+The toy rule keeps each token's largest activation. Declaring its entry and calling
+``add_architecture`` is all it takes: SAELens's runner trains it and loads it back,
+and ``bench``, ``compare``, ``train --help`` and the data-parallel step find it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import SAE, LanguageModelSAETrainingRunner
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+from typing_extensions import override
+
+from sae_lens_sampled import _registry
+from sae_lens_sampled._registry import Architecture, add_architecture
+from sae_lens_sampled.benchmark.specs import parse_run_specs, resolve_runs
+from sae_lens_sampled.benchmark.speed import available_architectures
+from sae_lens_sampled.cli import train_help_header
+from sae_lens_sampled.distributed.comm import Comm
+from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
+from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.saes.base import (
+    BatchLevelSAE,
+    BatchLevelSAEConfig,
+    BatchLevelTrainingSAE,
+    BatchLevelTrainingSAEConfig,
+)
+from tests.helpers import D_MODEL, runner_config, tiny_model, token_dataset
+
+KEY = "toy_row_top1"
+
+
+def row_top1(acts: torch.Tensor) -> torch.Tensor:
+    """Keep each row's largest entry (the first of equal ones), zero the rest."""
+    keep = torch.zeros_like(acts, dtype=torch.bool)
+    keep.scatter_(1, acts.argmax(dim=1, keepdim=True), True)
+    return torch.where(keep, acts, 0)
+
+
+@dataclass
+class ToyTrainingSAEConfig(BatchLevelTrainingSAEConfig):
+    """Configuration for training the toy SAE (``k`` should be 1)."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return KEY
+
+
+class ToyTrainingSAE(BatchLevelTrainingSAE):
+    cfg: ToyTrainingSAEConfig
+
+    @override
+    def select(self, acts: torch.Tensor) -> torch.Tensor:
+        return row_top1(acts)
+
+
+@dataclass
+class ToySAEConfig(BatchLevelSAEConfig):
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return KEY
+
+
+class ToySAE(BatchLevelSAE):
+    cfg: ToySAEConfig
+
+    @override
+    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
+        return row_top1(ranking)
+
+
+DATA_PARALLEL_CALLS: list[int] = []
+
+
+def toy_data_parallel(
+    sae: ToyTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+) -> torch.Tensor:
+    """Per-token, so no exchange: the local rule (the call is recorded)."""
+    DATA_PARALLEL_CALLS.append(batch.n_tokens)
+    return sae.select(acts)
+
+
+ENTRY = Architecture(
+    KEY, ToySAE, ToySAEConfig, ToyTrainingSAE, ToyTrainingSAEConfig, toy_data_parallel
+)
+
+
+@pytest.fixture
+def toy() -> Iterator[Architecture]:
+    add_architecture(ENTRY)
+    try:
+        yield ENTRY
+    finally:
+        SAE_CLASS_REGISTRY.pop(KEY, None)
+        SAE_TRAINING_CLASS_REGISTRY.pop(KEY, None)
+        _registry._ARCHITECTURES.pop(KEY, None)
+
+
+def test_row_top1_by_hand():
+    acts = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.5, 2.0]])
+    expected = torch.tensor([[0.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    assert torch.equal(row_top1(acts), expected)
+
+
+def test_registered_in_both_saelens_registries(toy: Architecture):
+    assert SAE_TRAINING_CLASS_REGISTRY[KEY] == (ToyTrainingSAE, ToyTrainingSAEConfig)
+    assert SAE_CLASS_REGISTRY[KEY] == (ToySAE, ToySAEConfig)
+    assert _registry.architecture_keys()[-1] == KEY
+
+
+def test_trains_with_saelens_runner_and_loads_back(toy: Architecture, tmp_path: Path):
+    torch.manual_seed(0)
+    sae_cfg = ToyTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=1.0)
+    cfg = runner_config(sae_cfg, tmp_path, steps=8)
+    runner = LanguageModelSAETrainingRunner(
+        cfg, override_model=tiny_model(), override_dataset=token_dataset(100)
+    )
+    trained = runner.run()
+    assert isinstance(trained, ToyTrainingSAE)
+    trained.train()
+    x = torch.randn(10, D_MODEL)
+    # The toy's batch rule ran in training: at most one active feature per token.
+    assert int((trained.encode(x) != 0).sum(dim=1).max()) <= 1
+    loaded = SAE.load_from_disk(str(tmp_path / "final"))
+    assert isinstance(loaded, ToySAE)
+    assert loaded.W_enc.shape == (D_MODEL, 64)
+    # The inference SAE's batch rule is the toy's too.
+    assert int((loaded.encode_batch(x) != 0).sum(dim=1).max()) == 1
+
+
+def test_bench_compare_and_train_help_list_it(toy: Architecture):
+    assert KEY in available_architectures()
+    runs, notes = resolve_runs(parse_run_specs(KEY))
+    assert [spec.architecture for spec in runs] == [KEY] and notes == []
+    assert f"  {KEY} " in train_help_header()
+
+
+def test_without_the_entry_none_of_them_know_it():
+    assert KEY not in available_architectures()
+    with pytest.raises(ValueError, match=f"unknown architecture '{KEY}'"):
+        resolve_runs(parse_run_specs(KEY))
+
+
+def test_data_parallel_step_uses_the_entry_rule(toy: Architecture):
+    torch.manual_seed(0)
+    sae = ToyTrainingSAE(ToyTrainingSAEConfig(d_in=4, d_sae=6, k=1.0))
+    sae.train()
+    x = torch.randn(5, 4)
+    DATA_PARALLEL_CALLS.clear()
+    with data_parallel_step(sae, DataParallelStep(Comm(), [5])):
+        out = sae.encode(x)
+    assert DATA_PARALLEL_CALLS == [5]
+    assert torch.equal(out, sae.encode(x))
