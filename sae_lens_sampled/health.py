@@ -20,6 +20,8 @@ WINDOW_STEPS = 100
 MSE_RISE_LIMIT = 0.02
 # |per-token L0 / k - 1| above this: the per-token thresholds have not settled.
 L0_DRIFT_LIMIT = 0.2
+# What a rising MSE most often means, unless the architecture knows better.
+LR_ADVICE = "the run is not converging; lower the learning rate (lr)"
 
 
 class TrainingHealthWarning(UserWarning):
@@ -68,12 +70,14 @@ class HealthReport:
         window_steps (int): Steps per window.
         l0_per_token (float | None): Per-token L0 the learned thresholds give.
         k (float): Target mean L0.
+        mse_advice (str): The likely cause of a rising MSE and the setting to change.
     """
 
     mse_change: float | None
     window_steps: int
     l0_per_token: float | None
     k: float
+    mse_advice: str = LR_ADVICE
 
     @property
     def reconstruction_improved(self) -> bool | None:
@@ -102,8 +106,7 @@ class HealthReport:
         if change is not None and change > MSE_RISE_LIMIT:
             found.append(
                 f"training MSE rose {change:+.1%} over the last {self.window_steps} "
-                "steps (window mean against the window before): the run is not "
-                "converging; lower the learning rate (lr)"
+                f"steps (window mean against the window before): {self.mse_advice}"
             )
         drift = self.l0_drift
         if drift is not None and abs(drift) > L0_DRIFT_LIMIT:

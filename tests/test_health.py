@@ -102,6 +102,22 @@ def test_training_sae_reports_whether_reconstruction_improved(architecture):
     assert metadata.l0_per_token_drift == pytest.approx(metadata.l0_per_token / 2 - 1)
 
 
+def test_a_sampled_pool_names_the_pool_as_the_knob():
+    # d_sae 32, k 2: the default pool is 16 features, so a rising MSE names the pool
+    diverging = train("sampled", 2 * WINDOW, growth=0.05)
+    (rising,) = [p for p in diverging.health().problems() if "MSE" in p]
+    assert "a pool of 16 of 32 features" in rising
+    assert "enlarge it with pool_fraction (now pool_fraction=0.5)" in rising
+    table = health_fields(diverging, l0=2.0, k=2)["health"]
+    assert table == [rising]
+    # a pool of every feature is BatchTopK: the learning rate is the knob again
+    whole = SampledTrainingSAE(
+        SampledTrainingSAEConfig(d_in=16, d_sae=32, k=2, pool_fraction=1.0)
+    )
+    assert whole.mse_rise_advice().endswith("lower the learning rate (lr)")
+    assert "pool" not in whole.mse_rise_advice()
+
+
 def test_l0_drift_is_logged_and_warned_with_threshold_gain():
     sae = train("mutual_choice", 3, growth=0.0)  # thresholds far from settled
     output = sae.training_forward_pass(step_input(torch.randn(128, 16)))

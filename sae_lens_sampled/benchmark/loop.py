@@ -120,6 +120,8 @@ def health_fields(sae: Any, l0: float | None, k: float) -> dict[str, Any]:
     change = trained.mse_change if trained is not None else None
     window = trained.window_steps if trained is not None else WINDOW_STEPS
     report = HealthReport(change, window, l0, k)
+    if trained is not None:
+        report.mse_advice = trained.mse_advice
     gain = getattr(sae.cfg, "threshold_gain", None)
     return {
         "mse_window_change": change,

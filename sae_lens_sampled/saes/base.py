@@ -32,7 +32,12 @@ from sae_lens_sampled.checks import FieldValueError as FieldValueError
 from sae_lens_sampled.checks import check_choice as check_choice
 from sae_lens_sampled.checks import check_range as check_range
 from sae_lens_sampled.global_batch import GlobalBatch
-from sae_lens_sampled.health import HealthReport, ReconstructionWindows, warn_unhealthy
+from sae_lens_sampled.health import (
+    LR_ADVICE,
+    HealthReport,
+    ReconstructionWindows,
+    warn_unhealthy,
+)
 from sae_lens_sampled.losses import (
     aux_k_budget,
     aux_k_scale,
@@ -595,7 +600,12 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             window_steps=self.reconstruction.window,
             l0_per_token=float(token_rate.sum()) if started else None,
             k=float(self.cfg.k),
+            mse_advice=self.mse_rise_advice(),
         )
+
+    def mse_rise_advice(self) -> str:
+        """The likely cause of a rising training MSE and the setting to change."""
+        return LR_ADVICE
 
     def record_health(self, metadata: Any) -> HealthReport:
         """Write :meth:`health` into SAELens ``metadata``: ``reconstruction_improved``

@@ -368,6 +368,23 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
             )
         return super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
 
+    @override
+    def mse_rise_advice(self) -> str:
+        size, d_sae = config_pool_size(self.cfg), self.cfg.d_sae
+        if size >= d_sae:
+            return super().mse_rise_advice()
+        # The usual cause with a pool (docs/sampled.md, "Why the loss does not fall").
+        now = (
+            f"pool_fraction={self.cfg.pool_fraction:g}"
+            if self.cfg.pool_fraction is not None
+            else f"pool_factor={self.cfg.pool_factor:g}"
+        )
+        return (
+            f"a pool of {size} of {d_sae} features changes from step to step and "
+            f"holds too little of what the batch needs; enlarge it with "
+            f"pool_fraction (now {now}) or lower the learning rate (lr)"
+        )
+
     @torch.no_grad()
     def aux_dead_mask(self) -> torch.Tensor:
         """``aux_dead="pooled"``'s dead set: more than ``aux_dead_window`` missed
