@@ -62,7 +62,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("ReplayedActivations", "default_synthetic_model_config"):
-        from sae_lens_sampled.benchmark import synthetic
+        import sae_lens_sampled.benchmark.synthetic as synthetic
 
         return getattr(synthetic, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
