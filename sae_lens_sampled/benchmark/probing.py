@@ -186,16 +186,6 @@ def group_units(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return unit_of_row, sizes
 
 
-def mean_pool(
-    features: torch.Tensor, unit_of_row: torch.Tensor, n_units: int
-) -> torch.Tensor:
-    """Mean of ``features`` ``[n_rows, F]`` over the rows of each unit."""
-    sums = torch.zeros(n_units, features.shape[1], dtype=features.dtype)
-    sums.index_add_(0, unit_of_row, features)
-    counts = torch.bincount(unit_of_row, minlength=n_units).clamp_min(1)
-    return sums / counts.unsqueeze(1).to(features.dtype)
-
-
 def unit_labels(
     labels: torch.Tensor, unit_of_row: torch.Tensor, n_units: int, task: str
 ) -> torch.Tensor:

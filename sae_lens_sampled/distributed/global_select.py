@@ -5,7 +5,7 @@ token order). Each function here returns, on every rank, that rank's part of wha
 single-process rule would give on the concatenated batch, and sends far less than the
 ``[B, d_sae]`` matrix:
 
-- :func:`global_topk_mask`: the global top-``budget`` entries (BatchTopK, Mutual
+- :func:`global_topk_indices`: the global top-``budget`` entries (BatchTopK, Mutual
   Choice, Sampled-SAE inside its pool). Each rank sends its ``c`` largest values,
   ``c = ceil(oversample * budget / W)``; the threshold found among them is exact unless
   a rank that sent only part of its entries sent nothing below it, in which case every
@@ -131,22 +131,6 @@ def _global_threshold(
     return found
 
 
-def global_kth_largest(
-    values: torch.Tensor,
-    k: int,
-    comm: Comm,
-    sizes: list[int],
-    oversample: float = 2.0,
-) -> torch.Tensor:
-    """The ``k``-th largest entry of all ranks' ``values`` (any shape), on every rank.
-
-    ``sizes`` holds every rank's ``values.numel()``, in rank order; ``1 <= k <=
-    sum(sizes)``. One all-gather of ``ceil(oversample * k / W)`` values per rank, and
-    a second of ``min(k, max(sizes))`` only when the first cannot prove its answer.
-    """
-    return _global_threshold(values, k, comm, sizes, oversample).value
-
-
 @torch.no_grad()
 def global_topk_indices(
     acts: torch.Tensor,
@@ -185,19 +169,6 @@ def global_topk_indices(
     before = sum(count_ties for _, count_ties in gathered[: comm.rank])
     quota = max(0, min(need - before, tied.numel()))
     return torch.cat([above, tied[:quota]])
-
-
-def global_topk_mask(
-    acts: torch.Tensor,
-    budget: int,
-    comm: Comm,
-    sizes: list[int],
-    oversample: float = 2.0,
-) -> torch.Tensor:
-    """Boolean mask of :func:`global_topk_indices`, shaped like ``acts``."""
-    indices = global_topk_indices(acts, budget, comm, sizes, oversample)
-    mask = torch.zeros(acts.numel(), dtype=torch.bool, device=acts.device)
-    return mask.index_fill_(0, indices, True).view_as(acts)
 
 
 def _column_sums(acts: torch.Tensor, score: str, chunk_bytes: int) -> torch.Tensor:
