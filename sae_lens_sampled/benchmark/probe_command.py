@@ -41,6 +41,7 @@ from sae_lens_sampled.benchmark.probing import (
     split_file_spec,
     table_fields,
 )
+from sae_lens_sampled.benchmark.report import markdown_table, save_figure, spread_cell
 
 if TYPE_CHECKING:
     from sae_lens_sampled.benchmark.config import CompareConfig
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 SPLIT_SEED = 0
 COMPARE_TABLE = "probing.md"
 COMPARE_PLOT = "probing.png"
+RAW_LABEL = "raw activations"
 
 
 class ActivationProbes:
@@ -183,16 +185,11 @@ def from_config(file: ActivationFile, cfg: CompareConfig) -> ActivationProbes | 
 # Table and plot
 
 
-def _spread(values: Sequence[float]) -> tuple[float, float | None]:
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return statistics.fmean(values), std
-
-
 def _cell(values: Sequence[float]) -> str:
     if not values:
         return "-"
-    mean, std = _spread(values)
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return spread_cell(statistics.fmean(values), std, "{:.3f}")
 
 
 def _task_values(probes: Sequence[dict[str, Any]], task: str, key: str) -> list[float]:
@@ -203,6 +200,20 @@ def _task_values(probes: Sequence[dict[str, Any]], task: str, key: str) -> list[
     ]
 
 
+def probes_by_label(
+    results: Sequence[dict[str, Any]], baselines: dict[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each run's probes (one per seed), then the raw and random baselines'."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        if result.get("probing") is not None:
+            by_label.setdefault(result["label"], []).append(result["probing"])
+    by_label[RAW_LABEL] = [baselines["raw"]]
+    random_label = f"random directions ({baselines['random_directions']})"
+    by_label[random_label] = list(baselines["random"].values())
+    return by_label
+
+
 def format_probe_table(
     results: Sequence[dict[str, Any]], baselines: dict[str, Any]
 ) -> str:
@@ -210,25 +221,12 @@ def format_probe_table(
     the mean balanced accuracy over classes, per k_probe."""
     keys = [*map(str, K_PROBE), ALL_DIMS]
     header = ["run", "task", "seeds", *(f"k={k}" for k in keys)]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for result in results:
-        if result.get("probing") is not None:
-            by_label.setdefault(result["label"], []).append(result["probing"])
-    by_label["raw activations"] = [baselines["raw"]]
-    by_label[f"random directions ({baselines['random_directions']})"] = list(
-        baselines["random"].values()
-    )
-    for label, probes in by_label.items():
+    rows = []
+    for label, probes in probes_by_label(results, baselines).items():
         for task in probes[0]["tasks"]:
             cells = [_cell(_task_values(probes, task, key)) for key in keys]
-            lines.append(
-                "| " + " | ".join([label, task, str(len(probes)), *cells]) + " |"
-            )
-    return "\n".join(lines)
+            rows.append([label, task, str(len(probes)), *cells])
+    return markdown_table(header, rows)
 
 
 def write_plot(
@@ -245,26 +243,16 @@ def write_plot(
     ks = list(K_PROBE)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab10")
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for result in results:
-        if result.get("probing") is not None:
-            by_label.setdefault(result["label"], []).append(result["probing"])
-
-    def draw(probes: list[dict[str, Any]], **style: Any) -> None:
-        spreads = [_spread([p["mean"][str(k)] for p in probes]) for k in ks]
-        means = [m for m, _ in spreads]
-        errors = [s or 0.0 for _, s in spreads]
-        ax.errorbar(ks, means, yerr=errors, capsize=3, marker="o", **style)
-
+    by_label = probes_by_label(results, baselines)
+    n_runs = len(by_label) - 2  # then the raw and the random baseline, dashed
     for i, (label, probes) in enumerate(by_label.items()):
-        draw(probes, color=colors(i % 10), label=label)
-    draw([baselines["raw"]], color="black", linestyle="--", label="raw activations")
-    draw(
-        list(baselines["random"].values()),
-        color="gray",
-        linestyle="--",
-        label=f"random directions ({baselines['random_directions']})",
-    )
+        values = [[p["mean"][str(k)] for p in probes] for k in ks]
+        means = [statistics.fmean(v) for v in values]
+        errors = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        style: dict[str, Any] = {"color": colors(i % 10)}
+        if i >= n_runs:
+            style = {"color": ("black", "gray")[i - n_runs], "linestyle": "--"}
+        ax.errorbar(ks, means, yerr=errors, capsize=3, marker="o", label=label, **style)
     ax.axhline(
         baselines["raw"]["mean"][ALL_DIMS],
         color="black",
@@ -281,11 +269,7 @@ def write_plot(
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------
