@@ -1,15 +1,9 @@
 """Ground-truth feature absorption on synthetic data with a feature hierarchy.
 
-A child feature implies its parent (SAELens's hierarchy gates every child by its
-parent). An SAE *absorbs* the parent into a child when, on tokens where both are
-active, the latent that stands for the parent stays silent and a latent that stands
-for the child fires and reconstructs the parent's direction in its place. Here the
-parent, the child and their directions are known, so no probe is needed:
-``docs/absorption.md`` defines every step; :func:`absorption_metrics` is the entry
-point.
-
-The tensor logic takes plain tensors and duck-typed hierarchy nodes (anything with
-``feature_index`` and ``children``); nothing here imports SAELens.
+An SAE absorbs a parent feature into a child when, on tokens where both are active,
+the parent's latent stays silent and a child latent reconstructs the parent's
+direction instead. ``docs/absorption.md`` defines every step;
+:func:`absorption_metrics` is the entry point. Nothing here imports SAELens.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Activation files for ``compare --activations``, read without loading them whole.
 
-Formats:
-
-- a directory written by SAELens's ``CacheActivationsRunner``: a Hugging Face dataset
-  on disk (Arrow, memory-mapped) whose hook column holds ``[context, d_in]`` per
-  row; its tokens are read row-major (sequence by sequence);
-- ``.npy``: ``numpy.load(mmap_mode="r")``;
-- ``.safetensors``: ``safe_open`` slices;
-- ``.pt`` / ``.pth``: ``torch.load(mmap=True)`` of a tensor or a dict of tensors.
-
-Every format is checked for shape and dtype when opened; :func:`nonfinite_rows`
-streams through the rows. Reads return float32 ``[rows, d_in]`` tensors.
+A SAELens ``CacheActivationsRunner`` directory, ``.npy``, ``.safetensors`` or
+``.pt``/``.pth`` (``docs/compare.md``, "Your own activations"); each is checked for
+shape and dtype when opened, and reads return float32 ``[rows, d_in]`` tensors.
 """
 
 from __future__ import annotations

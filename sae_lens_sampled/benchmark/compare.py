@@ -1,21 +1,9 @@
 """``sae-lens-sampled compare``: train architectures side by side at equal k.
 
-One data source (:mod:`~sae_lens_sampled.benchmark.source`) feeds one
-training-and-evaluation loop (:mod:`~sae_lens_sampled.benchmark.loop`):
-
-- synthetic (default): SAELens's ``SyntheticSAERunner`` on an embedded synthetic
-  model, evaluated with ``eval_sae_on_synthetic_data`` (ground truth: MCC, F1, ...);
-- language model (``--model``/``--hook``): ``LanguageModelSAETrainingRunner``,
-  evaluated with ``run_evals``;
-- activations (``--activations PATH``): a SAELens activation cache or a tensor file,
-  trained with SAELens's ``SAETrainer``, evaluated on a held-out split.
-
-Metrics are computed per token on the exported inference SAE (columns ``l0``,
-``explained_variance``, ...) and under the training SAE's batch rule (``*_batch``);
-with ``--calibrate``, in synthetic mode, also per token after re-fitting the
-thresholds with ``calibrate_thresholds`` (``*_calibrated``). The
-gap between per token and batch rule is the threshold drift of the batch-level
-rules. ``--seeds N`` repeats every run over N seeds and reports mean ± std.
+One data source (:mod:`~sae_lens_sampled.benchmark.source`: synthetic, language
+model or activations file) feeds one training-and-evaluation loop
+(:mod:`~sae_lens_sampled.benchmark.loop`); ``docs/compare.md`` describes the modes,
+the metrics and the output files.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """Sparse probing of trained SAEs on an activations file with labels.
 
-Two ways in, the same probes (:mod:`~sae_lens_sampled.benchmark.probing`):
-
-- ``sae-lens-sampled compare --activations ACTS --labels LABELS [--groups GROUPS]``
-  probes each SAE right after it is trained;
-- ``sae-lens-sampled probe OUTPUT_DIR --labels LABELS [--groups GROUPS]`` probes the
-  SAEs an earlier ``compare`` saved in ``OUTPUT_DIR/saes/``, so one set of trained
-  SAEs can be probed on several label sets; it writes ``probe_results.json``,
-  ``probe_table.md`` and ``probe.png`` there (``--tag`` names another set).
-
-The label and group files are read and checked (row counts, integer values,
-classes, groups) before anything is trained or loaded.
+``compare --activations ACTS --labels LABELS`` probes each SAE right after training;
+``sae-lens-sampled probe OUTPUT_DIR --labels LABELS`` probes the SAEs an earlier
+``compare`` saved (``docs/compare.md``, "Sparse probing"). Label and group files are
+checked before anything is trained or loaded.
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """Batch-level selection over a batch split across ranks, exchanging statistics only.
 
 Rank r holds rows ``[offset_r, offset_r + n_r)`` of the global batch (rank order is
-token order). Each function here returns, on every rank, that rank's part of what the
-single-process rule would give on the concatenated batch, and sends far less than the
-``[B, d_sae]`` matrix:
-
-- :func:`global_topk_indices`: the global top-``budget`` entries (BatchTopK, Mutual
-  Choice, Sampled-SAE inside its pool). Each rank sends its ``c`` largest values,
-  ``c = ceil(oversample * budget / W)``; the threshold found among them is exact unless
-  a rank that sent only part of its entries sent nothing below it, in which case every
-  rank sends ``min(budget, n_r)`` values (always exact). Ties at the threshold go to
-  the lowest global flat index.
-- :func:`global_feature_scores`: Sampled-SAE column scores from per-feature sums
-  reduced in float64.
-- :func:`shared_pool`: one pool, drawn by rank 0 and broadcast.
-- :func:`global_feature_choice_mask`: each feature's top-``m_j`` tokens of the global
-  batch. Every rank sends, per feature, its ``min(m_j, n_max)`` best keys
-  ``(value bits << 32) | (2**32 - 1 - global token)``, unique within a feature, so the
-  ``m_j``-th largest key is the exact cut and ties go to the lowest global token.
-
+token order). Each function returns, on every rank, that rank's part of what the
+single-process rule gives on the concatenated batch, ties included, while sending far
+less than the ``[B, d_sae]`` matrix (``docs/distributed.md``, "How the ranks agree").
 Nothing here imports SAELens; ``comm`` is a :class:`~.comm.Comm`.
 """
 
