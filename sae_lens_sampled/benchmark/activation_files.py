@@ -95,9 +95,9 @@ class ActivationFile(ABC):
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` as a float32 tensor."""
 
-    @abstractmethod
     def data_files(self) -> list[Path]:
         """The files whose bytes hold the activations, in reading order."""
+        return [self.path]
 
     def sha256(self) -> str:
         """SHA-256 of :meth:`data_files`' bytes, concatenated in order."""
@@ -127,9 +127,6 @@ class NumpyFile(ActivationFile):
     def read(self, start: int, stop: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self._array[start:stop], dtype=np.float32))
 
-    def data_files(self) -> list[Path]:
-        return [self.path]
-
 
 class SafetensorsFile(ActivationFile):
     format = "safetensors"
@@ -154,9 +151,6 @@ class SafetensorsFile(ActivationFile):
     def read(self, start: int, stop: int) -> torch.Tensor:
         rows: torch.Tensor = self._slice[start:stop]
         return rows.to(torch.float32)
-
-    def data_files(self) -> list[Path]:
-        return [self.path]
 
 
 class TorchFile(ActivationFile):
@@ -191,9 +185,6 @@ class TorchFile(ActivationFile):
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         return self._tensor[start:stop].to(torch.float32)
-
-    def data_files(self) -> list[Path]:
-        return [self.path]
 
 
 class CachedActivations(ActivationFile):
