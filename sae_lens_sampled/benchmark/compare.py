@@ -442,39 +442,13 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from sae_lens_sampled.benchmark.specs import parse_value
 
     settings: dict[str, Any] = {"runs": parse_run_specs(args.architectures)}
-    for name in (
-        "k",
-        "steps",
-        "d_sae",
-        "seed",
-        "seeds",
-        "batch_size",
-        "lr",
-        "eval_samples",
-        "normalize_activations",
-        "data",
-        "device",
-        "threads",
-        "output",
-        "activations",
-        "model",
-        "hook",
-        "model_class_name",
-        "dataset",
-        "context_size",
-        "labels",
-        "groups",
-    ):
-        value = getattr(args, name)
-        if value is not None:
+    fields = {field.name for field in dataclasses.fields(CompareConfig)}
+    for name, value in vars(args).items():
+        # A flag left out is None (False for a switch): the config's default holds.
+        if name in fields and value is not None and value is not False:
             settings[name] = value
     if args.no_plots:
         settings["plots"] = False
-    if args.calibrate:
-        settings["calibrate"] = True
-    for flag in ("resume", "overwrite"):
-        if getattr(args, flag):
-            settings[flag] = True
     if args.quick:
         for name, value in QUICK_SETTINGS.items():
             # A file's eval split keeps its own default (a tenth of the rows).
