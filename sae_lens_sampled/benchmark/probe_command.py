@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,17 @@ SPLIT_SEED = 0
 COMPARE_TABLE = "probing.md"
 COMPARE_PLOT = "probing.png"
 RAW_LABEL = "raw activations"
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's CPU threads set to ``threads`` meanwhile (None: left as set)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads or saved)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 class ActivationProbes:
@@ -119,9 +131,7 @@ class ActivationProbes:
     def baselines(self, seeds: Sequence[int], d_sae: int) -> dict[str, Any]:
         """``raw`` (the activations, and all their dimensions as ``k="all"``) and
         ``random`` (``d_sae`` random directions, one draw per seed)."""
-        saved_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads or saved_threads)
-        try:
+        with torch_threads(self.threads):
             if self._pooled is None:
                 self._pooled = pool_rows(self.rows, self.probe_set)
             pooled = self._pooled
@@ -130,8 +140,6 @@ class ActivationProbes:
                 for seed in seeds
             }
             raw = probe_features(pooled, self.probe_set, all_dims=True)
-        finally:
-            torch.set_num_threads(saved_threads)
         return {"raw": raw, "random": random, "random_directions": d_sae}
 
     def report(
@@ -291,78 +299,60 @@ def probe_saved(
     ``probe_results[_TAG].json``, ``probe_table[_TAG].md`` and ``probe[_TAG].png``
     there and return the JSON payload. ``threads``: torch's CPU threads meanwhile
     (None: torch's setting; 1 by default, as in compare's activations mode)."""
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or saved_threads)
-    try:
-        return _probe_saved(
-            output, labels, groups, activations, hook, batch_size, device, tag, plots
-        )
-    finally:
-        torch.set_num_threads(saved_threads)
-
-
-def _probe_saved(
-    output: Path,
-    labels: str,
-    groups: str | None,
-    activations: str | None,
-    hook: str | None,
-    batch_size: int | None,
-    device: str,
-    tag: str | None,
-    plots: bool,
-) -> dict[str, Any]:
     from sae_lens import SAE
 
     from sae_lens_sampled.benchmark.runs import run_directories
 
-    results_path = output / "results.json"
-    if not results_path.is_file():
-        raise ValueError(f"probe: {output}: no results.json (a compare --output DIR)")
-    compared = json.loads(results_path.read_text())
-    config = compared["config"]
-    if activations is None:
-        if compared.get("mode") != "activations":
+    with torch_threads(threads):
+        results_path = output / "results.json"
+        if not results_path.is_file():
             raise ValueError(
-                f"probe: {output} was not trained on an activations file; name the "
-                "probing rows with --activations"
+                f"probe: {output}: no results.json (a compare --output DIR)"
             )
-        activations, hook = compared["data"]["path"], compared["data"]["key"]
-    file = open_activations(activations, hook)
-    probes = ActivationProbes(
-        file, labels, groups, batch_size or int(config["batch_size"])
-    )
-    runs_by_label = {r["label"]: r for r in compared["results"]}
-    rows = []
-    for label, run_dirs in run_directories(output, config["runs"]).items():
-        for run_dir in run_dirs:
-            print(f"probing {run_dir.relative_to(output)}", flush=True)
-            sae: SAE[Any] = SAE.load_from_disk(str(run_dir), device=device)
-            run = runs_by_label.get(label, {})
-            row = {
-                "label": label,
-                "architecture": run.get("architecture"),
-                "params": run.get("params"),
-                "seed": _seed_of(run_dir, int(config["seed"])),
-                "path": str(run_dir.relative_to(output)),
-            }
-            row.update(probes.probe_sae(sae))
-            rows.append(row)
-    # compare's order: seed by seed, the runs in order.
-    rows.sort(key=lambda row: (row["seed"], row["path"]))
-    suffix = f"_{tag}" if tag else ""
-    payload: dict[str, Any] = {"config": config, "results": rows}
-    probes.report(
-        payload,
-        output,
-        plots,
-        plot_name=f"probe{suffix}.png",
-        table_name=f"probe_table{suffix}.md",
-    )
-    path = output / f"probe_results{suffix}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nresults: {path}")
-    return payload
+        compared = json.loads(results_path.read_text())
+        config = compared["config"]
+        if activations is None:
+            if compared.get("mode") != "activations":
+                raise ValueError(
+                    f"probe: {output} was not trained on an activations file; name the "
+                    "probing rows with --activations"
+                )
+            activations, hook = compared["data"]["path"], compared["data"]["key"]
+        file = open_activations(activations, hook)
+        probes = ActivationProbes(
+            file, labels, groups, batch_size or int(config["batch_size"])
+        )
+        runs_by_label = {r["label"]: r for r in compared["results"]}
+        rows = []
+        for label, run_dirs in run_directories(output, config["runs"]).items():
+            for run_dir in run_dirs:
+                print(f"probing {run_dir.relative_to(output)}", flush=True)
+                sae: SAE[Any] = SAE.load_from_disk(str(run_dir), device=device)
+                run = runs_by_label.get(label, {})
+                row = {
+                    "label": label,
+                    "architecture": run.get("architecture"),
+                    "params": run.get("params"),
+                    "seed": _seed_of(run_dir, int(config["seed"])),
+                    "path": str(run_dir.relative_to(output)),
+                }
+                row.update(probes.probe_sae(sae))
+                rows.append(row)
+        # compare's order: seed by seed, the runs in order.
+        rows.sort(key=lambda row: (row["seed"], row["path"]))
+        suffix = f"_{tag}" if tag else ""
+        payload: dict[str, Any] = {"config": config, "results": rows}
+        probes.report(
+            payload,
+            output,
+            plots,
+            plot_name=f"probe{suffix}.png",
+            table_name=f"probe_table{suffix}.md",
+        )
+        path = output / f"probe_results{suffix}.json"
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nresults: {path}")
+        return payload
 
 
 def build_parser() -> argparse.ArgumentParser:
