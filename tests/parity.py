@@ -67,9 +67,9 @@ def _init(sae: TrainingSAE[Any], seed: int) -> TrainingSAE[Any]:
     return sae
 
 
-def global_topk_mask(acts: torch.Tensor, *args: Any) -> torch.Tensor:
-    """Boolean mask of ``global_topk_indices(acts, *args)``, shaped like ``acts``."""
-    indices = global_topk_indices(acts, *args)
+def global_topk_mask(acts: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Boolean mask of ``global_topk_indices(acts, ...)``, shaped like ``acts``."""
+    indices = global_topk_indices(acts, *args, **kwargs)
     mask = torch.zeros(acts.numel(), dtype=torch.bool, device=acts.device)
     return mask.index_fill_(0, indices, True).view_as(acts)
 
