@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from sae_lens_sampled.checks import check_choice, check_range
 from sae_lens_sampled.shape import Shape, build_sae
 
 BASELINE = "batchtopk"
@@ -211,10 +212,8 @@ def run_benchmark(
     """Time every architecture at every shape, interleaved (:func:`time_steps`)."""
     import torch
 
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be one of ('fp32', 'bf16'), got {dtype!r}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be in [1, inf), got {repeats!r}")
+    check_choice("dtype", dtype, ("fp32", "bf16"))
+    check_range("repeats", repeats, low=1)
     names = list(architectures or available_architectures())
     if BASELINE not in names:
         names.insert(0, BASELINE)

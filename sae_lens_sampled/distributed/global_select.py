@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_lens_sampled.checks import check_choice
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.selection import pool_from_scores
 
@@ -187,11 +188,7 @@ def global_feature_scores(
     d_sae = acts.shape[-1]
     if score == "uniform":
         return torch.ones(d_sae, dtype=torch.float64, device=acts.device)
-    if score not in ("l2", "squared_l2", "entropy"):
-        raise ValueError(
-            "score must be one of ('l2', 'squared_l2', 'entropy', 'uniform'), "
-            f"got {score!r}"
-        )
+    check_choice("score", score, ("l2", "squared_l2", "entropy", "uniform"))
     sums = comm.all_reduce(_column_sums(acts, score, chunk_bytes), "sum", SELECTION)
     if score == "l2":
         return sums[0].sqrt()
@@ -441,10 +438,7 @@ def global_feature_choice_mask(
     exchanged (:func:`feature_choice_layout_bytes`); ``"auto"`` takes the one that
     sends fewer bytes.
     """
-    if layout not in FEATURE_CHOICE_LAYOUTS:
-        raise ValueError(
-            f"layout must be one of {FEATURE_CHOICE_LAYOUTS}, got {layout!r}"
-        )
+    check_choice("layout", layout, FEATURE_CHOICE_LAYOUTS)
     rank, world = comm.rank, comm.world_size
     n_rows_max = max(shard_rows)
     first_token = sum(shard_rows[:rank])
