@@ -1,31 +1,17 @@
-"""The ``sae-lens-sampled`` command.
+"""The ``sae-lens-sampled`` command: ``train`` (SAELens's training CLI, run in this
+process with the plugin's architectures registered), ``compare``, ``bench`` and
+``probe`` (``docs/compare.md``, README.md).
 
-``train``: SAELens's own training CLI (``python -m sae_lens.llm_sae_training_runner``,
-run in this process) with the plugin's architectures registered, so
-``--architecture sampled`` and every plugin field (``--pool_factor``, ``--score``, ...)
-work like SAELens's built-ins.
-
-``compare``: train architectures side by side at equal k and compare them
-(:mod:`sae_lens_sampled.benchmark.compare`).
-
-``bench``: time the training step and its peak memory against SAELens's BatchTopK and
-TopK (:mod:`sae_lens_sampled.benchmark.speed`).
-
-``probe``: sparse probing of the SAEs a ``compare`` run saved
-(:mod:`sae_lens_sampled.benchmark.probe_command`).
-
-Starting the command imports neither torch nor SAELens (``--help`` and ``--version``
-answer at once); each subcommand imports what it needs. An invalid setting ends the
-command with one line naming the field, the value and the allowed range, and so do
-the usual faults of the machine (no CUDA, a hub model that cannot be downloaded, a
-missing file); ``--debug`` shows the traceback instead. ``compare --help``, ``bench
---help`` and their argument errors answer before torch or SAELens is imported.
+Starting it imports neither torch nor SAELens, so ``--help`` answers at once. A bad
+setting or a fault of the machine (no CUDA, a missing file or model) ends the command
+with one line; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -210,30 +196,22 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
-def _compare(argv: Sequence[str]) -> int:
-    # Imported here so that ``train`` does not pay for the benchmark's imports.
-    from sae_lens_sampled.benchmark.compare import main as compare_main
+def _tool(module: str) -> Callable[[Sequence[str]], int]:
+    """A subcommand run by ``module``'s ``main``, imported only when it runs (so
+    ``train`` does not pay for the benchmark's imports)."""
 
-    return compare_main(list(argv))
+    def run(argv: Sequence[str]) -> int:
+        main: Callable[[list[str]], int] = importlib.import_module(module).main
+        return main(list(argv))
 
-
-def _bench(argv: Sequence[str]) -> int:
-    from sae_lens_sampled.benchmark.speed import main as bench_main
-
-    return bench_main(list(argv))
-
-
-def _probe(argv: Sequence[str]) -> int:
-    from sae_lens_sampled.benchmark.probe_command import main as probe_main
-
-    return probe_main(list(argv))
+    return run
 
 
 RUNNERS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": _train,
-    "compare": _compare,
-    "bench": _bench,
-    "probe": _probe,
+    "compare": _tool("sae_lens_sampled.benchmark.compare"),
+    "bench": _tool("sae_lens_sampled.benchmark.speed"),
+    "probe": _tool("sae_lens_sampled.benchmark.probe_command"),
 }
 
 

@@ -36,7 +36,7 @@ from sae_lens_sampled import (
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import (
     global_feature_choice_mask,
-    global_topk_mask,
+    global_topk_indices,
 )
 from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
 from sae_lens_sampled.selection import capacities_for_batch
@@ -65,6 +65,13 @@ def _init(sae: TrainingSAE[Any], seed: int) -> TrainingSAE[Any]:
         # b_enc is declared on SAELens's subclasses, not on TrainingSAE
         cast(torch.Tensor, sae.b_enc).add_(0.05)
     return sae
+
+
+def global_topk_mask(acts: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Boolean mask of ``global_topk_indices(acts, ...)``, shaped like ``acts``."""
+    indices = global_topk_indices(acts, *args, **kwargs)
+    mask = torch.zeros(acts.numel(), dtype=torch.bool, device=acts.device)
+    return mask.index_fill_(0, indices, True).view_as(acts)
 
 
 def parity_cases() -> dict[str, Case]:

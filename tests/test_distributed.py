@@ -22,7 +22,6 @@ from sae_lens_sampled.distributed.global_select import (
     column_top_keys,
     global_feature_choice_mask,
     global_feature_scores,
-    global_topk_mask,
     token_keys,
 )
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
@@ -30,6 +29,7 @@ from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
 from sae_lens_sampled.selection import batch_topk, feature_choice_select, feature_scores
 from sae_lens_sampled.shape import Shape
 from tests import parity
+from tests.parity import global_topk_mask
 
 WORLD = 2
 N_STEPS = 14

@@ -65,3 +65,10 @@ def test_the_core_imports_nothing_from_the_tools():
 def test_no_core_module_imports_itself_back():
     graph = module_imports(PACKAGE)
     assert [m for m in core_modules(graph) if m in reachable(graph, m)] == []
+
+
+def test_no_module_of_the_tools_imports_itself_back():
+    graph = module_imports(PACKAGE)
+    tools = [name for name in graph if name.startswith(TOOLS)]
+    assert "sae_lens_sampled.benchmark.compare" in tools  # the walk found the tools
+    assert [m for m in tools if m in reachable(graph, m)] == []

@@ -16,7 +16,6 @@ from sae_lens_sampled.benchmark.probing import (
     load_groups,
     load_labels,
     mean_differences,
-    mean_pool,
     pool_rows,
     probe_encoder,
     probe_features,
@@ -29,6 +28,17 @@ from sae_lens_sampled.benchmark.probing import (
     top_latents,
     unit_labels,
 )
+
+
+def mean_pool(
+    features: torch.Tensor, unit_of_row: torch.Tensor, n_units: int
+) -> torch.Tensor:
+    """Reference: the mean of ``features`` ``[n_rows, F]`` over each unit's rows."""
+    sums = torch.zeros(n_units, features.shape[1], dtype=features.dtype)
+    sums.index_add_(0, unit_of_row, features)
+    counts = torch.bincount(unit_of_row, minlength=n_units).clamp_min(1)
+    return sums / counts.unsqueeze(1).to(features.dtype)
+
 
 # ---------------------------------------------------------------------------
 # Logistic regression against scikit-learn

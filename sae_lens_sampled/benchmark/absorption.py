@@ -1,15 +1,9 @@
 """Ground-truth feature absorption on synthetic data with a feature hierarchy.
 
-A child feature implies its parent (SAELens's hierarchy gates every child by its
-parent). An SAE *absorbs* the parent into a child when, on tokens where both are
-active, the latent that stands for the parent stays silent and a latent that stands
-for the child fires and reconstructs the parent's direction in its place. Here the
-parent, the child and their directions are known, so no probe is needed:
-``docs/absorption.md`` defines every step; :func:`absorption_metrics` is the entry
-point.
-
-The tensor logic takes plain tensors and duck-typed hierarchy nodes (anything with
-``feature_index`` and ``children``); nothing here imports SAELens.
+An SAE absorbs a parent feature into a child when, on tokens where both are active,
+the parent's latent stays silent and a child latent reconstructs the parent's
+direction instead. ``docs/absorption.md`` defines every step;
+:func:`absorption_metrics` is the entry point. Nothing here imports SAELens.
 """
 
 from __future__ import annotations
@@ -148,34 +142,28 @@ class AbsorptionThresholds:
 
 @dataclass
 class ParentAbsorption:
-    """One parent's row of the result table.
+    """One parent's row of the result table (``docs/absorption.md``, steps 1-7).
 
     Args:
         feature (int): Parent feature index.
         depth (int): Parent depth (0 = root).
         children (list[int]): Direct children.
-        parent_latents (list[int]): The parent latent set (split if > 1).
-        child_latents (dict[int, int | None]): Best latent outside the parent set
-            per descendant (None when every latent is in the parent set).
+        parent_latents (list[int]): The parent latent set M_p (split if > 1).
+        child_latents (dict[int, int | None]): Best latent outside M_p per descendant.
         eligible_tokens (int): Tokens with the parent and a descendant active.
         absorbed_tokens (int): Eligible tokens counted as absorbed.
-        uncompensated_tokens (int): Eligible tokens with the parent set silent and
-            no absorbing latent.
-        fraction_sum (float): Sum of the partial absorption fraction over eligible
-            tokens.
+        uncompensated_tokens (int): Eligible tokens with M_p silent and no absorber.
+        fraction_sum (float): Partial absorption fraction summed over eligible tokens.
         parent_only_tokens (int): Tokens with the parent and no descendant active.
-        parent_only_misses (int): Of those, tokens with the parent set silent.
-        best_f1_latent (int): The latent whose firing best predicts the parent's
-            (F1 over every token), a cross-check on the cosine-based parent set.
-        best_f1 (float): Its F1.
-        absorption (float | None): absorbed / eligible (None without eligible
-            tokens).
+        parent_only_misses (int): Of those, tokens with M_p silent.
+        best_f1_latent (int): The latent whose firing best predicts the parent's.
+        best_f1 (float): Its F1 over every token.
+        absorption (float | None): absorbed / eligible (None without eligible tokens).
         absorption_fraction (float | None): fraction_sum / eligible.
         uncompensated_rate (float | None): uncompensated / eligible.
         parent_only_miss_rate (float | None): parent_only_misses / parent_only.
-        no_parent_latent (bool): No latent passes the parent-set test; compensated
-            tokens then count as absorbed.
-        parent_latent_silent (bool): The parent set exists but never fired.
+        no_parent_latent (bool): M_p is empty.
+        parent_latent_silent (bool): M_p exists but never fired.
         thin (bool): Fewer eligible tokens than ``min_tokens``.
     """
 
@@ -207,23 +195,18 @@ class ParentAbsorption:
 
 @dataclass
 class AbsorptionResult:
-    """Absorption of one SAE on one sample.
+    """Absorption of one SAE on one sample (``docs/absorption.md``, steps 5-7).
 
     Args:
-        absorption (float | None): Pooled score: absorbed / eligible tokens over
-            all parents, in [0, 1]; None when no token was eligible.
-        absorption_parent_mean (float | None): Unweighted mean of the per-parent
-            scores (parents with eligible tokens).
+        absorption (float | None): Absorbed / eligible tokens over all parents, in
+            [0, 1]; None when no token was eligible.
+        absorption_parent_mean (float | None): Mean of the per-parent scores.
         absorption_fraction (float | None): Pooled partial absorption fraction.
-        uncompensated_miss_rate (float | None): Pooled share of eligible tokens
-            where the parent set is silent and nothing absorbs (a recall loss,
-            not absorption).
-        parent_only_miss_rate (float | None): Pooled share of parent-only tokens
-            where the parent set is silent.
+        uncompensated_miss_rate (float | None): Pooled uncompensated share.
+        parent_only_miss_rate (float | None): Pooled parent-only miss share.
         mean_parent_latents (float): Mean parent-set size (feature splitting).
         parents_without_latent (int): Parents whose parent set is empty.
-        best_f1_agreement (float): Share of parents whose best-F1 detector latent
-            is in the parent set.
+        best_f1_agreement (float): Share of parents whose best-F1 latent is in M_p.
         absorption_by_depth (dict[int, float | None]): Pooled score per depth.
         eligible_tokens (int): Eligible tokens over all parents.
         tokens (int): Tokens evaluated.

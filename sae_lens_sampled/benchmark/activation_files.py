@@ -1,16 +1,8 @@
 """Activation files for ``compare --activations``, read without loading them whole.
 
-Formats:
-
-- a directory written by SAELens's ``CacheActivationsRunner``: a Hugging Face dataset
-  on disk (Arrow, memory-mapped) whose hook column holds ``[context, d_in]`` per
-  row; its tokens are read row-major (sequence by sequence);
-- ``.npy``: ``numpy.load(mmap_mode="r")``;
-- ``.safetensors``: ``safe_open`` slices;
-- ``.pt`` / ``.pth``: ``torch.load(mmap=True)`` of a tensor or a dict of tensors.
-
-Every format is checked for shape and dtype when opened; :func:`nonfinite_rows`
-streams through the rows. Reads return float32 ``[rows, d_in]`` tensors.
+A SAELens ``CacheActivationsRunner`` directory, ``.npy``, ``.safetensors`` or
+``.pt``/``.pth`` (``docs/compare.md``, "Your own activations"); each is checked for
+shape and dtype when opened, and reads return float32 ``[rows, d_in]`` tensors.
 """
 
 from __future__ import annotations
@@ -103,9 +95,9 @@ class ActivationFile(ABC):
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` as a float32 tensor."""
 
-    @abstractmethod
     def data_files(self) -> list[Path]:
         """The files whose bytes hold the activations, in reading order."""
+        return [self.path]
 
     def sha256(self) -> str:
         """SHA-256 of :meth:`data_files`' bytes, concatenated in order."""
@@ -135,9 +127,6 @@ class NumpyFile(ActivationFile):
     def read(self, start: int, stop: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self._array[start:stop], dtype=np.float32))
 
-    def data_files(self) -> list[Path]:
-        return [self.path]
-
 
 class SafetensorsFile(ActivationFile):
     format = "safetensors"
@@ -162,9 +151,6 @@ class SafetensorsFile(ActivationFile):
     def read(self, start: int, stop: int) -> torch.Tensor:
         rows: torch.Tensor = self._slice[start:stop]
         return rows.to(torch.float32)
-
-    def data_files(self) -> list[Path]:
-        return [self.path]
 
 
 class TorchFile(ActivationFile):
@@ -199,9 +185,6 @@ class TorchFile(ActivationFile):
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         return self._tensor[start:stop].to(torch.float32)
-
-    def data_files(self) -> list[Path]:
-        return [self.path]
 
 
 class CachedActivations(ActivationFile):

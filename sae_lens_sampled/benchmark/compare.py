@@ -1,21 +1,9 @@
 """``sae-lens-sampled compare``: train architectures side by side at equal k.
 
-One data source (:mod:`~sae_lens_sampled.benchmark.source`) feeds one
-training-and-evaluation loop (:mod:`~sae_lens_sampled.benchmark.loop`):
-
-- synthetic (default): SAELens's ``SyntheticSAERunner`` on an embedded synthetic
-  model, evaluated with ``eval_sae_on_synthetic_data`` (ground truth: MCC, F1, ...);
-- language model (``--model``/``--hook``): ``LanguageModelSAETrainingRunner``,
-  evaluated with ``run_evals``;
-- activations (``--activations PATH``): a SAELens activation cache or a tensor file,
-  trained with SAELens's ``SAETrainer``, evaluated on a held-out split.
-
-Metrics are computed per token on the exported inference SAE (columns ``l0``,
-``explained_variance``, ...) and under the training SAE's batch rule (``*_batch``);
-with ``--calibrate``, in synthetic mode, also per token after re-fitting the
-thresholds with ``calibrate_thresholds`` (``*_calibrated``). The
-gap between per token and batch rule is the threshold drift of the batch-level
-rules. ``--seeds N`` repeats every run over N seeds and reports mean ± std.
+One data source (:mod:`~sae_lens_sampled.benchmark.source`: synthetic, language
+model or activations file) feeds one training-and-evaluation loop
+(:mod:`~sae_lens_sampled.benchmark.loop`); ``docs/compare.md`` describes the modes,
+the metrics and the output files.
 """
 
 from __future__ import annotations
@@ -62,7 +50,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("ReplayedActivations", "default_synthetic_model_config"):
-        from sae_lens_sampled.benchmark import synthetic
+        import sae_lens_sampled.benchmark.synthetic as synthetic
 
         return getattr(synthetic, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -454,39 +442,13 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from sae_lens_sampled.benchmark.specs import parse_value
 
     settings: dict[str, Any] = {"runs": parse_run_specs(args.architectures)}
-    for name in (
-        "k",
-        "steps",
-        "d_sae",
-        "seed",
-        "seeds",
-        "batch_size",
-        "lr",
-        "eval_samples",
-        "normalize_activations",
-        "data",
-        "device",
-        "threads",
-        "output",
-        "activations",
-        "model",
-        "hook",
-        "model_class_name",
-        "dataset",
-        "context_size",
-        "labels",
-        "groups",
-    ):
-        value = getattr(args, name)
-        if value is not None:
+    fields = {field.name for field in dataclasses.fields(CompareConfig)}
+    for name, value in vars(args).items():
+        # A flag left out is None (False for a switch): the config's default holds.
+        if name in fields and value is not None and value is not False:
             settings[name] = value
     if args.no_plots:
         settings["plots"] = False
-    if args.calibrate:
-        settings["calibrate"] = True
-    for flag in ("resume", "overwrite"):
-        if getattr(args, flag):
-            settings[flag] = True
     if args.quick:
         for name, value in QUICK_SETTINGS.items():
             # A file's eval split keeps its own default (a tenth of the rows).

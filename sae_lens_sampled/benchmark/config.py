@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae_lens_sampled.benchmark.specs import DEFAULT_RUNS, RunSpec
-from sae_lens_sampled.checks import check_range
+from sae_lens_sampled.checks import check_choice, check_range
 
 # SAELens's ``normalize_activations`` options (TrainingSAEConfig).
 NORMALIZE_OPTIONS: tuple[str, ...] = (
@@ -144,11 +144,9 @@ class CompareConfig:
             check_range("threads", self.threads, low=1)
         if self.context_size is not None:
             check_range("context_size", self.context_size, low=1)
-        if self.normalize_activations not in NORMALIZE_OPTIONS:
-            raise ValueError(
-                "normalize_activations must be one of "
-                f"{', '.join(NORMALIZE_OPTIONS)}; got {self.normalize_activations!r}"
-            )
+        check_choice(
+            "normalize_activations", self.normalize_activations, NORMALIZE_OPTIONS
+        )
         if self.data not in SYNTHETIC_DATA_NAMES:
             raise ValueError(
                 f"data must be one of {', '.join(SYNTHETIC_DATA_NAMES)}; got "

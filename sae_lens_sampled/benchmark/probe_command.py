@@ -1,16 +1,9 @@
 """Sparse probing of trained SAEs on an activations file with labels.
 
-Two ways in, the same probes (:mod:`~sae_lens_sampled.benchmark.probing`):
-
-- ``sae-lens-sampled compare --activations ACTS --labels LABELS [--groups GROUPS]``
-  probes each SAE right after it is trained;
-- ``sae-lens-sampled probe OUTPUT_DIR --labels LABELS [--groups GROUPS]`` probes the
-  SAEs an earlier ``compare`` saved in ``OUTPUT_DIR/saes/``, so one set of trained
-  SAEs can be probed on several label sets; it writes ``probe_results.json``,
-  ``probe_table.md`` and ``probe.png`` there (``--tag`` names another set).
-
-The label and group files are read and checked (row counts, integer values,
-classes, groups) before anything is trained or loaded.
+``compare --activations ACTS --labels LABELS`` probes each SAE right after training;
+``sae-lens-sampled probe OUTPUT_DIR --labels LABELS`` probes the SAEs an earlier
+``compare`` saved (``docs/compare.md``, "Sparse probing"). Label and group files are
+checked before anything is trained or loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +35,7 @@ from sae_lens_sampled.benchmark.probing import (
     split_file_spec,
     table_fields,
 )
+from sae_lens_sampled.benchmark.report import markdown_table, save_figure, spread_cell
 
 if TYPE_CHECKING:
     from sae_lens_sampled.benchmark.config import CompareConfig
@@ -50,6 +45,18 @@ if TYPE_CHECKING:
 SPLIT_SEED = 0
 COMPARE_TABLE = "probing.md"
 COMPARE_PLOT = "probing.png"
+RAW_LABEL = "raw activations"
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's CPU threads set to ``threads`` meanwhile (None: left as set)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads or saved)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 class ActivationProbes:
@@ -124,9 +131,7 @@ class ActivationProbes:
     def baselines(self, seeds: Sequence[int], d_sae: int) -> dict[str, Any]:
         """``raw`` (the activations, and all their dimensions as ``k="all"``) and
         ``random`` (``d_sae`` random directions, one draw per seed)."""
-        saved_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads or saved_threads)
-        try:
+        with torch_threads(self.threads):
             if self._pooled is None:
                 self._pooled = pool_rows(self.rows, self.probe_set)
             pooled = self._pooled
@@ -135,8 +140,6 @@ class ActivationProbes:
                 for seed in seeds
             }
             raw = probe_features(pooled, self.probe_set, all_dims=True)
-        finally:
-            torch.set_num_threads(saved_threads)
         return {"raw": raw, "random": random, "random_directions": d_sae}
 
     def report(
@@ -183,16 +186,11 @@ def from_config(file: ActivationFile, cfg: CompareConfig) -> ActivationProbes | 
 # Table and plot
 
 
-def _spread(values: Sequence[float]) -> tuple[float, float | None]:
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return statistics.fmean(values), std
-
-
 def _cell(values: Sequence[float]) -> str:
     if not values:
         return "-"
-    mean, std = _spread(values)
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return spread_cell(statistics.fmean(values), std, "{:.3f}")
 
 
 def _task_values(probes: Sequence[dict[str, Any]], task: str, key: str) -> list[float]:
@@ -203,6 +201,20 @@ def _task_values(probes: Sequence[dict[str, Any]], task: str, key: str) -> list[
     ]
 
 
+def probes_by_label(
+    results: Sequence[dict[str, Any]], baselines: dict[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each run's probes (one per seed), then the raw and random baselines'."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        if result.get("probing") is not None:
+            by_label.setdefault(result["label"], []).append(result["probing"])
+    by_label[RAW_LABEL] = [baselines["raw"]]
+    random_label = f"random directions ({baselines['random_directions']})"
+    by_label[random_label] = list(baselines["random"].values())
+    return by_label
+
+
 def format_probe_table(
     results: Sequence[dict[str, Any]], baselines: dict[str, Any]
 ) -> str:
@@ -210,25 +222,12 @@ def format_probe_table(
     the mean balanced accuracy over classes, per k_probe."""
     keys = [*map(str, K_PROBE), ALL_DIMS]
     header = ["run", "task", "seeds", *(f"k={k}" for k in keys)]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for result in results:
-        if result.get("probing") is not None:
-            by_label.setdefault(result["label"], []).append(result["probing"])
-    by_label["raw activations"] = [baselines["raw"]]
-    by_label[f"random directions ({baselines['random_directions']})"] = list(
-        baselines["random"].values()
-    )
-    for label, probes in by_label.items():
+    rows = []
+    for label, probes in probes_by_label(results, baselines).items():
         for task in probes[0]["tasks"]:
             cells = [_cell(_task_values(probes, task, key)) for key in keys]
-            lines.append(
-                "| " + " | ".join([label, task, str(len(probes)), *cells]) + " |"
-            )
-    return "\n".join(lines)
+            rows.append([label, task, str(len(probes)), *cells])
+    return markdown_table(header, rows)
 
 
 def write_plot(
@@ -245,26 +244,16 @@ def write_plot(
     ks = list(K_PROBE)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab10")
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for result in results:
-        if result.get("probing") is not None:
-            by_label.setdefault(result["label"], []).append(result["probing"])
-
-    def draw(probes: list[dict[str, Any]], **style: Any) -> None:
-        spreads = [_spread([p["mean"][str(k)] for p in probes]) for k in ks]
-        means = [m for m, _ in spreads]
-        errors = [s or 0.0 for _, s in spreads]
-        ax.errorbar(ks, means, yerr=errors, capsize=3, marker="o", **style)
-
+    by_label = probes_by_label(results, baselines)
+    n_runs = len(by_label) - 2  # then the raw and the random baseline, dashed
     for i, (label, probes) in enumerate(by_label.items()):
-        draw(probes, color=colors(i % 10), label=label)
-    draw([baselines["raw"]], color="black", linestyle="--", label="raw activations")
-    draw(
-        list(baselines["random"].values()),
-        color="gray",
-        linestyle="--",
-        label=f"random directions ({baselines['random_directions']})",
-    )
+        values = [[p["mean"][str(k)] for p in probes] for k in ks]
+        means = [statistics.fmean(v) for v in values]
+        errors = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        style: dict[str, Any] = {"color": colors(i % 10)}
+        if i >= n_runs:
+            style = {"color": ("black", "gray")[i - n_runs], "linestyle": "--"}
+        ax.errorbar(ks, means, yerr=errors, capsize=3, marker="o", label=label, **style)
     ax.axhline(
         baselines["raw"]["mean"][ALL_DIMS],
         color="black",
@@ -281,11 +270,7 @@ def write_plot(
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -314,78 +299,60 @@ def probe_saved(
     ``probe_results[_TAG].json``, ``probe_table[_TAG].md`` and ``probe[_TAG].png``
     there and return the JSON payload. ``threads``: torch's CPU threads meanwhile
     (None: torch's setting; 1 by default, as in compare's activations mode)."""
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or saved_threads)
-    try:
-        return _probe_saved(
-            output, labels, groups, activations, hook, batch_size, device, tag, plots
-        )
-    finally:
-        torch.set_num_threads(saved_threads)
-
-
-def _probe_saved(
-    output: Path,
-    labels: str,
-    groups: str | None,
-    activations: str | None,
-    hook: str | None,
-    batch_size: int | None,
-    device: str,
-    tag: str | None,
-    plots: bool,
-) -> dict[str, Any]:
     from sae_lens import SAE
 
     from sae_lens_sampled.benchmark.runs import run_directories
 
-    results_path = output / "results.json"
-    if not results_path.is_file():
-        raise ValueError(f"probe: {output}: no results.json (a compare --output DIR)")
-    compared = json.loads(results_path.read_text())
-    config = compared["config"]
-    if activations is None:
-        if compared.get("mode") != "activations":
+    with torch_threads(threads):
+        results_path = output / "results.json"
+        if not results_path.is_file():
             raise ValueError(
-                f"probe: {output} was not trained on an activations file; name the "
-                "probing rows with --activations"
+                f"probe: {output}: no results.json (a compare --output DIR)"
             )
-        activations, hook = compared["data"]["path"], compared["data"]["key"]
-    file = open_activations(activations, hook)
-    probes = ActivationProbes(
-        file, labels, groups, batch_size or int(config["batch_size"])
-    )
-    runs_by_label = {r["label"]: r for r in compared["results"]}
-    rows = []
-    for label, run_dirs in run_directories(output, config["runs"]).items():
-        for run_dir in run_dirs:
-            print(f"probing {run_dir.relative_to(output)}", flush=True)
-            sae: SAE[Any] = SAE.load_from_disk(str(run_dir), device=device)
-            run = runs_by_label.get(label, {})
-            row = {
-                "label": label,
-                "architecture": run.get("architecture"),
-                "params": run.get("params"),
-                "seed": _seed_of(run_dir, int(config["seed"])),
-                "path": str(run_dir.relative_to(output)),
-            }
-            row.update(probes.probe_sae(sae))
-            rows.append(row)
-    # compare's order: seed by seed, the runs in order.
-    rows.sort(key=lambda row: (row["seed"], row["path"]))
-    suffix = f"_{tag}" if tag else ""
-    payload: dict[str, Any] = {"config": config, "results": rows}
-    probes.report(
-        payload,
-        output,
-        plots,
-        plot_name=f"probe{suffix}.png",
-        table_name=f"probe_table{suffix}.md",
-    )
-    path = output / f"probe_results{suffix}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nresults: {path}")
-    return payload
+        compared = json.loads(results_path.read_text())
+        config = compared["config"]
+        if activations is None:
+            if compared.get("mode") != "activations":
+                raise ValueError(
+                    f"probe: {output} was not trained on an activations file; name the "
+                    "probing rows with --activations"
+                )
+            activations, hook = compared["data"]["path"], compared["data"]["key"]
+        file = open_activations(activations, hook)
+        probes = ActivationProbes(
+            file, labels, groups, batch_size or int(config["batch_size"])
+        )
+        runs_by_label = {r["label"]: r for r in compared["results"]}
+        rows = []
+        for label, run_dirs in run_directories(output, config["runs"]).items():
+            for run_dir in run_dirs:
+                print(f"probing {run_dir.relative_to(output)}", flush=True)
+                sae: SAE[Any] = SAE.load_from_disk(str(run_dir), device=device)
+                run = runs_by_label.get(label, {})
+                row = {
+                    "label": label,
+                    "architecture": run.get("architecture"),
+                    "params": run.get("params"),
+                    "seed": _seed_of(run_dir, int(config["seed"])),
+                    "path": str(run_dir.relative_to(output)),
+                }
+                row.update(probes.probe_sae(sae))
+                rows.append(row)
+        # compare's order: seed by seed, the runs in order.
+        rows.sort(key=lambda row: (row["seed"], row["path"]))
+        suffix = f"_{tag}" if tag else ""
+        payload: dict[str, Any] = {"config": config, "results": rows}
+        probes.report(
+            payload,
+            output,
+            plots,
+            plot_name=f"probe{suffix}.png",
+            table_name=f"probe_table{suffix}.md",
+        )
+        path = output / f"probe_results{suffix}.json"
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nresults: {path}")
+        return payload
 
 
 def build_parser() -> argparse.ArgumentParser:

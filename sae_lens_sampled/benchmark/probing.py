@@ -1,23 +1,10 @@
 """Sparse probing: how well do a few latents of an SAE predict a label?
 
-For each label task (one integer label per activation row), rows are first
-mean-pooled into groups when group ids are given (documents: one label per group),
-and the groups (or rows) are split into train and eval, stratified by label and
-seeded. For each of the most frequent classes (at most ``MAX_CLASSES``), a
-one-vs-rest probe reads the ``k`` latents whose mean differs most between the class
-and the rest on the train split (``|mean(pos) - mean(neg)|``), for each ``k`` of
-``K_PROBE``, and is fitted by L2-regularised logistic regression on standardised
-inputs with class-balanced weights; it is scored on the eval split by balanced
-accuracy (the mean of the accuracy on the class and on the rest, so chance is 0.5
-whatever the class's share) and by plain accuracy.
-
-Baselines: the same probes on the raw activations (the ceiling, also on all
-dimensions at once) and on the activations projected onto random unit directions,
-as many as the SAE has latents.
-
-Pure torch (numpy and safetensors only to read label files); a large encoder is
-probed in two streamed passes over the rows (:func:`probe_encoder`), so no
-``[rows, d_sae]`` matrix is ever held.
+One-vs-rest logistic-regression probes on the ``k`` latents of largest train mean
+difference, for each ``k`` of ``K_PROBE``, scored by balanced accuracy on a stratified
+eval split, with raw-activation and random-direction baselines; ``docs/compare.md``
+("Sparse probing") defines each step. Pure torch; :func:`probe_encoder` streams the
+rows in two passes, so no ``[rows, d_sae]`` matrix is ever held.
 """
 
 from __future__ import annotations
@@ -184,16 +171,6 @@ def group_units(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         groups, return_inverse=True, return_counts=True
     )
     return unit_of_row, sizes
-
-
-def mean_pool(
-    features: torch.Tensor, unit_of_row: torch.Tensor, n_units: int
-) -> torch.Tensor:
-    """Mean of ``features`` ``[n_rows, F]`` over the rows of each unit."""
-    sums = torch.zeros(n_units, features.shape[1], dtype=features.dtype)
-    sums.index_add_(0, unit_of_row, features)
-    counts = torch.bincount(unit_of_row, minlength=n_units).clamp_min(1)
-    return sums / counts.unsqueeze(1).to(features.dtype)
 
 
 def unit_labels(

@@ -89,7 +89,7 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def _spread_cell(mean: Any, std: Any, fmt: str) -> str:
+def spread_cell(mean: Any, std: Any, fmt: str) -> str:
     if mean is None:
         return "-"
     if std is None:
@@ -111,8 +111,15 @@ def _layout(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def _flags(flags: Sequence[str]) -> str:
-    return ", ".join(flags) or "ok"
+def _with_health(
+    header: list[str], rows: list[list[str]], entries: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[list[str]]]:
+    """A ``health`` column (the entries' flags, or ok) when any entry has flags."""
+    if any("health_flags" in e for e in entries):
+        header.append("health")
+        for row, e in zip(rows, entries, strict=True):
+            row.append(", ".join(e.get("health_flags", [])) or "ok")
+    return header, rows
 
 
 def table_cells(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -123,11 +130,7 @@ def table_cells(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
         [r["label"], *(_cell(r.get(key), fmt) for _, key, fmt in columns)]
         for r in results
     ]
-    if any("health_flags" in r for r in results):
-        header.append("health")
-        for row, r in zip(rows, results, strict=True):
-            row.append(_flags(r.get("health_flags", [])))
-    return header, rows
+    return _with_health(header, rows, results)
 
 
 def health_notes(results: Sequence[dict[str, Any]]) -> list[str]:
@@ -172,7 +175,7 @@ def summary_cells(
             e["label"],
             str(e["n_seeds"]),
             *(
-                _spread_cell(
+                spread_cell(
                     e.get(key + "_mean"), e.get(key + "_std"), _mean_format(fmt)
                 )
                 for _, key, fmt in columns
@@ -180,11 +183,7 @@ def summary_cells(
         ]
         for e in summary
     ]
-    if any("health_flags" in e for e in summary):
-        header.append("health")
-        for row, e in zip(rows, summary, strict=True):
-            row.append(_flags(e.get("health_flags", [])))
-    return header, rows
+    return _with_health(header, rows, summary)
 
 
 def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
@@ -202,7 +201,7 @@ def write_json(payload: dict[str, Any], output: Path) -> Path:
     return path
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -227,7 +226,7 @@ def write_tables(payload: dict[str, Any], output: Path, about: str) -> list[Path
     notes = health_notes(results)
     markdown = output / TABLE_MARKDOWN
     markdown.write_text(
-        f"# compare: {about}\n\n{spread}{_markdown(*cells)}\n\n"
+        f"# compare: {about}\n\n{spread}{markdown_table(*cells)}\n\n"
         + "".join(f"- {note}\n" for note in notes)
         + ("\n" if notes else "")
         + "\n".join(["Columns (- : not measured):", *legend])
@@ -284,6 +283,15 @@ def write_plots(
     return paths
 
 
+def save_figure(plt: Any, fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Lay ``fig`` out, write it to ``path`` and close it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _title(about: str | None, text: str) -> str:
     return text if about is None else f"{about}\n{text}"
 
@@ -322,14 +330,19 @@ def _draw(
         label=label,
     )
     if clipped:
-        ax.annotate(
-            f"{ev:.1f}",
-            (l0, EV_FLOOR),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=7,
-            color=color,
-        )
+        _print_value(ax, l0, EV_FLOOR, ev, color)
+
+
+def _print_value(ax: Any, x: float, y: float, value: float, color: Any) -> None:
+    """``value`` written beside the point ``(x, y)`` it is drawn at (clipped)."""
+    ax.annotate(
+        f"{value:.1f}",
+        (x, y),
+        textcoords="offset points",
+        xytext=(4, 4),
+        fontsize=7,
+        color=color,
+    )
 
 
 def _plot_tradeoff(
@@ -369,10 +382,7 @@ def _plot_tradeoff(
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, dpi=120)
 
 
 def _plot_mcc(
@@ -391,10 +401,7 @@ def _plot_mcc(
     ax.set_ylabel("MCC with ground-truth features")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, dpi=120)
 
 
 # (title, [(metric, line style, what)]) of the spectrum panels.
@@ -450,14 +457,7 @@ def _draw_series(
     for x, y, low, c in zip(xs, ys, shown, clipped, strict=True):
         ax.scatter(x, low, marker="v" if c else "o", color=color, zorder=3)
         if c:
-            ax.annotate(
-                f"{y:.1f}",
-                (x, low),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-                color=color,
-            )
+            _print_value(ax, x, low, y, color)
 
 
 def measured_panels(
@@ -542,7 +542,4 @@ def _plot_spectrum(
     fig.suptitle(
         _title(about, f"{field} spectrum ({over}; black: reference)"), fontsize=10
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, dpi=110)

@@ -1,19 +1,9 @@
 """Training-step speed and peak memory of each architecture next to SAELens's.
 
 ``sae-lens-sampled bench`` times ``training_forward_pass`` plus ``loss.backward()`` of
-every plugin architecture and of SAELens's ``batchtopk`` and ``topk`` at the same
-shapes, plus the *encoder floor* (encoder forward and the encoder weight gradient, the
-two dense matmuls no architecture can skip). Steps are interleaved (every round times
-each architecture once, in a rotating order) and medians are reported, so load from
-other processes hits every architecture alike; on a CPU only ratios are printed.
-
-Peak memory of one steady-state step (the second one, gradients cleared in between):
-on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory allocated before the
-step. On CPU, where ``tracemalloc`` does not see torch's allocations, the rise of the
-process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``
-just before the step) over its resident size (``VmRSS``) before it. Large tensors are
-``mmap``-ed and returned to the system when freed, so this follows the peak of the
-live tensors, plus allocator slack.
+every registered architecture, SAELens's ``batchtopk`` and ``topk`` and the encoder
+floor (the two dense matmuls no architecture can skip), interleaved, and reports
+median ratios and peak memory; ``docs/performance.md`` ("Method") says how.
 """
 
 from __future__ import annotations
@@ -33,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from sae_lens_sampled.checks import check_choice, check_range
 from sae_lens_sampled.shape import Shape, build_sae
 
 BASELINE = "batchtopk"
@@ -184,10 +175,9 @@ def _reset_peak_rss() -> bool:
 
 
 def measure_peak_bytes(name: str, shape: Shape, device: str, bf16: bool) -> int | None:
-    """Extra memory one steady-state training step needs (see the module docstring).
-
-    ``None`` where it cannot be measured (CPU without ``/proc/self/clear_refs``).
-    """
+    """Extra memory of the second training step: on CUDA the peak allocated minus
+    the allocated before it; on CPU the rise of the peak resident size (``VmHWM``,
+    reset just before) over ``VmRSS``, or None without ``/proc/self/clear_refs``."""
     import torch
 
     x = torch.randn(shape.batch, shape.d_in, device=device)
@@ -219,13 +209,11 @@ def run_benchmark(
     architectures: Sequence[str] | None = None,
     memory: bool = True,
 ) -> list[ShapeResult]:
-    """Time every architecture at every shape; see the module docstring."""
+    """Time every architecture at every shape, interleaved (:func:`time_steps`)."""
     import torch
 
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be one of ('fp32', 'bf16'), got {dtype!r}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be in [1, inf), got {repeats!r}")
+    check_choice("dtype", dtype, ("fp32", "bf16"))
+    check_range("repeats", repeats, low=1)
     names = list(architectures or available_architectures())
     if BASELINE not in names:
         names.insert(0, BASELINE)

@@ -1,15 +1,9 @@
 """A thin wrapper over ``torch.distributed`` collectives that counts what it sends.
 
-Every collective the data-parallel code runs goes through :class:`Comm`, which
-
-- works without a process group (world size 1: every call returns its input), so the
-  same code path trains in one process;
-- records, per category (``"selection"``, ``"stats"``, ``"gradients"``, ...), how many
-  calls ran and how many bytes each rank sent under the usual ring algorithms
-  (all-reduce of N bytes: ``2 (W-1)/W N``; all-gather of s bytes per rank:
-  ``(W-1) s``; broadcast of N bytes: N, what the root sends).
-
-Nothing here imports SAELens.
+:class:`Comm` works without a process group (world size 1: every call returns its
+input) and records, per category (``"selection"``, ``"gradients"``, ...), the calls
+and the bytes each rank sent under the usual ring algorithms. Nothing here imports
+SAELens.
 """
 
 from __future__ import annotations

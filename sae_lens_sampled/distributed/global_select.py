@@ -1,24 +1,9 @@
 """Batch-level selection over a batch split across ranks, exchanging statistics only.
 
 Rank r holds rows ``[offset_r, offset_r + n_r)`` of the global batch (rank order is
-token order). Each function here returns, on every rank, that rank's part of what the
-single-process rule would give on the concatenated batch, and sends far less than the
-``[B, d_sae]`` matrix:
-
-- :func:`global_topk_mask`: the global top-``budget`` entries (BatchTopK, Mutual
-  Choice, Sampled-SAE inside its pool). Each rank sends its ``c`` largest values,
-  ``c = ceil(oversample * budget / W)``; the threshold found among them is exact unless
-  a rank that sent only part of its entries sent nothing below it, in which case every
-  rank sends ``min(budget, n_r)`` values (always exact). Ties at the threshold go to
-  the lowest global flat index.
-- :func:`global_feature_scores`: Sampled-SAE column scores from per-feature sums
-  reduced in float64.
-- :func:`shared_pool`: one pool, drawn by rank 0 and broadcast.
-- :func:`global_feature_choice_mask`: each feature's top-``m_j`` tokens of the global
-  batch. Every rank sends, per feature, its ``min(m_j, n_max)`` best keys
-  ``(value bits << 32) | (2**32 - 1 - global token)``, unique within a feature, so the
-  ``m_j``-th largest key is the exact cut and ties go to the lowest global token.
-
+token order). Each function returns, on every rank, that rank's part of what the
+single-process rule gives on the concatenated batch, ties included, while sending far
+less than the ``[B, d_sae]`` matrix (``docs/distributed.md``, "How the ranks agree").
 Nothing here imports SAELens; ``comm`` is a :class:`~.comm.Comm`.
 """
 
@@ -29,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_lens_sampled.checks import check_choice
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.selection import pool_from_scores
 
@@ -131,22 +117,6 @@ def _global_threshold(
     return found
 
 
-def global_kth_largest(
-    values: torch.Tensor,
-    k: int,
-    comm: Comm,
-    sizes: list[int],
-    oversample: float = 2.0,
-) -> torch.Tensor:
-    """The ``k``-th largest entry of all ranks' ``values`` (any shape), on every rank.
-
-    ``sizes`` holds every rank's ``values.numel()``, in rank order; ``1 <= k <=
-    sum(sizes)``. One all-gather of ``ceil(oversample * k / W)`` values per rank, and
-    a second of ``min(k, max(sizes))`` only when the first cannot prove its answer.
-    """
-    return _global_threshold(values, k, comm, sizes, oversample).value
-
-
 @torch.no_grad()
 def global_topk_indices(
     acts: torch.Tensor,
@@ -187,19 +157,6 @@ def global_topk_indices(
     return torch.cat([above, tied[:quota]])
 
 
-def global_topk_mask(
-    acts: torch.Tensor,
-    budget: int,
-    comm: Comm,
-    sizes: list[int],
-    oversample: float = 2.0,
-) -> torch.Tensor:
-    """Boolean mask of :func:`global_topk_indices`, shaped like ``acts``."""
-    indices = global_topk_indices(acts, budget, comm, sizes, oversample)
-    mask = torch.zeros(acts.numel(), dtype=torch.bool, device=acts.device)
-    return mask.index_fill_(0, indices, True).view_as(acts)
-
-
 def _column_sums(acts: torch.Tensor, score: str, chunk_bytes: int) -> torch.Tensor:
     """Per-feature float64 sums a score needs (``[1, d]`` or ``[2, d]``), summed over
     row chunks so that no float64 copy larger than ``chunk_bytes`` is made."""
@@ -231,11 +188,7 @@ def global_feature_scores(
     d_sae = acts.shape[-1]
     if score == "uniform":
         return torch.ones(d_sae, dtype=torch.float64, device=acts.device)
-    if score not in ("l2", "squared_l2", "entropy"):
-        raise ValueError(
-            "score must be one of ('l2', 'squared_l2', 'entropy', 'uniform'), "
-            f"got {score!r}"
-        )
+    check_choice("score", score, ("l2", "squared_l2", "entropy", "uniform"))
     sums = comm.all_reduce(_column_sums(acts, score, chunk_bytes), "sum", SELECTION)
     if score == "l2":
         return sums[0].sqrt()
@@ -485,10 +438,7 @@ def global_feature_choice_mask(
     exchanged (:func:`feature_choice_layout_bytes`); ``"auto"`` takes the one that
     sends fewer bytes.
     """
-    if layout not in FEATURE_CHOICE_LAYOUTS:
-        raise ValueError(
-            f"layout must be one of {FEATURE_CHOICE_LAYOUTS}, got {layout!r}"
-        )
+    check_choice("layout", layout, FEATURE_CHOICE_LAYOUTS)
     rank, world = comm.rank, comm.world_size
     n_rows_max = max(shard_rows)
     first_token = sum(shard_rows[:rank])

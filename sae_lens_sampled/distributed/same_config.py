@@ -1,14 +1,9 @@
 """Every data-parallel rank must train the same SAE with the same settings.
 
-Ranks that disagree fail far from the cause: a different ``k`` or ``d_sae`` aborts
-inside a collective, a different architecture waits for the group timeout, a
-different ``threshold_gain`` trains replicas that drift apart without a word. At
-start-up each rank describes its settings as ordered ``(field, value)`` pairs
-(device fields left out: each rank has its own), the ranks compare a digest of the
-description, and where any digest differs every rank raises the same error, naming
-the first field in which the lowest such rank differs from rank 0.
-
-Nothing here imports SAELens.
+Ranks that disagree fail far from the cause (a collective that aborts or hangs,
+replicas that drift apart), so at start-up the ranks compare a digest of their
+settings, and where any differs every rank raises the same error naming the first
+differing field. Nothing here imports SAELens.
 """
 
 from __future__ import annotations

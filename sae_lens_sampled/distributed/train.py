@@ -1,15 +1,10 @@
 """``torchrun --nproc_per_node N -m sae_lens_sampled train ...``: SAELens's training CLI,
 data-parallel.
 
-Same flags as ``sae-lens-sampled train`` (SAELens's runner config);
-``--train_batch_size_tokens`` and ``--training_tokens`` describe the global run. Each
-rank loads the model, builds SAELens's ``ActivationsStore`` over its own disjoint
-shard of the dataset (``datasets.distributed.split_dataset_by_node``: contiguous rows
-of a map-style dataset, whole shards or every N-th row of a streamed one) and yields
-``train_batch_size_tokens // N`` tokens per step to :class:`DistributedSAETrainer`.
-Rank 0 alone logs to wandb, runs evals and writes checkpoints and the final SAE; every
-rank saves its data-loader position in the checkpoint, so a run resumes on the same
-number of ranks.
+Same flags as ``sae-lens-sampled train``; the batch and token counts describe the
+global run. Each rank streams its own shard of the dataset to
+:class:`DistributedSAETrainer`; rank 0 alone logs, evaluates and writes the SAE
+(``docs/distributed.md``, "What to run").
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """``DistributedSAETrainer``: SAELens's ``SAETrainer`` for data-parallel training.
 
-Built exactly like SAELens's trainer, inside an initialised ``torch.distributed``
-default process group (``torchrun``; gloo on CPU, NCCL on GPUs). ``cfg`` describes
-the global run: ``train_batch_size_samples`` is the global batch, and each rank's
-``data_provider`` yields that rank's ``train_batch_size_samples // world_size`` rows.
-Per step, every rank
-
-1. encodes only its rows, selecting with the architecture's rule over the global batch
-   and updating the SAE's state from global statistics (:mod:`.step`);
-2. updates the trainer's firing statistics from per-feature counts summed over ranks;
-3. back-propagates its local loss (a mean over its rows), then averages the gradients
-   over ranks, so that clipping and Adam see the gradient of the global batch.
-
-Every rank must be built with the same SAE and trainer config (checked at start-up,
-with the SAE's parameter shapes: all ranks raise the same error naming the first
-differing field). Parameters and buffers start from rank 0's and stay identical on
-every rank.
-Activation-norm scaling (and whitening) is estimated from sums over all ranks.
-Rank 0 alone logs, evaluates and writes the SAE; every rank calls
-``save_checkpoint_fn`` (to save its own data-loader state).
-
-Without a process group (or with one rank) it trains like SAELens's ``SAETrainer``.
+Run inside an initialised ``torch.distributed`` process group (gloo on CPU, NCCL on
+GPUs); ``cfg`` describes the global run and each rank's ``data_provider`` yields its
+``train_batch_size_samples // world_size`` rows. ``docs/distributed.md`` says what
+each step exchanges and why the result equals one process's ("The guarantee").
+Without a process group it trains like SAELens's ``SAETrainer``.
 """
 
 from __future__ import annotations
