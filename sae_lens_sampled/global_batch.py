@@ -1,15 +1,26 @@
-"""What the training SAEs need from a batch split across processes.
+"""What a batch rule and the training state need from a batch.
 
-The core sees data parallelism only through :class:`GlobalBatch`; the distributed
-trainer's step implements it. With none set, a training SAE selects and updates its
-state from the rows it is given. Pure typing; no SAELens imports.
+Each architecture writes its rule once, as ``rule(sae, acts, batch)`` against
+:class:`GlobalBatch`. :class:`LocalBatch` is the batch of one process (the primitives
+of :mod:`sae_lens_sampled.selection`), which ``select`` and ``select_ranked`` pass;
+the distributed trainer's step implements the same protocol over a batch split across
+processes. No SAELens imports.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+
+from sae_lens_sampled.selection import (
+    batch_budget,
+    batch_topk,
+    feature_choice_select,
+    feature_scores,
+    pool_from_scores,
+)
 
 
 class GlobalBatch(Protocol):
@@ -65,9 +76,65 @@ class GlobalBatch(Protocol):
         """A Sampled-SAE pool from global ``scores``, the same on every process."""
         ...
 
-    def column_topk_mask(
-        self, acts: torch.Tensor, capacities: torch.Tensor
-    ) -> torch.Tensor:
-        """Boolean mask of this process's entries among feature ``j``'s global top
-        ``capacities[j]`` tokens."""
+    def column_topk(self, acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+        """Each feature ``j`` keeps its global top ``capacities[j]`` tokens: ``acts``
+        where selected, 0 elsewhere."""
         ...
+
+
+# ``rule(sae, acts, batch)``: an architecture's batch rule on this process's post-ReLU
+# ``acts`` ``[n_tokens, d_sae]`` of ``batch``; ``sae`` is its training or inference SAE.
+Rule = Callable[[Any, torch.Tensor, GlobalBatch], torch.Tensor]
+
+
+class LocalBatch:
+    """The :class:`GlobalBatch` of one process: its ``n_tokens`` rows are the batch."""
+
+    def __init__(self, n_tokens: int) -> None:
+        self._n_tokens = n_tokens
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    def select(self, sae: Any, acts: torch.Tensor) -> torch.Tensor:
+        selected: torch.Tensor = sae.select(acts)
+        return selected
+
+    def column_stats(
+        self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return counts, smallest, n_tokens
+
+    def sum_floats(self, values: torch.Tensor) -> torch.Tensor:
+        return values.clone()
+
+    def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        return counts.clone()
+
+    @torch.no_grad()
+    def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
+        wanted = batch_topk(acts, batch_budget(k, acts.shape[0]))
+        return (wanted > 0).sum(dim=0), acts.shape[0]
+
+    def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
+        return batch_topk(acts, budget)
+
+    def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags
+
+    def feature_scores(self, acts: torch.Tensor, score: str) -> torch.Tensor:
+        return feature_scores(acts, score)
+
+    def draw_pool(
+        self,
+        scores: torch.Tensor,
+        size: int,
+        mode: str,
+        generator: torch.Generator | None,
+        **options: Any,
+    ) -> torch.Tensor:
+        return pool_from_scores(scores, size, mode, generator, **options)
+
+    def column_topk(self, acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+        return feature_choice_select(acts, capacities)

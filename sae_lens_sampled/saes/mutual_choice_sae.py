@@ -20,14 +20,9 @@ from sae_lens_sampled.saes.base import (
     BatchLevelTrainingSAE,
     BatchLevelTrainingSAEConfig,
 )
-from sae_lens_sampled.selection import batch_budget, batch_topk
+from sae_lens_sampled.selection import batch_budget
 
 ARCHITECTURE = "mutual_choice"
-
-
-def mutual_choice_select(acts: torch.Tensor, k: float) -> torch.Tensor:
-    """Keep the ``round(k * n_tokens)`` largest entries of ``acts`` ``[n, d_sae]``."""
-    return batch_topk(acts, batch_budget(k, acts.shape[0]))
 
 
 @dataclass
@@ -62,10 +57,6 @@ class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
 
     cfg: MutualChoiceTrainingSAEConfig
 
-    @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
-        return mutual_choice_select(acts, self.cfg.k)
-
 
 @dataclass
 class MutualChoiceSAEConfig(BatchLevelSAEConfig):
@@ -86,15 +77,13 @@ class MutualChoiceSAE(BatchLevelSAE):
 
     cfg: MutualChoiceSAEConfig
 
-    @override
-    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
-        return mutual_choice_select(ranking, self.cfg.k)
 
-
-def data_parallel_select(
-    sae: MutualChoiceTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+def mutual_choice_rule(
+    sae: MutualChoiceTrainingSAE | MutualChoiceSAE,
+    acts: torch.Tensor,
+    batch: GlobalBatch,
 ) -> torch.Tensor:
-    """The global top ``k * B`` of a batch split across processes."""
+    """Keep the batch's ``round(k * B)`` largest activations."""
     return batch.batch_topk(acts, batch_budget(sae.cfg.k, batch.n_tokens))
 
 
@@ -104,5 +93,5 @@ ENTRY = Architecture(
     MutualChoiceSAEConfig,
     MutualChoiceTrainingSAE,
     MutualChoiceTrainingSAEConfig,
-    data_parallel_select,
+    mutual_choice_rule,
 )
