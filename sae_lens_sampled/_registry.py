@@ -10,7 +10,8 @@ trainer) reads them here.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sae_lens import register_sae_class, register_sae_training_class
@@ -19,7 +20,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 if TYPE_CHECKING:
     from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
 
-    from sae_lens_sampled.global_batch import Rule
+    from sae_lens_sampled.global_batch import Rule, Traffic
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class Architecture:
             :class:`~sae_lens_sampled.global_batch.GlobalBatch`: the training SAE's
             ``select``, the inference SAE's ``select_ranked`` and the data-parallel
             step all run it.
+        traffic: The bytes the rule sends per data-parallel step (the traffic
+            model's formula, ``traffic(cfg, n_tokens, costs)``), or None.
+        traffic_cases: The settings the traffic model tabulates: a column name ->
+            training config fields. Empty: one column, the key, with the defaults.
     """
 
     key: str
@@ -44,6 +49,8 @@ class Architecture:
     training_sae_class: type[TrainingSAE[Any]]
     training_config_class: type[TrainingSAEConfig]
     rule: Rule
+    traffic: Traffic | None = None
+    traffic_cases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}

@@ -82,9 +82,34 @@ class GlobalBatch(Protocol):
         ...
 
 
+class BatchTraffic(Protocol):
+    """Bytes one process sends per training step for each exchange a rule makes on a
+    :class:`GlobalBatch` of ``n_tokens`` split across processes: the traffic model's
+    terms, implemented by :mod:`sae_lens_sampled.distributed.costs`."""
+
+    def batch_topk(self, budget: int, width: int) -> float:
+        """:meth:`GlobalBatch.batch_topk` of ``budget`` entries over ``width`` columns."""
+        ...
+
+    def feature_scores(self, d_sae: int, score: str) -> float:
+        """:meth:`GlobalBatch.feature_scores` of ``d_sae`` columns."""
+        ...
+
+    def draw_pool(self, size: int) -> float:
+        """:meth:`GlobalBatch.draw_pool` of a pool of ``size`` features."""
+        ...
+
+    def column_topk(self, capacities: torch.Tensor) -> float:
+        """:meth:`GlobalBatch.column_topk` with the global ``capacities``."""
+        ...
+
+
 # ``rule(sae, acts, batch)``: an architecture's batch rule on this process's post-ReLU
 # ``acts`` ``[n_tokens, d_sae]`` of ``batch``; ``sae`` is its training or inference SAE.
 Rule = Callable[[Any, torch.Tensor, GlobalBatch], torch.Tensor]
+# ``traffic(cfg, n_tokens, costs)``: the bytes one process sends per step to run the
+# rule of training config ``cfg`` on a batch of ``n_tokens``, as a sum of ``costs``.
+Traffic = Callable[[Any, int, BatchTraffic], float]
 
 
 class LocalBatch:

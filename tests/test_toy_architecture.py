@@ -9,7 +9,9 @@ and ``train --help`` find it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +26,17 @@ from sae_lens_sampled._registry import Architecture, add_architecture
 from sae_lens_sampled.benchmark.specs import parse_run_specs, resolve_runs
 from sae_lens_sampled.benchmark.speed import available_architectures
 from sae_lens_sampled.cli import train_help_header
+from sae_lens_sampled.distributed import costs
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
     BatchLevelTrainingSAE,
     BatchLevelTrainingSAEConfig,
 )
+from sae_lens_sampled.shape import Shape
 from tests.helpers import D_MODEL, runner_config, tiny_model, token_dataset
 
 KEY = "toy_row_top1"
@@ -87,15 +91,21 @@ ENTRY = Architecture(
 )
 
 
-@pytest.fixture
-def toy() -> Iterator[Architecture]:
-    add_architecture(ENTRY)
+@contextmanager
+def registered(entry: Architecture) -> Iterator[Architecture]:
+    add_architecture(entry)
     try:
-        yield ENTRY
+        yield entry
     finally:
         SAE_CLASS_REGISTRY.pop(KEY, None)
         SAE_TRAINING_CLASS_REGISTRY.pop(KEY, None)
         _registry._ARCHITECTURES.pop(KEY, None)
+
+
+@pytest.fixture
+def toy() -> Iterator[Architecture]:
+    with registered(ENTRY) as entry:
+        yield entry
 
 
 def test_row_top1_by_hand():
@@ -163,3 +173,25 @@ def test_data_parallel_step_uses_the_entry_rule(toy: Architecture):
         out = sae.encode(x)
     assert RULE_CALLS == [("DataParallelStep", 5)]
     assert torch.equal(out, sae.encode(x))
+
+
+def toy_traffic(
+    cfg: ToyTrainingSAEConfig, n_tokens: int, traffic: BatchTraffic
+) -> float:
+    """A made-up formula: one global top-B over the features."""
+    return traffic.batch_topk(n_tokens, cfg.d_sae)
+
+
+def test_traffic_model_reads_the_entry(toy: Architecture):
+    assert KEY not in costs.traffic_cases()  # the entry declares no formula
+
+
+def test_traffic_model_tabulates_an_entry_with_a_formula():
+    with registered(dataclasses.replace(ENTRY, traffic=toy_traffic)):
+        assert list(costs.traffic_cases())[-1] == KEY
+        shape = Shape(64, 4, 32, 1)
+        # to the one other rank: min(B, 32 * 32 local entries, ceil(2 B / 2)) float32
+        # candidates and 16 bytes of tie counts
+        assert costs.selection_bytes(KEY, shape, 2) == 64 * 4 + 16
+        assert costs.selection_bytes(KEY, shape, 1) == 0.0
+        assert KEY in costs._format_traffic(costs.traffic_table([shape], [2], 2.0))

@@ -19,7 +19,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
@@ -310,6 +310,16 @@ def feature_choice_rule(
     return batch.column_topk(acts, sae.capacities(batch.n_tokens))
 
 
+def feature_choice_traffic(
+    cfg: FeatureChoiceTrainingSAEConfig, n_tokens: int, costs: BatchTraffic
+) -> float:
+    """Each feature's global top ``m_j``, at the starting capacities."""
+    fractions = initial_capacity_fractions(
+        cfg.capacity_schedule, cfg.d_sae, cfg.k, cfg.zipf_alpha, "cpu"
+    )
+    return costs.column_topk(capacities_from_fractions(fractions, cfg.k, n_tokens))
+
+
 ENTRY = Architecture(
     ARCHITECTURE,
     FeatureChoiceSAE,
@@ -317,4 +327,7 @@ ENTRY = Architecture(
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
     feature_choice_rule,
+    feature_choice_traffic,
+    # Zipf by feature index at exponent 1, the capacities' starting point.
+    traffic_cases={ARCHITECTURE: {"zipf_alpha": 1.0}},
 )

@@ -13,7 +13,7 @@ import torch
 from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
@@ -87,6 +87,13 @@ def mutual_choice_rule(
     return batch.batch_topk(acts, batch_budget(sae.cfg.k, batch.n_tokens))
 
 
+def mutual_choice_traffic(
+    cfg: MutualChoiceTrainingSAEConfig, n_tokens: int, costs: BatchTraffic
+) -> float:
+    """One global top ``round(k * B)``."""
+    return costs.batch_topk(batch_budget(cfg.k, n_tokens), cfg.d_sae)
+
+
 ENTRY = Architecture(
     ARCHITECTURE,
     MutualChoiceSAE,
@@ -94,4 +101,5 @@ ENTRY = Architecture(
     MutualChoiceTrainingSAE,
     MutualChoiceTrainingSAEConfig,
     mutual_choice_rule,
+    mutual_choice_traffic,
 )

@@ -21,7 +21,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
@@ -485,6 +485,27 @@ def sampled_rule(
     return topk_in_pool(acts, budget, pool, batch.batch_topk)
 
 
+def sampled_traffic(
+    cfg: SampledTrainingSAEConfig, n_tokens: int, costs: BatchTraffic
+) -> float:
+    """The global scores and the pool, then a global top-k inside the pool."""
+    size = config_pool_size(cfg)
+    budget = batch_budget(cfg.k, n_tokens)
+    if size >= cfg.d_sae:
+        return costs.batch_topk(budget, cfg.d_sae)
+    return (
+        costs.feature_scores(cfg.d_sae, cfg.score)
+        + costs.draw_pool(size)
+        + costs.batch_topk(budget, size)
+    )
+
+
+# The traffic model's columns: the paper's pool of 3k, scored by L2 or by entropy.
+_TRAFFIC_CASES = {
+    ARCHITECTURE: {"score": "l2", "pool_factor": 3.0, "pool_seed": 0},
+    f"{ARCHITECTURE}_entropy": {"score": "entropy", "pool_factor": 3.0, "pool_seed": 0},
+}
+
 ENTRY = Architecture(
     ARCHITECTURE,
     SampledSAE,
@@ -492,4 +513,6 @@ ENTRY = Architecture(
     SampledTrainingSAE,
     SampledTrainingSAEConfig,
     sampled_rule,
+    sampled_traffic,
+    _TRAFFIC_CASES,
 )
