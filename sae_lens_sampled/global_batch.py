@@ -123,6 +123,7 @@ class LocalBatch:
         return self._n_tokens
 
     def select(self, sae: Any, acts: torch.Tensor) -> torch.Tensor:
+        # The SAE's own select, which runs its rule on a LocalBatch of these rows.
         selected: torch.Tensor = sae.select(acts)
         return selected
 
