@@ -115,6 +115,10 @@ Traffic = Callable[[Any, int, BatchTraffic], float]
 class LocalBatch:
     """The :class:`GlobalBatch` of one process: its ``n_tokens`` rows are the batch."""
 
+    batch_topk = staticmethod(batch_topk)
+    feature_scores = staticmethod(feature_scores)
+    column_topk = staticmethod(feature_choice_select)
+
     def __init__(self, n_tokens: int) -> None:
         self._n_tokens = n_tokens
 
@@ -143,14 +147,8 @@ class LocalBatch:
         wanted = batch_topk(acts, batch_budget(k, acts.shape[0]))
         return (wanted > 0).sum(dim=0), acts.shape[0]
 
-    def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
-        return batch_topk(acts, budget)
-
     def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
         return flags
-
-    def feature_scores(self, acts: torch.Tensor, score: str) -> torch.Tensor:
-        return feature_scores(acts, score)
 
     def draw_pool(
         self,
@@ -161,6 +159,3 @@ class LocalBatch:
         **options: Any,
     ) -> torch.Tensor:
         return pool_from_scores(scores, size, mode, generator, **options)
-
-    def column_topk(self, acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
-        return feature_choice_select(acts, capacities)
