@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,27 +50,33 @@ if TYPE_CHECKING:
     __version__: str
 
 DISTRIBUTION = "sae-lens-sampled"
-_SAES = "sae_lens_sampled.saes"
+# The four classes of each architecture module ``saes/NAME_sae.py``, named after it
+# (``feature_choice_sae``: ``FeatureChoiceSAE``, ``FeatureChoiceSAEConfig``, ...).
+SAE_CLASS_SUFFIXES = ("SAE", "SAEConfig", "TrainingSAE", "TrainingSAEConfig")
+
+
+def _architecture_names() -> dict[str, str]:
+    """Public class name -> its module, for every architecture module, read from the
+    file names so that importing the package imports neither torch nor SAELens."""
+    names: dict[str, str] = {}
+    for path in sorted((Path(__file__).parent / "saes").glob("*_sae.py")):
+        words = path.stem.removesuffix("_sae").split("_")
+        prefix = "".join(word.capitalize() for word in words)
+        for suffix in SAE_CLASS_SUFFIXES:
+            names[prefix + suffix] = f"{__name__}.saes.{path.stem}"
+    return names
+
 
 # Public name -> the module that defines it (imported on first use).
 _LAZY: dict[str, str] = {
-    "FeatureChoiceSAE": f"{_SAES}.feature_choice_sae",
-    "FeatureChoiceSAEConfig": f"{_SAES}.feature_choice_sae",
-    "FeatureChoiceTrainingSAE": f"{_SAES}.feature_choice_sae",
-    "FeatureChoiceTrainingSAEConfig": f"{_SAES}.feature_choice_sae",
-    "MutualChoiceSAE": f"{_SAES}.mutual_choice_sae",
-    "MutualChoiceSAEConfig": f"{_SAES}.mutual_choice_sae",
-    "MutualChoiceTrainingSAE": f"{_SAES}.mutual_choice_sae",
-    "MutualChoiceTrainingSAEConfig": f"{_SAES}.mutual_choice_sae",
-    "SampledSAE": f"{_SAES}.sampled_sae",
-    "SampledSAEConfig": f"{_SAES}.sampled_sae",
-    "SampledTrainingSAE": f"{_SAES}.sampled_sae",
-    "SampledTrainingSAEConfig": f"{_SAES}.sampled_sae",
-    "calibrate_thresholds": "sae_lens_sampled.calibration",
-    "export_jumprelu": "sae_lens_sampled.calibration",
-    "register_architecture": "sae_lens_sampled._registry",
+    **_architecture_names(),
+    "calibrate_thresholds": f"{__name__}.calibration",
+    "export_jumprelu": f"{__name__}.calibration",
+    "register_architecture": f"{__name__}._registry",
 }
 
+# Written out for type checkers, which read __all__ and the imports above without
+# running the module; tests/test_public_names.py checks they name what _LAZY finds.
 __all__ = [
     "FeatureChoiceSAE",
     "FeatureChoiceSAEConfig",

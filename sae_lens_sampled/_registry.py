@@ -1,30 +1,26 @@
 """The plugin's architecture registry, and its idempotent registration in SAELens.
 
 Each architecture module declares one :class:`Architecture` entry (its key, classes
-and data-parallel rule); :mod:`sae_lens_sampled._plugin` hands the entries to
-:func:`add_architecture`. Everything that needs the list of the plugin's
-architectures (``bench``, ``compare``, the data-parallel trainer) reads it here.
+and batch rule); :mod:`sae_lens_sampled._plugin` hands the entries to
+:func:`add_architecture`. Everything that needs the plugin's architectures (the
+SAEs' ``select`` and ``select_ranked``, ``bench``, ``compare``, the data-parallel
+trainer) reads them here.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sae_lens import register_sae_class, register_sae_training_class
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
 if TYPE_CHECKING:
-    import torch
     from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
 
-    from sae_lens_sampled.global_batch import GlobalBatch
-
-# ``rule(sae, acts, batch)``: the batch rule over a batch split across processes, on
-# this process's ``acts``, through the ``GlobalBatch`` protocol.
-DataParallelRule = Callable[[Any, "torch.Tensor", "GlobalBatch"], "torch.Tensor"]
+    from sae_lens_sampled.global_batch import Rule, Traffic
 
 
 @dataclass(frozen=True)
@@ -37,8 +33,14 @@ class Architecture:
         sae_config_class: Its config.
         training_sae_class: The training SAE.
         training_config_class: Its config.
-        data_parallel_rule: The batch rule over a batch split across processes, or
-            None if the architecture does not train data-parallel.
+        rule: The batch rule, ``rule(sae, acts, batch)`` on this process's rows of a
+            :class:`~sae_lens_sampled.global_batch.GlobalBatch`: the training SAE's
+            ``select``, the inference SAE's ``select_ranked`` and the data-parallel
+            step all run it.
+        traffic: The bytes the rule sends per data-parallel step (the traffic
+            model's formula, ``traffic(cfg, n_tokens, costs)``), or None.
+        traffic_cases: The settings the traffic model tabulates: a column name ->
+            training config fields. Empty: one column, the key, with the defaults.
     """
 
     key: str
@@ -46,7 +48,9 @@ class Architecture:
     sae_config_class: type[SAEConfig]
     training_sae_class: type[TrainingSAE[Any]]
     training_config_class: type[TrainingSAEConfig]
-    data_parallel_rule: DataParallelRule | None = None
+    rule: Rule
+    traffic: Traffic | None = None
+    traffic_cases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -105,8 +109,8 @@ def add_architecture(entry: Architecture) -> None:
 
 def architectures() -> list[Architecture]:
     """The plugin's architectures, in the order they were added."""
-    if not _ARCHITECTURES:  # the plugin's own entries are added on first use
-        importlib.import_module(f"{_PACKAGE}._plugin").register_all()
+    # Importing the plugin's entry module adds its entries (once).
+    importlib.import_module(f"{_PACKAGE}._plugin")
     return list(_ARCHITECTURES.values())
 
 
@@ -115,10 +119,14 @@ def architecture_keys() -> list[str]:
     return [entry.key for entry in architectures()]
 
 
-def data_parallel_rules() -> dict[str, DataParallelRule]:
-    """Key -> data-parallel rule, for the architectures that declare one."""
-    return {
-        entry.key: entry.data_parallel_rule
-        for entry in architectures()
-        if entry.data_parallel_rule is not None
-    }
+def rule_of(key: str) -> Rule:
+    """The batch rule of architecture ``key``."""
+    if key not in _ARCHITECTURES:
+        architectures()  # the plugin's own entries are added on first use
+    entry = _ARCHITECTURES.get(key)
+    if entry is None:
+        raise KeyError(
+            f"no batch rule for architecture {key!r}: it is not in the plugin's "
+            f"registry (known: {architecture_keys()}); add it with add_architecture"
+        )
+    return entry.rule

@@ -1,15 +1,26 @@
-"""What the training SAEs need from a batch split across processes.
+"""What a batch rule and the training state need from a batch.
 
-The core sees data parallelism only through :class:`GlobalBatch`; the distributed
-trainer's step implements it. With none set, a training SAE selects and updates its
-state from the rows it is given. Pure typing; no SAELens imports.
+Each architecture writes its rule once, as ``rule(sae, acts, batch)`` against
+:class:`GlobalBatch`. :class:`LocalBatch` is the batch of one process (the primitives
+of :mod:`sae_lens_sampled.selection`), which ``select`` and ``select_ranked`` pass;
+the distributed trainer's step implements the same protocol over a batch split across
+processes. No SAELens imports.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+
+from sae_lens_sampled.selection import (
+    batch_budget,
+    batch_topk,
+    feature_choice_select,
+    feature_scores,
+    pool_from_scores,
+)
 
 
 class GlobalBatch(Protocol):
@@ -65,9 +76,86 @@ class GlobalBatch(Protocol):
         """A Sampled-SAE pool from global ``scores``, the same on every process."""
         ...
 
-    def column_topk_mask(
-        self, acts: torch.Tensor, capacities: torch.Tensor
-    ) -> torch.Tensor:
-        """Boolean mask of this process's entries among feature ``j``'s global top
-        ``capacities[j]`` tokens."""
+    def column_topk(self, acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+        """Each feature ``j`` keeps its global top ``capacities[j]`` tokens: ``acts``
+        where selected, 0 elsewhere."""
         ...
+
+
+class BatchTraffic(Protocol):
+    """Bytes one process sends per training step for each exchange a rule makes on a
+    :class:`GlobalBatch` of ``n_tokens`` split across processes: the traffic model's
+    terms, implemented by :mod:`sae_lens_sampled.distributed.costs`."""
+
+    def batch_topk(self, budget: int, width: int) -> float:
+        """:meth:`GlobalBatch.batch_topk` of ``budget`` entries over ``width`` columns."""
+        ...
+
+    def feature_scores(self, d_sae: int, score: str) -> float:
+        """:meth:`GlobalBatch.feature_scores` of ``d_sae`` columns."""
+        ...
+
+    def draw_pool(self, size: int) -> float:
+        """:meth:`GlobalBatch.draw_pool` of a pool of ``size`` features."""
+        ...
+
+    def column_topk(self, capacities: torch.Tensor) -> float:
+        """:meth:`GlobalBatch.column_topk` with the global ``capacities``."""
+        ...
+
+
+# ``rule(sae, acts, batch)``: an architecture's batch rule on this process's post-ReLU
+# ``acts`` ``[n_tokens, d_sae]`` of ``batch``; ``sae`` is its training or inference SAE.
+Rule = Callable[[Any, torch.Tensor, GlobalBatch], torch.Tensor]
+# ``traffic(cfg, n_tokens, costs)``: the bytes one process sends per step to run the
+# rule of training config ``cfg`` on a batch of ``n_tokens``, as a sum of ``costs``.
+Traffic = Callable[[Any, int, BatchTraffic], float]
+
+
+class LocalBatch:
+    """The :class:`GlobalBatch` of one process: its ``n_tokens`` rows are the batch."""
+
+    batch_topk = staticmethod(batch_topk)
+    feature_scores = staticmethod(feature_scores)
+    column_topk = staticmethod(feature_choice_select)
+
+    def __init__(self, n_tokens: int) -> None:
+        self._n_tokens = n_tokens
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    def select(self, sae: Any, acts: torch.Tensor) -> torch.Tensor:
+        # The SAE's own select, which runs its rule on a LocalBatch of these rows.
+        selected: torch.Tensor = sae.select(acts)
+        return selected
+
+    def column_stats(
+        self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return counts, smallest, n_tokens
+
+    def sum_floats(self, values: torch.Tensor) -> torch.Tensor:
+        return values.clone()
+
+    def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        return counts.clone()
+
+    @torch.no_grad()
+    def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
+        wanted = batch_topk(acts, batch_budget(k, acts.shape[0]))
+        return (wanted > 0).sum(dim=0), acts.shape[0]
+
+    def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags
+
+    def draw_pool(
+        self,
+        scores: torch.Tensor,
+        size: int,
+        mode: str,
+        generator: torch.Generator | None,
+        **options: Any,
+    ) -> torch.Tensor:
+        return pool_from_scores(scores, size, mode, generator, **options)

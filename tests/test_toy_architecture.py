@@ -1,13 +1,17 @@
 """A fourth architecture added from this one file, through the plugin's registry.
 
-The toy rule keeps each token's largest activation. Declaring its entry and calling
-``add_architecture`` is all it takes: SAELens's runner trains it and loads it back,
-and ``bench``, ``compare``, ``train --help`` and the data-parallel step find it.
+The toy rule keeps each token's largest activation. One rule function, four classes
+with no methods, its entry and ``add_architecture`` are all it takes: the training
+SAE's ``select``, the inference SAE's ``encode_batch`` and the data-parallel step run
+the rule, SAELens's runner trains it and loads it back, and ``bench``, ``compare``
+and ``train --help`` find it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +26,17 @@ from sae_lens_sampled._registry import Architecture, add_architecture
 from sae_lens_sampled.benchmark.specs import parse_run_specs, resolve_runs
 from sae_lens_sampled.benchmark.speed import available_architectures
 from sae_lens_sampled.cli import train_help_header
+from sae_lens_sampled.distributed import costs
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
     BatchLevelTrainingSAE,
     BatchLevelTrainingSAEConfig,
 )
+from sae_lens_sampled.shape import Shape
 from tests.helpers import D_MODEL, runner_config, tiny_model, token_dataset
 
 KEY = "toy_row_top1"
@@ -56,10 +62,6 @@ class ToyTrainingSAEConfig(BatchLevelTrainingSAEConfig):
 class ToyTrainingSAE(BatchLevelTrainingSAE):
     cfg: ToyTrainingSAEConfig
 
-    @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
-        return row_top1(acts)
-
 
 @dataclass
 class ToySAEConfig(BatchLevelSAEConfig):
@@ -72,36 +74,38 @@ class ToySAEConfig(BatchLevelSAEConfig):
 class ToySAE(BatchLevelSAE):
     cfg: ToySAEConfig
 
-    @override
-    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
-        return row_top1(ranking)
+
+RULE_CALLS: list[tuple[str, int]] = []
 
 
-DATA_PARALLEL_CALLS: list[int] = []
-
-
-def toy_data_parallel(
-    sae: ToyTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+def toy_rule(
+    sae: ToyTrainingSAE | ToySAE, acts: torch.Tensor, batch: GlobalBatch
 ) -> torch.Tensor:
-    """Per-token, so no exchange: the local rule (the call is recorded)."""
-    DATA_PARALLEL_CALLS.append(batch.n_tokens)
-    return sae.select(acts)
+    """Per-token, so nothing to exchange over the batch (each call is recorded)."""
+    RULE_CALLS.append((type(batch).__name__, batch.n_tokens))
+    return row_top1(acts)
 
 
 ENTRY = Architecture(
-    KEY, ToySAE, ToySAEConfig, ToyTrainingSAE, ToyTrainingSAEConfig, toy_data_parallel
+    KEY, ToySAE, ToySAEConfig, ToyTrainingSAE, ToyTrainingSAEConfig, toy_rule
 )
 
 
-@pytest.fixture
-def toy() -> Iterator[Architecture]:
-    add_architecture(ENTRY)
+@contextmanager
+def registered(entry: Architecture) -> Iterator[Architecture]:
+    add_architecture(entry)
     try:
-        yield ENTRY
+        yield entry
     finally:
         SAE_CLASS_REGISTRY.pop(KEY, None)
         SAE_TRAINING_CLASS_REGISTRY.pop(KEY, None)
         _registry._ARCHITECTURES.pop(KEY, None)
+
+
+@pytest.fixture
+def toy() -> Iterator[Architecture]:
+    with registered(ENTRY) as entry:
+        yield entry
 
 
 def test_row_top1_by_hand():
@@ -149,13 +153,45 @@ def test_without_the_entry_none_of_them_know_it():
         resolve_runs(parse_run_specs(KEY))
 
 
+def test_select_and_encode_batch_run_the_entry_rule(toy: Architecture):
+    acts = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.5, 2.0]])
+    sae = ToyTrainingSAE(ToyTrainingSAEConfig(d_in=4, d_sae=3, k=1.0))
+    inference = ToySAE(ToySAEConfig(d_in=4, d_sae=3, k=1.0))
+    RULE_CALLS.clear()
+    assert torch.equal(sae.select(acts), row_top1(acts))
+    assert torch.equal(inference.select_ranked(acts), row_top1(acts))
+    assert RULE_CALLS == [("LocalBatch", 2), ("LocalBatch", 2)]
+
+
 def test_data_parallel_step_uses_the_entry_rule(toy: Architecture):
     torch.manual_seed(0)
     sae = ToyTrainingSAE(ToyTrainingSAEConfig(d_in=4, d_sae=6, k=1.0))
     sae.train()
     x = torch.randn(5, 4)
-    DATA_PARALLEL_CALLS.clear()
+    RULE_CALLS.clear()
     with data_parallel_step(sae, DataParallelStep(Comm(), [5])):
         out = sae.encode(x)
-    assert DATA_PARALLEL_CALLS == [5]
+    assert RULE_CALLS == [("DataParallelStep", 5)]
     assert torch.equal(out, sae.encode(x))
+
+
+def toy_traffic(
+    cfg: ToyTrainingSAEConfig, n_tokens: int, traffic: BatchTraffic
+) -> float:
+    """A made-up formula: one global top-B over the features."""
+    return traffic.batch_topk(n_tokens, cfg.d_sae)
+
+
+def test_traffic_model_reads_the_entry(toy: Architecture):
+    assert KEY not in costs.traffic_cases()  # the entry declares no formula
+
+
+def test_traffic_model_tabulates_an_entry_with_a_formula():
+    with registered(dataclasses.replace(ENTRY, traffic=toy_traffic)):
+        assert list(costs.traffic_cases())[-1] == KEY
+        shape = Shape(64, 4, 32, 1)
+        # to the one other rank: min(B, 32 * 32 local entries, ceil(2 B / 2)) float32
+        # candidates and 16 bytes of tie counts
+        assert costs.selection_bytes(KEY, shape, 2) == 64 * 4 + 16
+        assert costs.selection_bytes(KEY, shape, 1) == 0.0
+        assert KEY in costs._format_traffic(costs.traffic_table([shape], [2], 2.0))

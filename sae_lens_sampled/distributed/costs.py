@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from sae_lens_sampled.shape import Shape
 
 if TYPE_CHECKING:
-    from sae_lens_sampled.selection import ScoreName
+    from sae_lens_sampled._registry import Architecture
 
 MIB = 2**20
 TRAFFIC_SHAPES = (
@@ -38,7 +39,6 @@ TRAFFIC_SHAPES = (
     Shape(4096, 768, 2**16, 64),
     Shape(4096, 768, 2**20, 64),
 )
-ARCHITECTURES = ("mutual_choice", "sampled", "sampled_entropy", "feature_choice")
 
 
 def _ring_all_reduce(n_bytes: float, world: int) -> float:
@@ -54,56 +54,85 @@ def topk_bytes(
     return (world - 1) * (candidates * act_bytes + 16)
 
 
-def feature_choice_candidates(shape: Shape, world: int, k: float | None = None) -> int:
-    """``L = sum_j min(m_j, b)`` for feature_choice's starting (Zipf) capacities."""
-    from sae_lens_sampled.saes.feature_choice_sae import initial_capacity_fractions
-    from sae_lens_sampled.selection import batch_budget, capacities_for_batch
+@dataclass(frozen=True)
+class RingTraffic:
+    """The bytes of each ``GlobalBatch`` exchange for one of ``world`` ranks holding
+    ``rows`` tokens (:class:`~sae_lens_sampled.global_batch.BatchTraffic`)."""
 
-    k = shape.k if k is None else k
-    fractions = initial_capacity_fractions("zipf", shape.d_sae, k, 1.0, "cpu")
-    capacities = capacities_for_batch(
-        fractions, shape.batch, batch_budget(k, shape.batch)
-    )
-    return int(capacities.clamp(max=shape.batch // world).sum())
+    world: int
+    rows: int
+    oversample: float = 2.0
+    act_bytes: int = 4
 
-
-def selection_bytes(
-    architecture: str,
-    shape: Shape,
-    world: int,
-    *,
-    oversample: float = 2.0,
-    pool_factor: float = 3.0,
-    act_bytes: int = 4,
-) -> float:
-    """Bytes one rank sends per step to select (``sampled``: l2 score, default pool;
-    ``sampled_entropy``: entropy score)."""
-    if world == 1:
-        return 0.0
-    budget = round(shape.k * shape.batch)
-    rows = shape.batch // world
-    if architecture == "mutual_choice":
-        return topk_bytes(budget, rows * shape.d_sae, world, oversample, act_bytes)
-    if architecture in ("sampled", "sampled_entropy"):
-        pool = max(1, min(shape.d_sae, round(shape.k * pool_factor)))
-        if pool >= shape.d_sae:
-            return topk_bytes(budget, rows * shape.d_sae, world, oversample, act_bytes)
-        sums = 16 if architecture == "sampled_entropy" else 8
-        return (
-            _ring_all_reduce(sums * shape.d_sae, world)
-            + 8 * pool
-            + topk_bytes(budget, rows * pool, world, oversample, act_bytes)
+    def batch_topk(self, budget: int, width: int) -> float:
+        local_entries = self.rows * width
+        return topk_bytes(
+            budget, local_entries, self.world, self.oversample, self.act_bytes
         )
-    if architecture == "feature_choice":
+
+    def feature_scores(self, d_sae: int, score: str) -> float:
+        # float64 sums per feature all-reduced: two for entropy, one for the norms
+        sums = 16 if score == "entropy" else 8
+        return _ring_all_reduce(sums * d_sae, self.world)
+
+    def draw_pool(self, size: int) -> float:
+        return 8.0 * size  # the pool's int64 indices, broadcast
+
+    def column_topk(self, capacities: torch.Tensor) -> float:
         from sae_lens_sampled.distributed.global_select import (
             feature_choice_layout_bytes,
         )
 
-        candidates = feature_choice_candidates(shape, world)
-        return min(feature_choice_layout_bytes(candidates, shape.d_sae, world).values())
-    raise ValueError(
-        f"architecture must be one of {ARCHITECTURES}, got {architecture!r}"
+        # L = sum_j min(m_j, rows) candidates per rank; the cheaper layout
+        candidates = int(capacities.clamp(max=self.rows).sum())
+        layouts = feature_choice_layout_bytes(
+            candidates, capacities.numel(), self.world
+        )
+        return min(layouts.values())
+
+
+def traffic_cases() -> dict[str, tuple[Architecture, dict[str, Any]]]:
+    """The traffic model's columns, from the registry: name -> (architecture, its
+    training config fields), for the architectures that declare a traffic formula."""
+    from sae_lens_sampled._registry import architectures
+
+    cases: dict[str, tuple[Architecture, dict[str, Any]]] = {}
+    for entry in architectures():
+        if entry.traffic is not None:
+            for name, fields in (entry.traffic_cases or {entry.key: {}}).items():
+                cases[name] = (entry, dict(fields))
+    return cases
+
+
+def case_config(case: str, shape: Shape, device: str = "cpu") -> Any:
+    """The training config of traffic column ``case`` at ``shape``. The rules read
+    only the config and selection state: ``d_in=1`` keeps the weights small."""
+    cases = traffic_cases()
+    if case not in cases:
+        raise ValueError(f"architecture must be one of {list(cases)}, got {case!r}")
+    entry, fields = cases[case]
+    return entry.training_config_class(  # type: ignore[call-arg]
+        d_in=1, d_sae=shape.d_sae, k=shape.k, device=device, **fields
     )
+
+
+def selection_bytes(
+    case: str,
+    shape: Shape,
+    world: int,
+    *,
+    oversample: float = 2.0,
+    act_bytes: int = 4,
+) -> float:
+    """Bytes one rank sends per step to select, for the traffic column ``case`` (an
+    architecture key, or a named setting of one: :func:`traffic_cases`)."""
+    cfg = case_config(case, shape)
+    if world == 1:
+        return 0.0
+    entry, _ = traffic_cases()[case]
+    assert entry.traffic is not None
+    costs = RingTraffic(world, shape.batch // world, oversample, act_bytes)
+    return entry.traffic(cfg, shape.batch, costs)
 
 
 def stats_bytes(shape: Shape, world: int, act_bytes: int = 4) -> float:
@@ -131,9 +160,9 @@ def traffic_table(
                 "gradients_mib": gradient_bytes(shape, world) / MIB,
                 "stats_mib": stats_bytes(shape, world) / MIB,
             }
-            for arch in ARCHITECTURES:
-                sent = selection_bytes(arch, shape, world, oversample=oversample)
-                row[f"{arch}_mib"] = sent / MIB
+            for case in traffic_cases():
+                sent = selection_bytes(case, shape, world, oversample=oversample)
+                row[f"{case}_mib"] = sent / MIB
             rows.append(row)
     return rows
 
@@ -154,10 +183,8 @@ def _measure_worker(
         rows = shape.batch // world
         generator = torch.Generator().manual_seed(1000 + rank)
         acts = torch.randn(rows, shape.d_sae, generator=generator).relu_().to(device)
-        for arch in ARCHITECTURES:
-            # The rules read only the config and selection state: d_in=1 keeps the
-            # weights small at d_sae = 2**20.
-            sae = _selection_sae(arch, shape, device)
+        for arch, (entry, _) in traffic_cases().items():
+            sae = entry.training_sae_class(case_config(arch, shape, device))
             step = DataParallelStep(comm, [rows] * world)
             comm.counter.reset()
             selected = step.select(sae, acts)
@@ -177,34 +204,6 @@ def _measure_worker(
             del selected, codes
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(results, f)
-
-
-def _selection_sae(arch: str, shape: Shape, device: str) -> Any:
-    from sae_lens_sampled import (
-        FeatureChoiceTrainingSAE,
-        FeatureChoiceTrainingSAEConfig,
-        MutualChoiceTrainingSAE,
-        MutualChoiceTrainingSAEConfig,
-        SampledTrainingSAE,
-        SampledTrainingSAEConfig,
-    )
-
-    common: dict[str, Any] = {
-        "d_in": 1,
-        "d_sae": shape.d_sae,
-        "k": shape.k,
-        "device": device,
-    }
-    if arch == "mutual_choice":
-        return MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(**common))
-    if arch in ("sampled", "sampled_entropy"):
-        score: ScoreName = "entropy" if arch == "sampled_entropy" else "l2"
-        # the pool size the traffic model assumes (its pool_factor default)
-        cfg = SampledTrainingSAEConfig(
-            **common, score=score, pool_factor=3.0, pool_seed=0
-        )
-        return SampledTrainingSAE(cfg)
-    return FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(**common))
 
 
 def measure_traffic(
@@ -314,12 +313,13 @@ def measure_timing(
 
 
 def _format_traffic(rows: list[dict[str, Any]]) -> str:
-    header = "| shape | W | gradients | stats | " + " | ".join(ARCHITECTURES) + " |"
-    lines = [header, "|" + "---|" * (4 + len(ARCHITECTURES))]
+    cases = list(traffic_cases())
+    header = "| shape | W | gradients | stats | " + " | ".join(cases) + " |"
+    lines = [header, "|" + "---|" * (4 + len(cases))]
     for row in rows:
         cells = [row["shape"], str(row["world"])]
         cells += [f"{row['gradients_mib']:.2f}", f"{row['stats_mib']:.3f}"]
-        cells += [f"{row[f'{arch}_mib']:.3f}" for arch in ARCHITECTURES]
+        cells += [f"{row[f'{case}_mib']:.3f}" for case in cases]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -365,7 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{stats_bytes(shape, 2) / MIB:7.3f})"
                 )
         return 0
-    archs = args.arch or ["mutual_choice", "sampled", "feature_choice"]
+    from sae_lens_sampled._registry import architecture_keys
+
+    archs = args.arch or architecture_keys()
     runs = measure_timing(archs, args.shape, args.steps, args.rounds)
     print(f"{args.shape}, median seconds per step (and ratio to 1 process, 1 thread)")
     base = {

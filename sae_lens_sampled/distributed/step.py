@@ -1,35 +1,29 @@
 """The seam between the plugin's training SAEs and data-parallel selection.
 
 A :class:`DataParallelStep` describes one training step over a batch split across
-ranks (the process group and every rank's number of tokens). While
-:func:`data_parallel_step` holds it on an SAE (``sae.data_parallel``), the SAE asks it
-for three things, and nothing else changes:
-
-- ``select(sae, acts)``: the architecture's batch rule over the global batch, for this
-  rank's rows (called from ``BatchLevelTrainingSAE.batch_rule``);
-- ``column_stats(counts, smallest, n_tokens)``: per-feature statistics of the global
-  batch for the threshold and firing-rate updates (``update_state``), and
-  ``sum_floats(tensor)`` for the per-token counts and excess sums of the rate-matched
-  thresholds;
-- ``demand_counts(acts, k)``: feature_choice's ``rank_by="demand"`` counts.
+ranks (the process group and every rank's number of tokens) and implements
+:class:`~sae_lens_sampled.global_batch.GlobalBatch` over it. While
+:func:`data_parallel_step` holds it on an SAE (``sae.data_parallel``), the SAE runs its
+batch rule (the one its registry entry names, as in one process) against the step
+instead of a :class:`~sae_lens_sampled.global_batch.LocalBatch`, and takes the
+per-feature statistics of its state updates from the global batch.
 
 The trainer sets it around ``training_forward_pass`` only, so ``encode`` called
 anywhere else (evals on one rank, ``HookedSAETransformer``) never runs a collective.
-Each architecture declares its rule in its registry entry (written against
-:class:`~sae_lens_sampled.global_batch.GlobalBatch`);
-:func:`register_data_parallel_rule` replaces one.
+:func:`register_data_parallel_rule` replaces an architecture's rule in data-parallel
+steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_lens_sampled._registry import data_parallel_rules
+from sae_lens_sampled._registry import architecture_keys, rule_of
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import (
     global_feature_choice_mask,
@@ -39,13 +33,12 @@ from sae_lens_sampled.distributed.global_select import (
     shared_pool,
     sum_counts,
 )
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import GlobalBatch, Rule
 from sae_lens_sampled.selection import batch_budget
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainingSAE
 
-Rule = Callable[[Any, torch.Tensor, Any], torch.Tensor]
 # Rules added here take precedence over the ones the architectures declare.
 _RULES: dict[str, Rule] = {}
 
@@ -54,7 +47,8 @@ def register_data_parallel_rule(architecture: str, rule: Rule) -> None:
     """Use ``rule(sae, acts, step)`` for ``architecture`` in data-parallel steps.
 
     An architecture in the plugin's registry (:func:`~sae_lens_sampled._registry.
-    add_architecture`) brings its own rule; this one replaces it.
+    add_architecture`) brings its own rule, which one process runs too; this one
+    replaces it in data-parallel steps only.
     """
     _RULES[architecture] = rule
 
@@ -107,14 +101,15 @@ class DataParallelStep:
         """``sae``'s batch rule over the global batch, on this rank's ``acts``."""
         self._check_rows(acts)
         architecture = sae.cfg.architecture()
-        rule = _RULES.get(architecture) or data_parallel_rules().get(architecture)
-        if rule is None:
-            known = sorted({*_RULES, *data_parallel_rules()})
+        if architecture in _RULES:
+            return _RULES[architecture](sae, acts, self)
+        if architecture not in architecture_keys():
+            known = sorted({*_RULES, *architecture_keys()})
             raise NotImplementedError(
                 f"no data-parallel selection rule for architecture {architecture!r}; "
                 f"known: {known}"
             )
-        return rule(sae, acts, self)
+        return rule_of(architecture)(sae, acts, self)
 
     def topk_indices(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
         """Flat indices of this rank's entries among the global top ``budget``."""
@@ -174,13 +169,13 @@ class DataParallelStep:
         """The pool drawn on rank 0 (as one process would) and broadcast."""
         return shared_pool(scores, size, mode, generator, self.comm, **options)
 
-    def column_topk_mask(
-        self, acts: torch.Tensor, capacities: torch.Tensor
-    ) -> torch.Tensor:
-        """This rank's entries among each feature's global top ``capacities[j]``."""
-        return global_feature_choice_mask(
+    def column_topk(self, acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+        """This rank's ``acts`` where among each feature's global top
+        ``capacities[j]`` tokens, 0 elsewhere."""
+        mask = global_feature_choice_mask(
             acts, capacities, self.comm, self.shard_sizes, self.feature_choice_layout
         )
+        return torch.where(mask, acts, 0)
 
     @torch.no_grad()
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:

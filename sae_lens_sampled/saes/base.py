@@ -1,13 +1,13 @@
 """What the three batch-level architectures share.
 
 Training SAEs build on SAELens's ``TopKTrainingSAE`` (decoder-norm rescaling, the aux-k
-loss, norm folding on export) and differ only in :meth:`BatchLevelTrainingSAE.select`.
+loss, norm folding on export) and differ only in their batch rule, which the registry
+entry names and :meth:`BatchLevelTrainingSAE.select` runs.
 Inference SAEs are ``JumpReLUSAE``s (per-token ``encode`` with a per-feature
 ``threshold``) that also offer the architecture's batch rule as :meth:`encode_batch`.
 """
 
 import dataclasses
-from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,13 +25,14 @@ from sae_lens.saes.sae import (
 from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec
 from typing_extensions import override
 
+from sae_lens_sampled._registry import rule_of
 from sae_lens_sampled.checkpoints import fill_0_1_checkpoint
 
 # Re-exported: the field checks live in a module free of torch and SAELens.
 from sae_lens_sampled.checks import FieldValueError as FieldValueError
 from sae_lens_sampled.checks import check_choice as check_choice
 from sae_lens_sampled.checks import check_range as check_range
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import GlobalBatch, LocalBatch
 from sae_lens_sampled.health import (
     LR_ADVICE,
     HealthReport,
@@ -288,9 +289,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         # Training MSE by window of steps (health.py); not saved in checkpoints.
         self.reconstruction = ReconstructionWindows()
 
-    @abstractmethod
     def select(self, acts: torch.Tensor) -> torch.Tensor:
-        """The batch rule on post-ReLU activations ``[n_tokens, d_sae]``."""
+        """The batch rule (the registry entry's) on post-ReLU activations
+        ``[n_tokens, d_sae]`` of one process."""
+        return rule_of(self.cfg.architecture())(self, acts, LocalBatch(acts.shape[0]))
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -767,10 +769,11 @@ class BatchLevelSAE(JumpReLUSAE):
             torch.ones(cfg.d_sae, dtype=self.dtype, device=self.W_dec.device),
         )
 
-    @abstractmethod
     def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
-        """The training rule on ranking values ``[n_tokens, d_sae]``: the values where
-        selected, 0 elsewhere."""
+        """The training rule (the registry entry's) on ranking values
+        ``[n_tokens, d_sae]``: the values where selected, 0 elsewhere."""
+        rule = rule_of(self.cfg.architecture())
+        return rule(self, ranking, LocalBatch(ranking.shape[0]))
 
     def select(self, acts: torch.Tensor) -> torch.Tensor:
         """The batch rule on post-ReLU activations ``[n_tokens, d_sae]`` in this SAE's

@@ -19,7 +19,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
@@ -34,7 +34,6 @@ from sae_lens_sampled.selection import (
     batch_budget,
     batch_topk,
     capacities_for_batch,
-    feature_choice_select,
     uniform_capacity_fractions,
     usage_ranks,
     zipf_capacity_fractions,
@@ -188,10 +187,6 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
 
     @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
-        return feature_choice_select(acts, self.capacities(acts.shape[0]))
-
-    @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
         # SAELens's loader casts every tensor to the SAE dtype; keep the count whole.
@@ -305,17 +300,24 @@ class FeatureChoiceSAE(BatchLevelSAE):
         """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens``."""
         return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
 
-    @override
-    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
-        return feature_choice_select(ranking, self.capacities(ranking.shape[0]))
 
-
-def data_parallel_select(
-    sae: FeatureChoiceTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+def feature_choice_rule(
+    sae: FeatureChoiceTrainingSAE | FeatureChoiceSAE,
+    acts: torch.Tensor,
+    batch: GlobalBatch,
 ) -> torch.Tensor:
-    """Each feature's top ``m_j`` tokens of a batch split across processes."""
-    mask = batch.column_topk_mask(acts, sae.capacities(batch.n_tokens))
-    return torch.where(mask, acts, 0)
+    """Each feature keeps its ``m_j`` largest activations over the batch's tokens."""
+    return batch.column_topk(acts, sae.capacities(batch.n_tokens))
+
+
+def feature_choice_traffic(
+    cfg: FeatureChoiceTrainingSAEConfig, n_tokens: int, costs: BatchTraffic
+) -> float:
+    """Each feature's global top ``m_j``, at the starting capacities."""
+    fractions = initial_capacity_fractions(
+        cfg.capacity_schedule, cfg.d_sae, cfg.k, cfg.zipf_alpha, "cpu"
+    )
+    return costs.column_topk(capacities_from_fractions(fractions, cfg.k, n_tokens))
 
 
 ENTRY = Architecture(
@@ -324,5 +326,8 @@ ENTRY = Architecture(
     FeatureChoiceSAEConfig,
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
-    data_parallel_select,
+    feature_choice_rule,
+    feature_choice_traffic,
+    # Zipf by feature index at exponent 1, the capacities' starting point.
+    traffic_cases={ARCHITECTURE: {"zipf_alpha": 1.0}},
 )

@@ -13,21 +13,16 @@ import torch
 from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
     BatchLevelTrainingSAE,
     BatchLevelTrainingSAEConfig,
 )
-from sae_lens_sampled.selection import batch_budget, batch_topk
+from sae_lens_sampled.selection import batch_budget
 
 ARCHITECTURE = "mutual_choice"
-
-
-def mutual_choice_select(acts: torch.Tensor, k: float) -> torch.Tensor:
-    """Keep the ``round(k * n_tokens)`` largest entries of ``acts`` ``[n, d_sae]``."""
-    return batch_topk(acts, batch_budget(k, acts.shape[0]))
 
 
 @dataclass
@@ -62,10 +57,6 @@ class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
 
     cfg: MutualChoiceTrainingSAEConfig
 
-    @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
-        return mutual_choice_select(acts, self.cfg.k)
-
 
 @dataclass
 class MutualChoiceSAEConfig(BatchLevelSAEConfig):
@@ -86,16 +77,21 @@ class MutualChoiceSAE(BatchLevelSAE):
 
     cfg: MutualChoiceSAEConfig
 
-    @override
-    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
-        return mutual_choice_select(ranking, self.cfg.k)
 
-
-def data_parallel_select(
-    sae: MutualChoiceTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+def mutual_choice_rule(
+    sae: MutualChoiceTrainingSAE | MutualChoiceSAE,
+    acts: torch.Tensor,
+    batch: GlobalBatch,
 ) -> torch.Tensor:
-    """The global top ``k * B`` of a batch split across processes."""
+    """Keep the batch's ``round(k * B)`` largest activations."""
     return batch.batch_topk(acts, batch_budget(sae.cfg.k, batch.n_tokens))
+
+
+def mutual_choice_traffic(
+    cfg: MutualChoiceTrainingSAEConfig, n_tokens: int, costs: BatchTraffic
+) -> float:
+    """One global top ``round(k * B)``."""
+    return costs.batch_topk(batch_budget(cfg.k, n_tokens), cfg.d_sae)
 
 
 ENTRY = Architecture(
@@ -104,5 +100,6 @@ ENTRY = Architecture(
     MutualChoiceSAEConfig,
     MutualChoiceTrainingSAE,
     MutualChoiceTrainingSAEConfig,
-    data_parallel_select,
+    mutual_choice_rule,
+    mutual_choice_traffic,
 )

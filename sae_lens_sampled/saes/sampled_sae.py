@@ -21,7 +21,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
-from sae_lens_sampled.global_batch import GlobalBatch
+from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
 from sae_lens_sampled.saes.base import (
     BatchLevelSAE,
     BatchLevelSAEConfig,
@@ -37,10 +37,7 @@ from sae_lens_sampled.selection import (
     PoolMode,
     ScoreName,
     batch_budget,
-    feature_scores,
-    pool_from_scores,
     pool_size,
-    sampled_topk,
     seeded_generator,
     topk_in_pool,
     update_missed_chances,
@@ -106,6 +103,22 @@ class StepPool:
 
     pool: torch.Tensor | None
     positive: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PoolDraw:
+    """What one selection's pool draw takes from the SAE that makes it.
+
+    Args:
+        generator (Callable): The draw's generator on a device (None: torch's
+            global RNG); called only when a pool is drawn.
+        step (SampledTrainingSAE | None): The training SAE whose training step this
+            selection is: its warm-up, exploration and ``aux_dead="pooled"`` apply,
+            and it keeps the step's pool in ``step_pool``. None elsewhere.
+    """
+
+    generator: Callable[[torch.device], torch.Generator | None]
+    step: "SampledTrainingSAE | None" = None
 
 
 def validate_pool_fields(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
@@ -257,7 +270,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
     _draw_seed: int | None = None
     # Set during training_forward_pass: select is the training step's rule.
     _in_training_step: bool = False
-    # The pool of the current training step (select_in_step), until update_state.
+    # The pool of the current training step (sampled_rule), until update_state.
     step_pool: "StepPool | None" = None
 
     @override
@@ -280,64 +293,13 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         warmup = self.cfg.pool_warmup_steps
         return warmup > 0 and int(self.n_selection_steps) < warmup
 
-    @override
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        if not self._in_training_step:
-            return sampled_topk(
-                acts,
-                k=cfg.k,
-                pool_factor=cfg.pool_factor,
-                score=cfg.score,
-                pool_mode=cfg.pool_mode,
-                generator=self._generator(),
-                beta=cfg.pool_beta,
-                pool_fraction=cfg.pool_fraction,
-            )
-        return self.select_in_step(acts, acts.shape[0])
-
-    def select_in_step(
-        self,
-        acts: torch.Tensor,
-        n_tokens: int,
-        *,
-        any_positive: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        scores: Callable[[torch.Tensor, str], torch.Tensor] = feature_scores,
-        draw_pool: Callable[..., torch.Tensor] = pool_from_scores,
-        select: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The training step's rule on ``acts`` of a batch of ``n_tokens`` tokens; keeps
-        the pool in :attr:`step_pool` for the state update.
-
-        Warm-up and exploration apply. One process uses the defaults; the data-parallel
-        step passes their global forms: ``any_positive`` ORs per-feature flags over the
-        ranks, ``scores(acts, score)`` scores the global batch, ``draw_pool`` takes
-        :func:`pool_from_scores`'s arguments and gives every rank the same pool, and
-        ``select(acts, budget)`` is the global batch top-k.
-        """
-        cfg = self.cfg
-        positive = None
-        if cfg.aux_dead == "pooled":
-            with torch.no_grad():
-                # A feature with no positive activation could not have fired anyway.
-                positive = (acts > 0).any(dim=0)
-                if any_positive is not None:
-                    positive = any_positive(positive)
-        pool = None
-        size = config_pool_size(cfg)
-        if size < acts.shape[-1] and not self.in_warmup():
-            explore = cfg.pool_explore > 0
-            pool = draw_pool(
-                scores(acts, cfg.score),
-                size,
-                cfg.pool_mode,
-                self._generator(),
-                beta=cfg.pool_beta,
-                explore=cfg.pool_explore,
-                staleness=self.pool_staleness if explore else None,
-            )
-        self.step_pool = StepPool(pool, positive)
-        return topk_in_pool(acts, batch_budget(cfg.k, n_tokens), pool, select)
+    def pool_draw(self) -> PoolDraw:
+        """This selection's draw: in a training step, the step's generator and
+        options; outside one, the generator of a plain ``sampled`` selection."""
+        if self._in_training_step:
+            return PoolDraw(lambda _device: self._generator(), self)
+        generator = self._generator()
+        return PoolDraw(lambda _device: generator)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
@@ -476,43 +438,73 @@ class SampledSAE(BatchLevelSAE):
         # stream. Not saved: a loaded SAE starts again at 0.
         self.n_batch_draws = 0
 
-    @override
-    def select_ranked(self, ranking: torch.Tensor) -> torch.Tensor:
-        generator = None
-        if self.cfg.pool_seed is not None:
-            generator = seeded_generator(
-                self.cfg.pool_seed, self.n_batch_draws, ranking.device
-            )
+    def pool_draw(self) -> PoolDraw:
+        """This selection's draw: with a ``pool_seed``, the stream of
+        ``(pool_seed, n_batch_draws)``; the count moves on either way."""
+        seed, draw = self.cfg.pool_seed, self.n_batch_draws
         self.n_batch_draws += 1
-        return sampled_topk(
-            ranking,
-            k=self.cfg.k,
-            pool_factor=self.cfg.pool_factor,
-            score=self.cfg.score,
-            pool_mode=self.cfg.pool_mode,
-            generator=generator,
-            beta=self.cfg.pool_beta,
-            pool_fraction=self.cfg.pool_fraction,
-        )
+        if seed is None:
+            return PoolDraw(lambda _device: None)
+        return PoolDraw(lambda device: seeded_generator(seed, draw, device))
 
 
-def data_parallel_select(
-    sae: SampledTrainingSAE, acts: torch.Tensor, batch: GlobalBatch
+def sampled_rule(
+    sae: SampledTrainingSAE | SampledSAE, acts: torch.Tensor, batch: GlobalBatch
 ) -> torch.Tensor:
-    """The one-process rule on the global batch.
+    """Score the batch's features, draw a pool, and keep the batch's ``round(k * B)``
+    largest activations inside it.
 
-    The first process draws the pool (its generator seeded from (pool_seed, step
-    count) as in one process) and every process uses that pool.
+    Over a batch split across processes the scores are the global batch's, the first
+    process draws the pool (with the generator one process would use) and every
+    process uses it.
     """
-    return sae.select_in_step(
-        acts,
-        batch.n_tokens,
-        any_positive=batch.any_positive,
-        scores=batch.feature_scores,
-        draw_pool=batch.draw_pool,
-        select=batch.batch_topk,
+    cfg = sae.cfg
+    draw = sae.pool_draw()
+    step = draw.step
+    positive = None
+    if step is not None and step.cfg.aux_dead == "pooled":
+        with torch.no_grad():
+            # A feature with no positive activation could not have fired anyway.
+            positive = batch.any_positive((acts > 0).any(dim=0))
+    pool = None
+    size = config_pool_size(cfg)
+    if size < acts.shape[-1] and (step is None or not step.in_warmup()):
+        explore = 0.0 if step is None else step.cfg.pool_explore
+        pool = batch.draw_pool(
+            batch.feature_scores(acts, cfg.score),
+            size,
+            cfg.pool_mode,
+            draw.generator(acts.device),
+            beta=cfg.pool_beta,
+            explore=explore,
+            staleness=step.pool_staleness if step is not None and explore > 0 else None,
+        )
+    if step is not None:
+        step.step_pool = StepPool(pool, positive)
+    budget = batch_budget(cfg.k, batch.n_tokens)
+    return topk_in_pool(acts, budget, pool, batch.batch_topk)
+
+
+def sampled_traffic(
+    cfg: SampledTrainingSAEConfig, n_tokens: int, costs: BatchTraffic
+) -> float:
+    """The global scores and the pool, then a global top-k inside the pool."""
+    size = config_pool_size(cfg)
+    budget = batch_budget(cfg.k, n_tokens)
+    if size >= cfg.d_sae:
+        return costs.batch_topk(budget, cfg.d_sae)
+    return (
+        costs.feature_scores(cfg.d_sae, cfg.score)
+        + costs.draw_pool(size)
+        + costs.batch_topk(budget, size)
     )
 
+
+# The traffic model's columns: the paper's pool of 3k, scored by L2 or by entropy.
+_TRAFFIC_CASES = {
+    ARCHITECTURE: {"score": "l2", "pool_factor": 3.0, "pool_seed": 0},
+    f"{ARCHITECTURE}_entropy": {"score": "entropy", "pool_factor": 3.0, "pool_seed": 0},
+}
 
 ENTRY = Architecture(
     ARCHITECTURE,
@@ -520,5 +512,7 @@ ENTRY = Architecture(
     SampledSAEConfig,
     SampledTrainingSAE,
     SampledTrainingSAEConfig,
-    data_parallel_select,
+    sampled_rule,
+    sampled_traffic,
+    _TRAFFIC_CASES,
 )
