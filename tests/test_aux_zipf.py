@@ -193,6 +193,44 @@ def test_tau_zero_equals_saelens_aux_k(arch, n_dead):
         torch.testing.assert_close(g_ours, g_theirs)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+@pytest.mark.parametrize("n_dead", [0, 3, 20])
+def test_aux_k_equals_saelens_without_reading_the_dead_count(arch, n_dead):
+    # aux_k runs the masked loss (no host read of |dead|): value and gradients
+    # equal SAELens's calculate_topk_aux_loss, at the configured weight and at a
+    # scheduled one.
+    sae = make_sae(arch, aux_loss="aux_k", aux_loss_coefficient=0.7)
+    x = torch.randn(32, D_IN) * 2
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE)[:n_dead]] = True
+    for coefficient in (0.7, 0.35):
+        out = sae.training_forward_pass(
+            step_input(x, dead, coefficients={"aux_loss_coefficient": coefficient})
+        )
+        ours = aux_loss(out)
+        theirs = TopKTrainingSAE.calculate_topk_aux_loss(
+            sae, x, out.sae_out, out.hidden_pre, dead
+        ) * (coefficient / 0.7)
+        torch.testing.assert_close(ours, theirs)
+        if n_dead == 0:
+            assert ours.item() == 0.0
+            continue
+        assert ours.item() > 0
+        params = [sae.W_enc, sae.W_dec, sae.b_enc]
+        for g_ours, g_theirs in zip(
+            torch.autograd.grad(ours, params, retain_graph=True),
+            torch.autograd.grad(theirs, params),
+            strict=True,
+        ):
+            torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_aux_k_without_a_dead_mask_is_zero():
+    sae = make_sae(ARCHITECTURES[0], aux_loss="aux_k")
+    out = sae.training_forward_pass(step_input(torch.randn(8, D_IN), None))
+    assert aux_loss(out).item() == 0.0
+
+
 def test_mutual_choice_tau_zero_equals_saelens_batchtopk_twin():
     # An independent SAELens model with copied weights, through its own forward pass.
     mc = make_sae(ARCHITECTURES[0], zipf_tau=0.0)

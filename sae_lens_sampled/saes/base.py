@@ -66,6 +66,9 @@ AuxLoss = Literal["aux_k", "aux_zipf", "none"]
 
 AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
 
+FiniteCheck = Literal["every_step"]
+FINITE_CHECKS: tuple[bool | str, ...] = (True, False, "every_step")
+
 
 def is_default(cfg: Any, name: str) -> bool:
     """Whether dataclass ``cfg``'s field ``name`` holds its declared default."""
@@ -186,9 +189,14 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             only the dead features).
         zipf_ema_tokens (int): Horizon, in tokens (> 0), of the per-feature firing-rate
             EMA; until that many tokens are seen it is the plain running mean.
-        check_finite_inputs (bool): Raise on NaN/Inf in a training batch before any
-            state is updated. Costs one device sync per step; turn off for maximum GPU
-            throughput once the data pipeline is trusted.
+        check_finite_inputs (bool | str): NaN/Inf in training batches. ``True``
+            (default): each batch is checked on the device, with no host sync, and
+            the ValueError is raised at the next SAELens logging step (through a
+            logged metric), at the next save or checkpoint, or when
+            :meth:`~BatchLevelTrainingSAE.raise_if_nonfinite_inputs` is called; by
+            then the bad batch has already updated the weights and state.
+            ``"every_step"``: check before anything is updated and raise at once
+            (one device sync per step). ``False``: no check.
     """
 
     k: float = 100
@@ -202,7 +210,7 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     zipf_alpha: float = 1.0
     zipf_tau: float = 0.1
     zipf_ema_tokens: int = 1_000_000
-    check_finite_inputs: bool = True
+    check_finite_inputs: bool | FiniteCheck = True
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[no-untyped-call]  # SAELens: unannotated
@@ -231,6 +239,7 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
         check_range("zipf_alpha", self.zipf_alpha, low=0, low_inclusive=False)
         check_range("zipf_tau", self.zipf_tau, low=0)
         check_range("zipf_ema_tokens", self.zipf_ema_tokens, low=1)
+        check_choice("check_finite_inputs", self.check_finite_inputs, FINITE_CHECKS)
         if self.aux_loss != "none" and self.normalize_activations in (
             "constant_norm_rescale",
             "layer_norm",
@@ -271,6 +280,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     data_parallel: GlobalBatch | None = None
     # The sparse path's entries of the codes the last training encode returned.
     selected_entries: SelectedEntries | None = None
+    # False once a training batch held NaN or Inf (check_finite_inputs=True): set on
+    # the batch's device, read only where a read is paid anyway. Not a buffer, so
+    # never saved (and never left on the meta device by SAELens's loader).
+    inputs_finite: torch.Tensor | None = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -495,18 +508,18 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 mask=self.underutilised(step_input.dead_neuron_mask),
                 coefficient=coefficient,
             )
+        elif step_input.dead_neuron_mask is None:
+            loss = sae_out.new_tensor(0.0)  # as SAELens's aux-k loss
         else:
-            # SAELens's own aux-k loss, weighted by the configured value; swap in the
-            # scheduled one (nothing changes without warm-up, so it stays SAELens's).
-            loss = self.calculate_topk_aux_loss(
+            # SAELens's aux-k loss (calculate_topk_aux_loss) reads the number of dead
+            # features on the host; the masked form keeps it on the device.
+            loss = self.calculate_masked_aux_loss(
                 sae_in=step_input.sae_in,
                 sae_out=sae_out,
                 hidden_pre=hidden_pre,
-                dead_neuron_mask=step_input.dead_neuron_mask,
+                mask=step_input.dead_neuron_mask,
+                coefficient=coefficient,
             )
-            configured = self.cfg.aux_loss_coefficient
-            if coefficient != configured and configured > 0:
-                loss = loss * (coefficient / configured)
         return {"auxiliary_reconstruction_loss": loss}
 
     @torch.no_grad()
@@ -565,9 +578,15 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_input_width(step_input.sae_in, self.cfg)
-        if self.cfg.check_finite_inputs:
+        check = self.cfg.check_finite_inputs
+        if check == "every_step":
             check_finite(step_input.sae_in)
+        elif check:
+            self.note_nonfinite_inputs(step_input.sae_in)
         output = super().training_forward_pass(step_input)
+        if check is True:
+            # SAELens evaluates metric callables on logging steps only.
+            output.metrics["inputs_finite"] = self.raise_if_nonfinite_inputs
         fire_rates = self.update_state(output.feature_acts, output.hidden_pre)
         # Callables: SAELens evaluates them on logging steps only, so other steps
         # never sync. They read the state as updated by this batch.
@@ -588,6 +607,58 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         k = self.cfg.k
         output.metrics["l0_per_token_drift"] = lambda: fire_rates.sum() / k - 1
         return output
+
+    # (buffer, its in-place version, its value) of the last read of
+    # n_selection_steps: see host_step_count.
+    _step_mirror: tuple[torch.Tensor, int, int] | None = None
+
+    def host_step_count(self) -> int:
+        """The ``n_selection_steps`` buffer (of the subclasses that count steps) as a
+        host int, without a device read while the mirror is current.
+
+        :meth:`advance_step_count` keeps the mirror in step with the buffer; any other
+        change to the buffer (a load, ``fill_``, a copy of the module) bumps its
+        in-place version or replaces it, and the next call reads it once.
+        """
+        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        mirror = self._step_mirror
+        if mirror is not None and mirror[0] is buffer and mirror[1] == buffer._version:
+            return mirror[2]
+        step = int(buffer)
+        self._step_mirror = (buffer, buffer._version, step)
+        return step
+
+    @torch.no_grad()
+    def advance_step_count(self) -> None:
+        """Add one to ``n_selection_steps`` and to its host mirror."""
+        step = self.host_step_count()
+        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        buffer += 1
+        self._step_mirror = (buffer, buffer._version, step + 1)
+
+    @torch.no_grad()
+    def note_nonfinite_inputs(self, x: torch.Tensor) -> None:
+        """Clear :attr:`inputs_finite` if ``x`` holds NaN or Inf, on the device."""
+        finite = torch.isfinite(x).all()
+        if self.inputs_finite is not None:
+            finite &= self.inputs_finite.to(finite.device)
+        self.inputs_finite = finite
+
+    def raise_if_nonfinite_inputs(self) -> torch.Tensor:
+        """Raise a ValueError if a training batch held NaN or Inf since this SAE was
+        built (``check_finite_inputs=True``); else return True as a tensor. One host
+        sync."""
+        if self.inputs_finite is None:
+            return torch.ones((), dtype=torch.bool)
+        if not bool(self.inputs_finite):
+            raise ValueError(
+                "a training batch contained non-finite activations (NaN or Inf); "
+                "it was already applied, so the weights and training state are "
+                "likely corrupted. Fix the data, or set "
+                "check_finite_inputs='every_step' to stop before a bad batch is "
+                "applied (one device sync per step)"
+            )
+        return self.inputs_finite
 
     def health(self) -> HealthReport:
         """Whether reconstruction improved over the last window, and the per-token
@@ -667,6 +738,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def process_state_dict_for_saving_inference(
         self, state_dict: dict[str, Any]
     ) -> None:
+        if self.cfg.check_finite_inputs is True:
+            self.raise_if_nonfinite_inputs()
         threshold = state_dict.pop("running_threshold")
         for name in self.training_buffers:
             state_dict.pop(name)
@@ -692,6 +765,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        if self.cfg.check_finite_inputs is True:
+            self.raise_if_nonfinite_inputs()
         super().process_state_dict_for_saving(state_dict)
         self.thresholds.record_metadata(self.cfg.metadata)
         self.record_health(self.cfg.metadata)

@@ -234,7 +234,7 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         Runs after :meth:`update_state`, so the batch is already in ``firing_rate``
         and ``n_tokens_seen``.
         """
-        self.n_selection_steps += 1
+        self.advance_step_count()
         if self.cfg.capacity_schedule != "zipf":
             return
         if self.cfg.rank_by == "demand":
@@ -254,8 +254,7 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
                         self.cfg.zipf_ema_tokens,
                     )
                 )
-        # One host sync per step; feature_choice_select already takes one.
-        if int(self.n_selection_steps) % self.cfg.rerank_every == 0:
+        if self.host_step_count() % self.cfg.rerank_every == 0:
             self.rerank()
 
 

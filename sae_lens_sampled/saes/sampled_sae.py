@@ -251,7 +251,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
             return seeded_generator(self._draw_seed, 0, self.W_dec.device)
         if self.cfg.pool_seed is None:
             return None
-        step = int(self.n_selection_steps)
+        step = self.host_step_count()
         return seeded_generator(self.cfg.pool_seed, step, self.W_dec.device)
 
     _draw_seed: int | None = None
@@ -278,7 +278,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
     def in_warmup(self) -> bool:
         """Whether the current training step still uses every feature as the pool."""
         warmup = self.cfg.pool_warmup_steps
-        return warmup > 0 and int(self.n_selection_steps) < warmup
+        return warmup > 0 and self.host_step_count() < warmup
 
     @override
     def select(self, acts: torch.Tensor) -> torch.Tensor:
@@ -397,7 +397,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
     ) -> torch.Tensor:
         fire_rates = super().update_state(feature_acts, hidden_pre)
-        self.n_selection_steps += 1
+        self.advance_step_count()
         step_pool, self.step_pool = self.step_pool, None
         if step_pool is None:  # called outside a training step
             return fire_rates
