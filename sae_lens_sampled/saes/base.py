@@ -46,6 +46,7 @@ from sae_lens_sampled.losses import (
     masked_topk_aux_acts,
     underutilised_mask,
 )
+from sae_lens_sampled.selection import batch_budget, fixed_shapes
 from sae_lens_sampled.sparse import (
     SelectedEntries,
     SparseCodes,
@@ -394,7 +395,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             hidden_pre = pre * self.W_dec.norm(dim=-1)
         with torch.no_grad():
             selected = self.activation_fn(hidden_pre.detach())
-        codes = SparseCodes.from_dense(selected.flatten(end_dim=-2))
+        flat_selected = selected.flatten(end_dim=-2)
+        if self.data_parallel is None and fixed_shapes(flat_selected):
+            # No host read: as many entries as the rule can keep, padded.
+            size = self.max_selected(flat_selected.shape[0])
+            codes = SparseCodes.from_dense_fixed(flat_selected, size)
+        else:
+            codes = SparseCodes.from_dense(flat_selected)
         values = gather_linear(
             pre.flatten(end_dim=-2),
             sae_in.flatten(end_dim=-2),
@@ -405,9 +412,16 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if self.cfg.rescale_acts_by_decoder_norm:
             values = values * self.W_dec.norm(dim=-1)[codes.cols]
         values = values.relu()
+        if codes.valid is not None:  # padding entries hold 0, and get no gradient
+            values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
         self.selected_entries = SelectedEntries.of(feature_acts, codes, values)
         return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    def max_selected(self, n_tokens: int) -> int:
+        """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
+        its budget ``round(k * n_tokens)``, at most every entry."""
+        return min(batch_budget(self.cfg.k, n_tokens), n_tokens * self.cfg.d_sae)
 
     def entries_of(self, feature_acts: torch.Tensor) -> SelectedEntries | None:
         """The selected entries of ``feature_acts`` when the last training encode
@@ -601,9 +615,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             firing_rate, n_tokens_seen, self.cfg.zipf_ema_tokens
         ).sum()
         self.reconstruction.add(output.losses["mse_loss"])
-        change = self.reconstruction.change_tensor()
-        if change is not None:  # logged as metrics/mse_window_change
-            output.metrics["mse_window_change"] = change
+        # logged as metrics/mse_window_change (NaN before two full windows)
+        output.metrics["mse_window_change"] = self.reconstruction.logged_change
         k = self.cfg.k
         output.metrics["l0_per_token_drift"] = lambda: fire_rates.sum() / k - 1
         return output
@@ -631,8 +644,14 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     @torch.no_grad()
     def advance_step_count(self) -> None:
         """Add one to ``n_selection_steps`` and to its host mirror."""
-        step = self.host_step_count()
         buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        if torch.compiler.is_compiling():
+            # A host int that changes every step would recompile every step: the
+            # mirror goes stale (the buffer's version moves) and eager code reads
+            # the buffer again when it needs it.
+            buffer += 1
+            return
+        step = self.host_step_count()
         buffer += 1
         self._step_mirror = (buffer, buffer._version, step + 1)
 
@@ -663,11 +682,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def health(self) -> HealthReport:
         """Whether reconstruction improved over the last window, and the per-token
         L0 (EMA of the end of training) against k. One host sync."""
-        change = self.reconstruction.change_tensor()
         token_rate = self.thresholds.token_rate
         started = bool(self.thresholds.selection_rate.any())
         return HealthReport(
-            mse_change=None if change is None else float(change),
+            mse_change=self.reconstruction.change(),
             window_steps=self.reconstruction.window,
             l0_per_token=float(token_rate.sum()) if started else None,
             k=float(self.cfg.k),
