@@ -161,6 +161,25 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class SparseEncode:
+    """The dense pieces of a sparse training encode that a sparse aux loss reads.
+
+    Args:
+        hidden_pre (torch.Tensor): The ``hidden_pre`` the encode returned.
+        pre (torch.Tensor): ``sae_in @ W_enc + b_enc``, ``[n, d_sae]``.
+        sae_in (torch.Tensor): The processed input, ``[n, d_in]``.
+    """
+
+    hidden_pre: torch.Tensor
+    pre: torch.Tensor
+    sae_in: torch.Tensor
+
+    # A copy of the module holding this gets none (tensors of an autograd graph).
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+
 @dataclass
 class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     """Fields shared by the plugin's training configs (see each subclass).
@@ -281,6 +300,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     data_parallel: GlobalBatch | None = None
     # The sparse path's entries of the codes the last training encode returned.
     selected_entries: SelectedEntries | None = None
+    # The last sparse training encode's dense pieces, for a sparse aux loss.
+    sparse_encode: "SparseEncode | None" = None
     # False once a training batch held NaN or Inf (check_finite_inputs=True): set on
     # the batch's device, read only where a read is paid anyway. Not a buffer, so
     # never saved (and never left on the meta device by SAELens's loader).
@@ -416,6 +437,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
         self.selected_entries = SelectedEntries.of(feature_acts, codes, values)
+        self.sparse_encode = SparseEncode(
+            hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
+        )
         return self.hook_sae_acts_post(feature_acts), hidden_pre
 
     def max_selected(self, n_tokens: int) -> int:
@@ -522,6 +546,18 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 mask=self.underutilised(step_input.dead_neuron_mask),
                 coefficient=coefficient,
             )
+        elif not fixed_shapes(hidden_pre):
+            # SAELens's own aux-k loss: on a CPU its read of the number of dead
+            # features costs nothing, and with none it skips all work.
+            loss = self.calculate_topk_aux_loss(
+                sae_in=step_input.sae_in,
+                sae_out=sae_out,
+                hidden_pre=hidden_pre,
+                dead_neuron_mask=step_input.dead_neuron_mask,
+            )
+            configured = self.cfg.aux_loss_coefficient
+            if coefficient != configured and configured > 0:
+                loss = loss * (coefficient / configured)
         elif step_input.dead_neuron_mask is None:
             loss = sae_out.new_tensor(0.0)  # as SAELens's aux-k loss
         else:
@@ -578,16 +614,46 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             )
         residual = (sae_in - sae_out).detach()
         d_in = sae_in.shape[-1]
-        aux_acts = masked_topk_aux_acts(
-            hidden_pre, mask, aux_k_budget(d_in, hidden_pre.shape[-1])
-        )
-        recons = act_times_W_dec(
-            aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
-        )
+        k_aux = aux_k_budget(d_in, hidden_pre.shape[-1])
+        encode = self.sparse_encode
+        if encode is not None and encode.hidden_pre is hidden_pre:
+            recons = self._sparse_aux_recons(encode, mask, k_aux)
+        else:
+            aux_acts = masked_topk_aux_acts(hidden_pre, mask, k_aux)
+            recons = act_times_W_dec(
+                aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
+            )
         recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[no-untyped-call]
         aux_loss: torch.Tensor = (recons - residual).pow(2).sum(dim=-1).mean()
         scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
         return coefficient * scale * aux_loss
+
+    def _sparse_aux_recons(
+        self, encode: "SparseEncode", mask: torch.Tensor, k_aux: int
+    ) -> torch.Tensor:
+        """The aux-k reconstruction of :meth:`calculate_masked_aux_loss` from the
+        ``k_aux`` picks per token alone: values gathered as in :meth:`_encode_sparse`
+        and decoded with :func:`sparse_decode`, so neither the loss nor its backward
+        touches an ``[n, d_sae]`` matrix (``O(n * k_aux * d_in)``)."""
+        pre, sae_in = encode.pre, encode.sae_in
+        n_tokens, d_sae = pre.shape
+        with torch.no_grad():
+            mask = mask.to(device=pre.device, dtype=torch.bool)
+            flat = encode.hidden_pre.detach().flatten(end_dim=-2)
+            candidates = torch.where(mask, flat, -torch.inf)
+            cols = candidates.topk(k_aux, dim=-1, sorted=False).indices.flatten()
+            rows = torch.arange(n_tokens, device=pre.device)[:, None]
+            rows = rows.expand(n_tokens, k_aux).flatten()
+            picked = mask[cols]
+        codes = SparseCodes.from_rows_cols(rows, cols, n_tokens, d_sae)
+        values = gather_linear(pre, sae_in, self.W_enc, self.b_enc, codes)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||)
+            norms = self.W_dec.norm(dim=-1)[cols]
+            values = values * norms * (1 / norms)
+        values = torch.where(picked, values, values.new_zeros(()))
+        recons = sparse_decode(values, self.W_dec, codes)
+        return recons.reshape(*encode.hidden_pre.shape[:-1], self.W_dec.shape[1])
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
