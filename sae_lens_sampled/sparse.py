@@ -96,20 +96,23 @@ class SparseCodes:
         plus its rank within the row (a scan along the row).
         """
         n_rows, n_cols = codes.shape
+        device = codes.device
+        # 32-bit positions where they fit: these passes run over every entry.
+        dtype = torch.int32 if n_rows * n_cols < 2**31 - 1 else torch.int64
         nonzero = codes != 0
-        rank = nonzero.cumsum(dim=1, dtype=torch.int64)
+        rank = nonzero.cumsum(dim=1, dtype=dtype)
         row_counts = rank[:, -1]
-        row_starts = row_counts.cumsum(0) - row_counts
+        row_starts = row_counts.cumsum(0, dtype=dtype) - row_counts
         slot = row_starts[:, None] + rank - 1
         # Entries past `size` (never, for a selection within its budget) and the
         # zero entries go to one extra slot that is dropped.
-        slot = torch.where(nonzero & (slot < size), slot, size)
-        positions = torch.arange(n_rows * n_cols, device=codes.device)
+        slot = torch.where(nonzero & (slot < size), slot, size).long()
+        positions = torch.arange(n_rows * n_cols, device=device, dtype=dtype)
         flat = torch.full(
-            (size + 1,), (n_rows - 1) * n_cols, device=codes.device, dtype=torch.int64
+            (size + 1,), (n_rows - 1) * n_cols, device=device, dtype=dtype
         )
-        flat = flat.scatter_(0, slot.flatten(), positions)[:size]
-        valid = torch.arange(size, device=codes.device) < row_counts.sum()
+        flat = flat.scatter_(0, slot.flatten(), positions.view(-1))[:size].long()
+        valid = torch.arange(size, device=device) < row_counts.sum()
         return cls.from_rows_cols(
             flat // n_cols, flat % n_cols, n_rows, n_cols, valid=valid
         )
