@@ -15,7 +15,7 @@ class FieldValueError(ValueError):
         self.value = value
 
 
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise FieldValueError(
             f"{name} must be one of {allowed}, got {value!r}", name, value

@@ -76,9 +76,12 @@ class GlobalBatch(Protocol):
         """A Sampled-SAE pool from global ``scores``, the same on every process."""
         ...
 
-    def column_topk(self, acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+    def column_topk(
+        self, acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
+    ) -> torch.Tensor:
         """Each feature ``j`` keeps its global top ``capacities[j]`` tokens: ``acts``
-        where selected, 0 elsewhere."""
+        where selected, 0 elsewhere. ``depth``, when given, bounds every capacity
+        (on the host), which lets the selection keep fixed shapes."""
         ...
 
 
@@ -115,12 +118,22 @@ Traffic = Callable[[Any, int, BatchTraffic], float]
 class LocalBatch:
     """The :class:`GlobalBatch` of one process: its ``n_tokens`` rows are the batch."""
 
-    batch_topk = staticmethod(batch_topk)
-    feature_scores = staticmethod(feature_scores)
-    column_topk = staticmethod(feature_choice_select)
+    # Methods that call selection.py's functions, not staticmethod attributes, which
+    # torch.compile (2.13) cannot trace on an object built inside the graph.
 
     def __init__(self, n_tokens: int) -> None:
         self._n_tokens = n_tokens
+
+    def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
+        return batch_topk(acts, budget)
+
+    def feature_scores(self, acts: torch.Tensor, score: str) -> torch.Tensor:
+        return feature_scores(acts, score)
+
+    def column_topk(
+        self, acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
+    ) -> torch.Tensor:
+        return feature_choice_select(acts, capacities, depth)
 
     @property
     def n_tokens(self) -> int:

@@ -9,6 +9,7 @@ Pure tensor and number logic; the training SAEs log and record it
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -31,33 +32,52 @@ class TrainingHealthWarning(UserWarning):
 class ReconstructionWindows:
     """Mean training MSE over consecutive windows of ``window`` steps.
 
-    Sums stay on the device; reading :meth:`change` syncs once.
+    Everything stays on the device, with no branch on a step count, so that a
+    training step compiles to one graph (``torch.compile(..., fullgraph=True)``)
+    and never recompiles; reading :meth:`change` syncs once.
     """
 
     def __init__(self, window: int = WINDOW_STEPS) -> None:
         self.window = window
-        self.steps = 0
+        # Running sum and step count, and the means of the window before the last
+        # and of the last (NaN until that window has closed).
         self._sum: torch.Tensor | None = None
-        self.last: torch.Tensor | None = None
-        self.previous: torch.Tensor | None = None
+        self._steps: torch.Tensor | None = None
+        self._means: torch.Tensor | None = None
 
-    # Python-side counting: kept out of a compiled training step (compile_sae),
-    # where it would recompile at every step.
-    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def add(self, mse: torch.Tensor) -> None:
         value = mse.detach().to(torch.float64)
-        self._sum = value if self._sum is None else self._sum + value
-        self.steps += 1
-        if self.steps % self.window == 0:
-            self.previous, self.last = self.last, self._sum / self.window
-            self._sum = None
+        if self._sum is None or self._steps is None or self._means is None:
+            self._sum = torch.zeros_like(value)
+            self._steps = torch.zeros((), dtype=torch.long, device=value.device)
+            self._means = torch.full((2,), torch.nan, device=value.device).to(value)
+        total = self._sum + value
+        steps = self._steps + 1
+        closed = steps % self.window == 0
+        shifted = torch.stack([self._means[1], total / self.window])
+        self._means = torch.where(closed, shifted, self._means)
+        self._sum = torch.where(closed, 0.0, total)
+        self._steps = steps
 
     def change_tensor(self) -> torch.Tensor | None:
         """Relative change of the window mean, last against the one before
-        (negative: improved); None before two full windows."""
-        if self.last is None or self.previous is None:
+        (negative: improved); NaN before two full windows, None before any step."""
+        if self._means is None:
             return None
-        return self.last / self.previous - 1
+        return self._means[1] / self._means[0] - 1
+
+    def logged_change(self) -> torch.Tensor:
+        """:meth:`change_tensor` for a metrics log: NaN before two full windows."""
+        change = self.change_tensor()
+        return torch.tensor(torch.nan) if change is None else change
+
+    def change(self) -> float | None:
+        """:meth:`change_tensor` as a float; None before two full windows."""
+        change = self.change_tensor()
+        if change is None:
+            return None
+        value = float(change)
+        return None if math.isnan(value) else value
 
 
 @dataclass

@@ -18,7 +18,8 @@ Nothing in this module imports SAELens, so the rules can be tested and optimised
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -33,6 +34,37 @@ POOL_MODES: tuple[str, ...] = ("sample", "top")
 # Gumbel keys: log-scores of positive float32/64 values lie within about +-750 and
 # Gumbel noise within about [-4, 40], far inside this gap.
 _ZERO_SCORE_KEY_OFFSET = 1e4
+
+
+_FIXED_SHAPES_FORCED = False
+
+
+def fixed_shapes(acts: torch.Tensor) -> bool:
+    """Whether a selection on ``acts`` must keep every shape fixed and read nothing
+    back to the host: on an accelerator (where a read stalls the queue of kernels),
+    while ``torch.compile`` traces (one graph), and inside
+    :func:`fixed_shape_selection`.
+
+    On a CPU a read costs nothing, and the data-dependent paths (a per-row top-k
+    with a settling step, ``nonzero``) are faster there, so eager CPU code keeps them.
+    Both paths select the same entries.
+    """
+    return (
+        _FIXED_SHAPES_FORCED
+        or acts.device.type != "cpu"
+        or torch.compiler.is_compiling()
+    )
+
+
+@contextmanager
+def fixed_shape_selection() -> Iterator[None]:
+    """Take the fixed-shape, read-free paths on every device (tests, audits)."""
+    global _FIXED_SHAPES_FORCED
+    previous, _FIXED_SHAPES_FORCED = _FIXED_SHAPES_FORCED, True
+    try:
+        yield
+    finally:
+        _FIXED_SHAPES_FORCED = previous
 
 
 def batch_budget(k: float, n_tokens: int) -> int:
@@ -87,17 +119,20 @@ def _first_in_order(
     return above | (at & (at.cumsum(dim=0) <= room))
 
 
-def _batch_topk_dense(acts: torch.Tensor, budget: int) -> torch.Tensor:
-    """:func:`batch_topk` by a flat top-k for the cut-off and one pass over ``acts``."""
+def _batch_topk_dense(
+    acts: torch.Tensor, budget: int, ties: bool | None = None
+) -> torch.Tensor:
+    """:func:`batch_topk` by a flat top-k for the cut-off and one pass over ``acts``
+    (``ties=True``: apply the tie rule unconditionally, with no host read)."""
     flat = acts.flatten()
     with torch.no_grad():
         if budget > 0:
             cutoff = torch.topk(flat, budget, sorted=False).values.min()
         else:
             cutoff = flat.new_full((), torch.inf)
-    capacity = torch.tensor([budget], device=acts.device)
+    capacity = torch.full((1,), budget, device=acts.device)
     # One column of n * d_sae entries: "along the column" is row-major order.
-    return keep_top(flat.view(-1, 1), cutoff.view(1), capacity).view_as(acts)
+    return keep_top(flat.view(-1, 1), cutoff.view(1), capacity, ties).view_as(acts)
 
 
 def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
@@ -116,9 +151,15 @@ def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
     equal to the true cut-off is a candidate; and unless a candidate equal to the
     cut-off was left out, the top set is the only one and is kept as found (one host
     sync, the common case). Otherwise :func:`_batch_topk_settled` applies the tie rule.
+
+    Where shapes must stay fixed (:func:`fixed_shapes`: accelerators, compiling),
+    one flat top-k gives the cut-off and :func:`keep_top` applies the tie rule in a
+    few passes, whether or not there are ties: the same entries, no host read.
     """
     flat = acts.flatten()
     budget = min(max(budget, 0), flat.numel())
+    if budget > 0 and fixed_shapes(acts):
+        return _batch_topk_dense(acts, budget, ties=True)
     n_rows, n_cols = (acts.shape[0], acts.shape[-1]) if acts.dim() == 2 else (1, 0)
     n_candidates = 2 * -(-budget // max(n_rows, 1))
     if budget == 0 or acts.dim() != 2 or 2 * n_candidates > n_cols:
@@ -548,8 +589,9 @@ def _capped_proportional(
     totals = n_floored + n_tokens * n_capped + kinks * proportional
     # g(first kink) = d_sae < budget <= g(last kink) = n * d_sae
     upper = (totals < budget).sum().clamp(1, kinks.numel() - 1)
-    low, high = kinks[upper - 1], kinks[upper]
-    n_floored, n_capped, proportional = pieces((low + high) / 2)
+    # One-element index tensors: indexing with a 0-d tensor reads it on the host.
+    low, high = kinks.gather(0, torch.stack([upper - 1, upper]))
+    n_floored, n_capped, proportional = pieces(((low + high) / 2).reshape(1))
     scale = (budget - n_floored - n_tokens * n_capped) / proportional
     return (scale * weights).clamp(1, n_tokens)
 
@@ -659,7 +701,24 @@ class _ColumnTop:
         return flat, self.top.values.flatten()
 
 
-def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+def _feature_choice_fixed(
+    acts: torch.Tensor, capacities: torch.Tensor, depth: int
+) -> torch.Tensor:
+    """:func:`feature_choice_select` with fixed shapes and no host read: one sorted
+    top-``depth`` per column gives the cut-offs (capacities above ``depth`` are cut
+    to it), and :func:`keep_top` applies the tie rule whether or not there are
+    ties."""
+    with torch.no_grad():
+        capacities = capacities.clamp(max=depth)
+        top = torch.topk(acts, depth, dim=0).values  # sorted
+        ranks = (capacities - 1).clamp(min=0)[None]
+        cutoffs = top.gather(0, ranks)[0].masked_fill(capacities == 0, torch.inf)
+    return keep_top(acts, cutoffs, capacities, ties=True)
+
+
+def feature_choice_select(
+    acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
+) -> torch.Tensor:
     """Each feature j keeps its ``capacities[j]`` largest entries over the tokens.
 
     ``acts`` is ``[n_tokens, d_sae]`` (post-ReLU), ``capacities`` a long ``[d_sae]``.
@@ -677,9 +736,18 @@ def feature_choice_select(acts: torch.Tensor, capacities: torch.Tensor) -> torch
     cut-off (the order ``topk`` gives equal values is unspecified), the cut-offs go to
     :func:`keep_top` instead, which applies the tie rule in a few passes over
     ``acts``.
+
+    ``depth``, when given, bounds every capacity; where shapes must stay fixed
+    (:func:`fixed_shapes`), one sorted top-``depth`` per column gives the cut-offs
+    and :func:`keep_top` the tie rule: the same entries, no host read.
     """
     n_tokens, d_sae = acts.shape
     capacities = capacities.clamp(0, n_tokens)
+    if depth is not None and fixed_shapes(acts):
+        depth = min(depth, n_tokens)
+        if depth == 0:
+            return torch.zeros_like(acts)
+        return _feature_choice_fixed(acts, capacities, depth)
     depth, total = 0, 0
     if acts.numel() > 0:
         # One host sync: topk depths must be Python ints.

@@ -52,10 +52,18 @@ class SparseCodes:
     row_offsets: torch.Tensor
     col_order: torch.Tensor
     col_offsets: torch.Tensor
+    # Fixed-size codes (from_dense_fixed): which entries are real; the others are
+    # padding whose values must be 0. None: every entry is real.
+    valid: torch.Tensor | None = None
 
     @classmethod
     def from_rows_cols(
-        cls, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int
+        cls,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        n_rows: int,
+        n_cols: int,
+        valid: torch.Tensor | None = None,
     ) -> SparseCodes:
         col_order = torch.argsort(cols, stable=True)
         return cls(
@@ -66,6 +74,7 @@ class SparseCodes:
             row_offsets=bag_offsets(rows, n_rows),
             col_order=col_order,
             col_offsets=bag_offsets(cols[col_order], n_cols),
+            valid=valid,
         )
 
     @classmethod
@@ -74,6 +83,39 @@ class SparseCodes:
         """The nonzero entries of a ``[n_rows, n_cols]`` matrix (a host sync on GPU)."""
         rows, cols = codes.nonzero().unbind(1)
         return cls.from_rows_cols(rows, cols, codes.shape[0], codes.shape[1])
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense_fixed(cls, codes: torch.Tensor, size: int) -> SparseCodes:
+        """Exactly ``size`` entries of a ``[n_rows, n_cols]`` matrix with at most
+        ``size`` nonzero entries, with no host read: the nonzero entries in row-major
+        order, then padding at ``(n_rows - 1, 0)`` (flagged in :attr:`valid`; its
+        values must be 0) up to ``size``. Rows stay non-decreasing.
+
+        Each nonzero entry's slot is its row's start (a scan over the row counts)
+        plus its rank within the row (a scan along the row).
+        """
+        n_rows, n_cols = codes.shape
+        device = codes.device
+        # 32-bit positions where they fit: these passes run over every entry.
+        dtype = torch.int32 if n_rows * n_cols < 2**31 - 1 else torch.int64
+        nonzero = codes != 0
+        rank = nonzero.cumsum(dim=1, dtype=dtype)
+        row_counts = rank[:, -1]
+        row_starts = row_counts.cumsum(0, dtype=dtype) - row_counts
+        slot = row_starts[:, None] + rank - 1
+        # Entries past `size` (never, for a selection within its budget) and the
+        # zero entries go to one extra slot that is dropped.
+        slot = torch.where(nonzero & (slot < size), slot, size).long()
+        positions = torch.arange(n_rows * n_cols, device=device, dtype=dtype)
+        flat = torch.full(
+            (size + 1,), (n_rows - 1) * n_cols, device=device, dtype=dtype
+        )
+        flat = flat.scatter_(0, slot.flatten(), positions.view(-1))[:size].long()
+        valid = torch.arange(size, device=device) < row_counts.sum()
+        return cls.from_rows_cols(
+            flat // n_cols, flat % n_cols, n_rows, n_cols, valid=valid
+        )
 
     @property
     def flat_indices(self) -> torch.Tensor:
@@ -301,6 +343,10 @@ class SelectedEntries:
 
     def describe(self, dense: torch.Tensor) -> bool:
         """Whether these are the entries of ``dense`` as it is now."""
+        if torch.compiler.is_compiling():
+            # Version counters are not traced; the edits they catch come from hooks,
+            # which send the training encode down the dense path anyway.
+            return self.dense() is dense
         return self.dense() is dense and dense._version == self.version
 
     # A copy of the module holding these gets none: they belong to a tensor of the

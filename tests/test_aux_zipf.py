@@ -1,5 +1,6 @@
 """aux_zipf: Zipf targets, the underutilised set, and equality with SAELens's aux-k."""
 
+import contextlib
 import math
 
 import pytest
@@ -23,7 +24,7 @@ from sae_lens_sampled.losses import (
     underutilised_mask,
     zipf_targets,
 )
-from sae_lens_sampled.selection import usage_ranks
+from sae_lens_sampled.selection import fixed_shape_selection, usage_ranks
 from tests.helpers import step_input
 
 D_IN, D_SAE, K = 16, 64, 4.0
@@ -191,6 +192,46 @@ def test_tau_zero_equals_saelens_aux_k(arch, n_dead):
         strict=True,
     ):
         torch.testing.assert_close(g_ours, g_theirs)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+@pytest.mark.parametrize("n_dead", [0, 3, 20])
+@pytest.mark.parametrize("fixed", [False, True], ids=["cpu_path", "fixed_shapes"])
+def test_aux_k_equals_saelens_on_both_paths(arch, n_dead, fixed):
+    # On the fixed-shape path (accelerators, compile) aux_k runs the masked, sparse
+    # loss (no host read of |dead|): value and gradients equal SAELens's
+    # calculate_topk_aux_loss, at the configured weight and at a scheduled one.
+    sae = make_sae(arch, aux_loss="aux_k", aux_loss_coefficient=0.7)
+    x = torch.randn(32, D_IN) * 2
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE)[:n_dead]] = True
+    for coefficient in (0.7, 0.35):
+        with fixed_shape_selection() if fixed else contextlib.nullcontext():
+            out = sae.training_forward_pass(
+                step_input(x, dead, coefficients={"aux_loss_coefficient": coefficient})
+            )
+        ours = aux_loss(out)
+        theirs = TopKTrainingSAE.calculate_topk_aux_loss(
+            sae, x, out.sae_out, out.hidden_pre, dead
+        ) * (coefficient / 0.7)
+        torch.testing.assert_close(ours, theirs)
+        if n_dead == 0:
+            assert ours.item() == 0.0
+            continue
+        assert ours.item() > 0
+        params = [sae.W_enc, sae.W_dec, sae.b_enc]
+        for g_ours, g_theirs in zip(
+            torch.autograd.grad(ours, params, retain_graph=True),
+            torch.autograd.grad(theirs, params),
+            strict=True,
+        ):
+            torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_aux_k_without_a_dead_mask_is_zero():
+    sae = make_sae(ARCHITECTURES[0], aux_loss="aux_k")
+    out = sae.training_forward_pass(step_input(torch.randn(8, D_IN), None))
+    assert aux_loss(out).item() == 0.0
 
 
 def test_mutual_choice_tau_zero_equals_saelens_batchtopk_twin():

@@ -327,7 +327,10 @@ def test_logged_metrics_are_those_of_the_global_batch(ranks):
     for (_, got), (_, expected) in zip(ours, reference, strict=True):
         assert got.keys() == expected.keys()
         for name, value in expected.items():
-            assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+            # nan_ok: mse_window_change is NaN before two full windows
+            assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), (
+                name
+            )
     names = set().union(*(entry.keys() for _, entry in ours))
     assert {
         "losses/overall_loss",

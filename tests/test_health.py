@@ -35,13 +35,19 @@ ARCHITECTURES = {
 
 def test_windows_compare_the_last_mean_with_the_one_before():
     windows = ReconstructionWindows(window=2)
+    assert windows.change_tensor() is None and windows.change() is None
+    assert torch.isnan(windows.logged_change())
     for value in (4.0, 2.0):
         windows.add(torch.tensor(value))
-    assert windows.change_tensor() is None  # one window only
+    assert windows.change() is None  # one window only
+    assert torch.isnan(windows.change_tensor())
     windows.add(torch.tensor(5.0))
-    assert windows.change_tensor() is None  # the second is not full
+    assert windows.change() is None  # the second is not full
     windows.add(torch.tensor(7.0))
     assert float(windows.change_tensor()) == pytest.approx(6.0 / 3.0 - 1)
+    assert windows.change() == pytest.approx(6.0 / 3.0 - 1)
+    windows.add(torch.tensor(1.0))  # a third window opens: nothing moves yet
+    assert windows.change() == pytest.approx(6.0 / 3.0 - 1)
 
 
 def test_report_names_the_cause_and_the_setting():
@@ -123,7 +129,8 @@ def test_l0_drift_is_logged_and_warned_with_threshold_gain():
     output = sae.training_forward_pass(step_input(torch.randn(128, 16)))
     drift = float(output.metrics["l0_per_token_drift"]())
     assert drift == pytest.approx(float(output.metrics["l0_per_token"]()) / 2 - 1)
-    assert "mse_window_change" not in output.metrics  # fewer than two windows
+    # fewer than two windows: logged as NaN
+    assert torch.isnan(output.metrics["mse_window_change"]())
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -54,6 +54,7 @@ def trained(name: str, **fields):
         ("threshold_gain", 2.0, r"threshold_gain must be in \(0, 1\], got 2.0"),
         ("aux_loss_coefficient", -1.0, "aux_loss_coefficient must be in"),
         ("k", float("nan"), "k must be in"),
+        ("check_finite_inputs", "always", "check_finite_inputs must be one of"),
     ],
 )
 def test_config_validation(name, field, value, message):
@@ -96,7 +97,7 @@ def test_wrong_width_raises_everywhere(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_non_finite_batch_raises_and_changes_nothing(name, bad_value):
-    sae = trained(name)
+    sae = trained(name, check_finite_inputs="every_step")
     before = {n: t.clone() for n, t in sae.state_dict().items()}
     x = torch.randn(16, D_IN)
     x[3, 2] = bad_value
@@ -104,6 +105,41 @@ def test_non_finite_batch_raises_and_changes_nothing(name, bad_value):
         sae.training_forward_pass(step_input(x))
     for n, t in sae.state_dict().items():
         assert torch.equal(t, before[n]), n
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_batch_raises_at_the_next_logged_metric_and_save(
+    name, bad_value, tmp_path
+):
+    # The default check costs no sync: the step goes through and the error comes
+    # where a read is paid anyway, through the logged metric or the next save.
+    sae = trained(name)
+    good = sae.training_forward_pass(step_input(torch.randn(16, D_IN)))
+    assert bool(good.metrics["inputs_finite"]())
+    x = torch.randn(16, D_IN)
+    x[3, 2] = bad_value
+    out = sae.training_forward_pass(step_input(x))
+    expected = "non-finite activations.*already applied.*'every_step'"
+    with pytest.raises(ValueError, match=expected):
+        out.metrics["inputs_finite"]()
+    # a later clean batch does not clear it
+    later = sae.training_forward_pass(step_input(torch.randn(16, D_IN)))
+    with pytest.raises(ValueError, match=expected):
+        later.metrics["inputs_finite"]()
+    with pytest.raises(ValueError, match=expected):
+        sae.save_model(tmp_path / "training")
+    with pytest.raises(ValueError, match=expected):
+        sae.save_inference_model(tmp_path / "inference")
+
+
+def test_finite_check_off_reads_nothing():
+    sae = trained("mutual_choice", check_finite_inputs=False)
+    x = torch.randn(16, D_IN)
+    x[0, 0] = float("nan")
+    out = sae.training_forward_pass(step_input(x))
+    assert "inputs_finite" not in out.metrics
+    assert sae.inputs_finite is None
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

@@ -169,9 +169,13 @@ class DataParallelStep:
         """The pool drawn on rank 0 (as one process would) and broadcast."""
         return shared_pool(scores, size, mode, generator, self.comm, **options)
 
-    def column_topk(self, acts: torch.Tensor, capacities: torch.Tensor) -> torch.Tensor:
+    def column_topk(
+        self, acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
+    ) -> torch.Tensor:
         """This rank's ``acts`` where among each feature's global top
-        ``capacities[j]`` tokens, 0 elsewhere."""
+        ``capacities[j]`` tokens, 0 elsewhere (``depth`` is not used: the exchange
+        has data-dependent sizes anyway)."""
+        del depth
         mask = global_feature_choice_mask(
             acts, capacities, self.comm, self.shard_sizes, self.feature_choice_layout
         )

@@ -47,6 +47,7 @@ from sae_lens_sampled.losses import (
     masked_topk_aux_acts,
     underutilised_mask,
 )
+from sae_lens_sampled.selection import batch_budget, fixed_shapes
 from sae_lens_sampled.sparse import (
     SelectedEntries,
     SparseCodes,
@@ -66,6 +67,9 @@ from sae_lens_sampled.thresholds import (
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
 
 AUX_LOSSES: tuple[str, ...] = ("aux_k", "aux_zipf", "none")
+
+FiniteCheck = Literal["every_step"]
+FINITE_CHECKS: tuple[bool | str, ...] = (True, False, "every_step")
 
 
 def is_default(cfg: Any, name: str) -> bool:
@@ -158,6 +162,25 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class SparseEncode:
+    """The dense pieces of a sparse training encode that a sparse aux loss reads.
+
+    Args:
+        hidden_pre (torch.Tensor): The ``hidden_pre`` the encode returned.
+        pre (torch.Tensor): ``sae_in @ W_enc + b_enc``, ``[n, d_sae]``.
+        sae_in (torch.Tensor): The processed input, ``[n, d_in]``.
+    """
+
+    hidden_pre: torch.Tensor
+    pre: torch.Tensor
+    sae_in: torch.Tensor
+
+    # A copy of the module holding this gets none (tensors of an autograd graph).
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+
 @dataclass
 class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     """Fields shared by the plugin's training configs (see each subclass).
@@ -187,9 +210,14 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
             only the dead features).
         zipf_ema_tokens (int): Horizon, in tokens (> 0), of the per-feature firing-rate
             EMA; until that many tokens are seen it is the plain running mean.
-        check_finite_inputs (bool): Raise on NaN/Inf in a training batch before any
-            state is updated. Costs one device sync per step; turn off for maximum GPU
-            throughput once the data pipeline is trusted.
+        check_finite_inputs (bool | str): NaN/Inf in training batches. ``True``
+            (default): each batch is checked on the device, with no host sync, and
+            the ValueError is raised at the next SAELens logging step (through a
+            logged metric), at the next save or checkpoint, or when
+            :meth:`~BatchLevelTrainingSAE.raise_if_nonfinite_inputs` is called; by
+            then the bad batch has already updated the weights and state.
+            ``"every_step"``: check before anything is updated and raise at once
+            (one device sync per step). ``False``: no check.
     """
 
     k: float = 100
@@ -203,7 +231,7 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
     zipf_alpha: float = 1.0
     zipf_tau: float = 0.1
     zipf_ema_tokens: int = 1_000_000
-    check_finite_inputs: bool = True
+    check_finite_inputs: bool | FiniteCheck = True
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[no-untyped-call]  # SAELens: unannotated
@@ -232,6 +260,7 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
         check_range("zipf_alpha", self.zipf_alpha, low=0, low_inclusive=False)
         check_range("zipf_tau", self.zipf_tau, low=0)
         check_range("zipf_ema_tokens", self.zipf_ema_tokens, low=1)
+        check_choice("check_finite_inputs", self.check_finite_inputs, FINITE_CHECKS)
         if self.aux_loss != "none" and self.normalize_activations in (
             "constant_norm_rescale",
             "layer_norm",
@@ -272,6 +301,12 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     data_parallel: GlobalBatch | None = None
     # The sparse path's entries of the codes the last training encode returned.
     selected_entries: SelectedEntries | None = None
+    # The last sparse training encode's dense pieces, for a sparse aux loss.
+    sparse_encode: "SparseEncode | None" = None
+    # False once a training batch held NaN or Inf (check_finite_inputs=True): set on
+    # the batch's device, read only where a read is paid anyway. Not a buffer, so
+    # never saved (and never left on the meta device by SAELens's loader).
+    inputs_finite: torch.Tensor | None = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -383,7 +418,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             hidden_pre = pre * self.W_dec.norm(dim=-1)
         with torch.no_grad():
             selected = self.activation_fn(hidden_pre.detach())
-        codes = SparseCodes.from_dense(selected.flatten(end_dim=-2))
+        flat_selected = selected.flatten(end_dim=-2)
+        if self.data_parallel is None and fixed_shapes(flat_selected):
+            # No host read: as many entries as the rule can keep, padded.
+            size = self.max_selected(flat_selected.shape[0])
+            codes = SparseCodes.from_dense_fixed(flat_selected, size)
+        else:
+            codes = SparseCodes.from_dense(flat_selected)
         values = gather_linear(
             pre.flatten(end_dim=-2),
             sae_in.flatten(end_dim=-2),
@@ -394,9 +435,19 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if self.cfg.rescale_acts_by_decoder_norm:
             values = values * self.W_dec.norm(dim=-1)[codes.cols]
         values = values.relu()
+        if codes.valid is not None:  # padding entries hold 0, and get no gradient
+            values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
         self.selected_entries = SelectedEntries.of(feature_acts, codes, values)
+        self.sparse_encode = SparseEncode(
+            hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
+        )
         return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    def max_selected(self, n_tokens: int) -> int:
+        """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
+        its budget ``round(k * n_tokens)``, at most every entry."""
+        return min(batch_budget(self.cfg.k, n_tokens), n_tokens * self.cfg.d_sae)
 
     def entries_of(self, feature_acts: torch.Tensor) -> SelectedEntries | None:
         """The selected entries of ``feature_acts`` when the last training encode
@@ -497,9 +548,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 mask=self.underutilised(step_input.dead_neuron_mask),
                 coefficient=coefficient,
             )
-        else:
-            # SAELens's own aux-k loss, weighted by the configured value; swap in the
-            # scheduled one (nothing changes without warm-up, so it stays SAELens's).
+        elif not fixed_shapes(hidden_pre):
+            # SAELens's own aux-k loss: on a CPU its read of the number of dead
+            # features costs nothing, and with none it skips all work.
             loss = self.calculate_topk_aux_loss(
                 sae_in=step_input.sae_in,
                 sae_out=sae_out,
@@ -509,6 +560,18 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             configured = self.cfg.aux_loss_coefficient
             if coefficient != configured and configured > 0:
                 loss = loss * (coefficient / configured)
+        elif step_input.dead_neuron_mask is None:
+            loss = sae_out.new_tensor(0.0)  # as SAELens's aux-k loss
+        else:
+            # SAELens's aux-k loss (calculate_topk_aux_loss) reads the number of dead
+            # features on the host; the masked form keeps it on the device.
+            loss = self.calculate_masked_aux_loss(
+                sae_in=step_input.sae_in,
+                sae_out=sae_out,
+                hidden_pre=hidden_pre,
+                mask=step_input.dead_neuron_mask,
+                coefficient=coefficient,
+            )
         return {"auxiliary_reconstruction_loss": loss}
 
     @torch.no_grad()
@@ -553,23 +616,59 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             )
         residual = (sae_in - sae_out).detach()
         d_in = sae_in.shape[-1]
-        aux_acts = masked_topk_aux_acts(
-            hidden_pre, mask, aux_k_budget(d_in, hidden_pre.shape[-1])
-        )
-        recons = act_times_W_dec(
-            aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
-        )
+        k_aux = aux_k_budget(d_in, hidden_pre.shape[-1])
+        encode = self.sparse_encode
+        if encode is not None and encode.hidden_pre is hidden_pre:
+            recons = self._sparse_aux_recons(encode, mask, k_aux)
+        else:
+            aux_acts = masked_topk_aux_acts(hidden_pre, mask, k_aux)
+            recons = act_times_W_dec(
+                aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
+            )
         recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[no-untyped-call]
         aux_loss: torch.Tensor = (recons - residual).pow(2).sum(dim=-1).mean()
         scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
         return coefficient * scale * aux_loss
 
+    def _sparse_aux_recons(
+        self, encode: "SparseEncode", mask: torch.Tensor, k_aux: int
+    ) -> torch.Tensor:
+        """The aux-k reconstruction of :meth:`calculate_masked_aux_loss` from the
+        ``k_aux`` picks per token alone: values gathered as in :meth:`_encode_sparse`
+        and decoded with :func:`sparse_decode`, so neither the loss nor its backward
+        touches an ``[n, d_sae]`` matrix (``O(n * k_aux * d_in)``)."""
+        pre, sae_in = encode.pre, encode.sae_in
+        n_tokens, d_sae = pre.shape
+        with torch.no_grad():
+            mask = mask.to(device=pre.device, dtype=torch.bool)
+            flat = encode.hidden_pre.detach().flatten(end_dim=-2)
+            candidates = torch.where(mask, flat, -torch.inf)
+            cols = candidates.topk(k_aux, dim=-1, sorted=False).indices.flatten()
+            rows = torch.arange(n_tokens, device=pre.device)[:, None]
+            rows = rows.expand(n_tokens, k_aux).flatten()
+            picked = mask[cols]
+        codes = SparseCodes.from_rows_cols(rows, cols, n_tokens, d_sae)
+        values = gather_linear(pre, sae_in, self.W_enc, self.b_enc, codes)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||)
+            norms = self.W_dec.norm(dim=-1)[cols]
+            values = values * norms * (1 / norms)
+        values = torch.where(picked, values, values.new_zeros(()))
+        recons = sparse_decode(values, self.W_dec, codes)
+        return recons.reshape(*encode.hidden_pre.shape[:-1], self.W_dec.shape[1])
+
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_input_width(step_input.sae_in, self.cfg)
-        if self.cfg.check_finite_inputs:
+        check = self.cfg.check_finite_inputs
+        if check == "every_step":
             check_finite(step_input.sae_in)
+        elif check:
+            self.note_nonfinite_inputs(step_input.sae_in)
         output = super().training_forward_pass(step_input)
+        if check is True:
+            # SAELens evaluates metric callables on logging steps only.
+            output.metrics["inputs_finite"] = self.raise_if_nonfinite_inputs
         fire_rates = self.update_state(output.feature_acts, output.hidden_pre)
         # Callables: SAELens evaluates them on logging steps only, so other steps
         # never sync. They read the state as updated by this batch.
@@ -584,21 +683,77 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             firing_rate, n_tokens_seen, self.cfg.zipf_ema_tokens
         ).sum()
         self.reconstruction.add(output.losses["mse_loss"])
-        change = self.reconstruction.change_tensor()
-        if change is not None:  # logged as metrics/mse_window_change
-            output.metrics["mse_window_change"] = change
+        # logged as metrics/mse_window_change (NaN before two full windows)
+        output.metrics["mse_window_change"] = self.reconstruction.logged_change
         k = self.cfg.k
         output.metrics["l0_per_token_drift"] = lambda: fire_rates.sum() / k - 1
         return output
 
+    # (buffer, its in-place version, its value) of the last read of
+    # n_selection_steps: see host_step_count.
+    _step_mirror: tuple[torch.Tensor, int, int] | None = None
+
+    def host_step_count(self) -> int:
+        """The ``n_selection_steps`` buffer (of the subclasses that count steps) as a
+        host int, without a device read while the mirror is current.
+
+        :meth:`advance_step_count` keeps the mirror in step with the buffer; any other
+        change to the buffer (a load, ``fill_``, a copy of the module) bumps its
+        in-place version or replaces it, and the next call reads it once.
+        """
+        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        mirror = self._step_mirror
+        if mirror is not None and mirror[0] is buffer and mirror[1] == buffer._version:
+            return mirror[2]
+        step = int(buffer)
+        self._step_mirror = (buffer, buffer._version, step)
+        return step
+
+    @torch.no_grad()
+    def advance_step_count(self) -> None:
+        """Add one to ``n_selection_steps`` and to its host mirror."""
+        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        if torch.compiler.is_compiling():
+            # A host int that changes every step would recompile every step: the
+            # mirror goes stale (the buffer's version moves) and eager code reads
+            # the buffer again when it needs it.
+            buffer += 1
+            return
+        step = self.host_step_count()
+        buffer += 1
+        self._step_mirror = (buffer, buffer._version, step + 1)
+
+    @torch.no_grad()
+    def note_nonfinite_inputs(self, x: torch.Tensor) -> None:
+        """Clear :attr:`inputs_finite` if ``x`` holds NaN or Inf, on the device."""
+        finite = torch.isfinite(x).all()
+        if self.inputs_finite is not None:
+            finite &= self.inputs_finite.to(finite.device)
+        self.inputs_finite = finite
+
+    def raise_if_nonfinite_inputs(self) -> torch.Tensor:
+        """Raise a ValueError if a training batch held NaN or Inf since this SAE was
+        built (``check_finite_inputs=True``); else return True as a tensor. One host
+        sync."""
+        if self.inputs_finite is None:
+            return torch.ones((), dtype=torch.bool)
+        if not bool(self.inputs_finite):
+            raise ValueError(
+                "a training batch contained non-finite activations (NaN or Inf); "
+                "it was already applied, so the weights and training state are "
+                "likely corrupted. Fix the data, or set "
+                "check_finite_inputs='every_step' to stop before a bad batch is "
+                "applied (one device sync per step)"
+            )
+        return self.inputs_finite
+
     def health(self) -> HealthReport:
         """Whether reconstruction improved over the last window, and the per-token
         L0 (EMA of the end of training) against k. One host sync."""
-        change = self.reconstruction.change_tensor()
         token_rate = self.thresholds.token_rate
         started = bool(self.thresholds.selection_rate.any())
         return HealthReport(
-            mse_change=None if change is None else float(change),
+            mse_change=self.reconstruction.change(),
             window_steps=self.reconstruction.window,
             l0_per_token=float(token_rate.sum()) if started else None,
             k=float(self.cfg.k),
@@ -669,6 +824,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def process_state_dict_for_saving_inference(
         self, state_dict: dict[str, Any]
     ) -> None:
+        if self.cfg.check_finite_inputs is True:
+            self.raise_if_nonfinite_inputs()
         threshold = state_dict.pop("running_threshold")
         for name in self.training_buffers:
             state_dict.pop(name)
@@ -694,6 +851,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        if self.cfg.check_finite_inputs is True:
+            self.raise_if_nonfinite_inputs()
         super().process_state_dict_for_saving(state_dict)
         self.thresholds.record_metadata(self.cfg.metadata)
         self.record_health(self.cfg.metadata)

@@ -11,6 +11,7 @@ any number of tokens (evals on ``[batch, seq]``) gets capacities in proportion.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -80,6 +81,28 @@ def capacities_from_fractions(
 ) -> torch.Tensor:
     """Capacities ``m_j`` of a batch of ``n_tokens``, summing to ``round(k * n)``."""
     return capacities_for_batch(fractions, n_tokens, batch_budget(k, n_tokens))
+
+
+# Traced as a constant by torch.compile: a host int of the configuration alone.
+@torch._dynamo.assume_constant_result  # type: ignore[untyped-decorator]
+def capacity_bound(
+    schedule: str, d_sae: int, k: float, alpha: float, dtype: torch.dtype, n_tokens: int
+) -> int:
+    """The largest capacity of the schedule's fractions (stored in ``dtype``) in a
+    batch of ``n_tokens``, plus one, at most ``n_tokens``."""
+    return _capacity_bound(schedule, d_sae, k, alpha, dtype, n_tokens)
+
+
+@functools.cache
+def _capacity_bound(
+    schedule: str, d_sae: int, k: float, alpha: float, dtype: torch.dtype, n_tokens: int
+) -> int:
+    if n_tokens == 0:
+        return 0
+    fractions = initial_capacity_fractions(schedule, d_sae, k, alpha, "cpu")
+    fractions = storable_fractions(fractions, dtype)
+    capacities = capacities_from_fractions(fractions, k, n_tokens)
+    return min(int(capacities.max()) + 1, n_tokens)
 
 
 @dataclass
@@ -186,6 +209,21 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens``."""
         return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
 
+    def capacity_depth(self, n_tokens: int) -> int | None:
+        """A bound, known on the host, of every capacity in a batch of ``n_tokens``.
+
+        Re-ranking only permutes the schedule's fractions, so the largest capacity
+        is the largest of the capacities of the initial fractions (computed once per
+        batch size on the CPU), plus one token against rounding differences between
+        permutations.
+        """
+        cfg = self.cfg
+        schedule, alpha = cfg.capacity_schedule, cfg.zipf_alpha
+        depth: int = capacity_bound(
+            schedule, cfg.d_sae, cfg.k, alpha, self.dtype, n_tokens
+        )
+        return depth
+
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
@@ -212,9 +250,14 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
     @torch.no_grad()
     def rerank(self) -> None:
         """Give the largest Zipf capacities to the features with the highest usage."""
+        self.capacity_fractions.copy_(self.reranked_fractions())
+
+    @torch.no_grad()
+    def reranked_fractions(self) -> torch.Tensor:
+        """The Zipf capacity fractions for the features' current usage ranks."""
         ranks = usage_ranks(self.usage())
         fractions = zipf_capacity_fractions(ranks, self.cfg.k, self.cfg.zipf_alpha)
-        self.capacity_fractions.copy_(storable_fractions(fractions, self.dtype))
+        return storable_fractions(fractions, self.dtype)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
@@ -229,7 +272,7 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         Runs after :meth:`update_state`, so the batch is already in ``firing_rate``
         and ``n_tokens_seen``.
         """
-        self.n_selection_steps += 1
+        self.advance_step_count()
         if self.cfg.capacity_schedule != "zipf":
             return
         if self.cfg.rank_by == "demand":
@@ -249,8 +292,14 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
                         self.cfg.zipf_ema_tokens,
                     )
                 )
-        # One host sync per step; feature_choice_select already takes one.
-        if int(self.n_selection_steps) % self.cfg.rerank_every == 0:
+        if torch.compiler.is_compiling():
+            # No branch on the step count in a graph: re-rank on the device and
+            # keep the result only when a re-ranking is due.
+            due = self.n_selection_steps % self.cfg.rerank_every == 0
+            self.capacity_fractions.copy_(
+                torch.where(due, self.reranked_fractions(), self.capacity_fractions)
+            )
+        elif self.host_step_count() % self.cfg.rerank_every == 0:
             self.rerank()
 
 
@@ -300,6 +349,12 @@ class FeatureChoiceSAE(BatchLevelSAE):
         """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens``."""
         return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
 
+    def capacity_depth(self, n_tokens: int) -> int | None:
+        """None: loaded capacities have no bound known on the host without a read,
+        so ``encode_batch`` takes the general path."""
+        del n_tokens
+        return None
+
 
 def feature_choice_rule(
     sae: FeatureChoiceTrainingSAE | FeatureChoiceSAE,
@@ -307,7 +362,10 @@ def feature_choice_rule(
     batch: GlobalBatch,
 ) -> torch.Tensor:
     """Each feature keeps its ``m_j`` largest activations over the batch's tokens."""
-    return batch.column_topk(acts, sae.capacities(batch.n_tokens))
+    n_tokens = batch.n_tokens
+    return batch.column_topk(
+        acts, sae.capacities(n_tokens), depth=sae.capacity_depth(n_tokens)
+    )
 
 
 def feature_choice_traffic(

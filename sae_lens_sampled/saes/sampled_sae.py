@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
@@ -105,8 +105,7 @@ class StepPool:
     positive: torch.Tensor | None
 
 
-@dataclass(frozen=True)
-class PoolDraw:
+class PoolDraw(NamedTuple):  # a NamedTuple, which torch.compile traces through
     """What one selection's pool draw takes from the SAE that makes it.
 
     Args:
@@ -264,7 +263,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
             return seeded_generator(self._draw_seed, 0, self.W_dec.device)
         if self.cfg.pool_seed is None:
             return None
-        step = int(self.n_selection_steps)
+        step = self.host_step_count()
         return seeded_generator(self.cfg.pool_seed, step, self.W_dec.device)
 
     _draw_seed: int | None = None
@@ -291,7 +290,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
     def in_warmup(self) -> bool:
         """Whether the current training step still uses every feature as the pool."""
         warmup = self.cfg.pool_warmup_steps
-        return warmup > 0 and int(self.n_selection_steps) < warmup
+        return warmup > 0 and self.host_step_count() < warmup
 
     def pool_draw(self) -> PoolDraw:
         """This selection's draw: in a training step, the step's generator and
@@ -359,7 +358,7 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
     ) -> torch.Tensor:
         fire_rates = super().update_state(feature_acts, hidden_pre)
-        self.n_selection_steps += 1
+        self.advance_step_count()
         step_pool, self.step_pool = self.step_pool, None
         if step_pool is None:  # called outside a training step
             return fire_rates
