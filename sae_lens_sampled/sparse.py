@@ -86,14 +86,14 @@ def column_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column: how many entries are positive, and the smallest positive one.
 
-    The same numbers as ``(dense > 0).sum(0)`` and the column minimum over the positive
+    The same numbers as ``(dense > 0).sum(0)`` (as float64, the dtype of the EMAs the
+    counts feed, exact for any batch) and the column minimum over the positive
     entries of the dense codes (``inf`` where there are none), in ``O(n_selected)``.
     """
-    values = values.detach()
     positive = values > 0
     # Masks rather than boolean indexing: no host sync on accelerators.
-    counts = torch.zeros(codes.n_cols, dtype=torch.long, device=values.device)
-    counts.scatter_add_(0, codes.cols, positive.long())
+    counts = values.new_zeros(codes.n_cols, dtype=torch.float64)
+    counts.index_add_(0, codes.cols, positive.to(torch.float64))
     smallest = values.new_full((codes.n_cols,), torch.inf)
     positives = torch.where(positive, values, torch.inf)
     smallest.scatter_reduce_(0, codes.cols, positives, "amin")

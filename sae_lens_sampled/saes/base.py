@@ -56,10 +56,10 @@ from sae_lens_sampled.sparse import (
 )
 from sae_lens_sampled.thresholds import (
     THRESHOLD_MODES,
+    FiringRate,
     ThresholdMode,
     ThresholdState,
     column_stats_dense,
-    update_firing_rate,
 )
 
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
@@ -641,17 +641,15 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         # autocast would run the EMAs in low precision
         with torch.autocast(self.W_dec.device.type, enabled=False):
             self.n_tokens_seen += n_tokens
-            self.firing_rate.copy_(
-                update_firing_rate(
-                    self.firing_rate,
-                    counts,
-                    n_tokens,
-                    self.n_tokens_seen,
-                    self.cfg.zipf_ema_tokens,
-                )
-            )
+            # The firing rate moves in one group with the thresholds' own EMAs.
+            firing_rate = FiringRate(self.firing_rate, self.cfg.zipf_ema_tokens)
             return self.thresholds.update(
-                hidden_pre, counts, smallest, n_tokens, self.data_parallel
+                hidden_pre,
+                counts,
+                smallest,
+                n_tokens,
+                self.data_parallel,
+                firing_rate=firing_rate,
             )
 
     @override
