@@ -273,6 +273,33 @@ def attach_values(
 
 
 @dataclass(frozen=True)
+class DecoderNorms:
+    """The decoder row norms one training encode computed (differentiable), for the
+    rest of the step to reuse while the decoder is unchanged.
+
+    Args:
+        all (torch.Tensor): ``||W_dec[j]||`` per feature, ``[n_cols]``.
+        of_entries (torch.Tensor): ``all[cols]`` per selected entry.
+        version (int): The decoder's in-place version counter when they were taken.
+    """
+
+    all: torch.Tensor
+    of_entries: torch.Tensor
+    version: int
+
+    @classmethod
+    def of(
+        cls,
+        decoder: torch.Tensor,
+        norms: torch.Tensor | None,
+        of_entries: torch.Tensor | None,
+    ) -> DecoderNorms | None:
+        if norms is None or of_entries is None:
+            return None
+        return cls(norms, of_entries, decoder._version)
+
+
+@dataclass(frozen=True)
 class SelectedEntries:
     """The selected entries of the dense codes one training encode returned.
 
@@ -286,18 +313,34 @@ class SelectedEntries:
         dense (weakref.ref): The dense codes tensor they belong to (weak, so these
             never keep it alive).
         version (int): That tensor's in-place version counter when it was returned.
+        norms (DecoderNorms | None): The decoder norms the encode scaled by (None:
+            no rescaling).
     """
 
     codes: SparseCodes
     values: torch.Tensor
     dense: weakref.ref[torch.Tensor]
     version: int
+    norms: DecoderNorms | None = None
 
     @classmethod
     def of(
-        cls, dense: torch.Tensor, codes: SparseCodes, values: torch.Tensor
+        cls,
+        dense: torch.Tensor,
+        codes: SparseCodes,
+        values: torch.Tensor,
+        norms: DecoderNorms | None = None,
     ) -> SelectedEntries:
-        return cls(codes, values, weakref.ref(dense), dense._version)
+        return cls(codes, values, weakref.ref(dense), dense._version, norms)
+
+    def norms_of_entries(self, decoder: torch.Tensor) -> torch.Tensor:
+        """``||decoder[cols]||`` per entry: the encode's, unless ``decoder`` has
+        changed in place since (then computed afresh)."""
+        norms = self.norms
+        if norms is not None and norms.version == decoder._version:
+            return norms.of_entries
+        fresh: torch.Tensor = decoder.norm(dim=-1)[self.codes.cols]
+        return fresh
 
     def describe(self, dense: torch.Tensor) -> bool:
         """Whether these are the entries of ``dense`` as it is now."""
