@@ -44,9 +44,12 @@ class ReconstructionWindows:
     # Python-side counting: kept out of a compiled training step (compile_sae),
     # where it would recompile at every step.
     @torch.compiler.disable  # type: ignore[untyped-decorator]
+    @torch.no_grad()
     def add(self, mse: torch.Tensor) -> None:
-        value = mse.detach().to(torch.float64)
-        self._sum = value if self._sum is None else self._sum + value
+        if self._sum is None:
+            self._sum = mse.to(torch.float64, copy=True)
+        else:  # in place, in float64: one op per step
+            self._sum.add_(mse)
         self.steps += 1
         if self.steps % self.window == 0:
             self.previous, self.last = self.last, self._sum / self.window

@@ -664,7 +664,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             self.n_tokens_seen += n_tokens
             # The firing rate moves in one group with the thresholds' own EMAs.
             firing_rate = FiringRate(self.firing_rate, self.cfg.zipf_ema_tokens)
-            return self.thresholds.update(
+            fire_rates = self.thresholds.update(
                 hidden_pre,
                 counts,
                 smallest,
@@ -672,6 +672,16 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 self.data_parallel,
                 firing_rate=firing_rate,
             )
+        self.update_rule_state(feature_acts, counts)
+        return fire_rates
+
+    def update_rule_state(
+        self, feature_acts: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        """The batch rule's own state, after :meth:`update_state` (none here).
+
+        ``counts``: each feature's positive selections in the (global) batch.
+        """
 
     @override
     @torch.no_grad()
