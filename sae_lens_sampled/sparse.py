@@ -18,6 +18,7 @@ SAELens imports.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,12 @@ class SparseCodes:
     def flat_indices(self) -> torch.Tensor:
         return self.rows * self.n_cols + self.cols
 
+    @functools.cached_property
+    def rows_by_col(self) -> torch.Tensor:
+        """``rows`` in column-sorted order; both backward passes read it, so it is
+        gathered once."""
+        return self.rows[self.col_order]
+
 
 @torch.no_grad()
 def column_stats(
@@ -119,7 +126,7 @@ def _sum_by_col(
     """``out[c] = sum over entries e of column c of weights[e] * table[rows[e]]``."""
     order = codes.col_order
     return F.embedding_bag(
-        codes.rows[order],
+        codes.rows_by_col,
         table,
         codes.col_offsets,
         mode="sum",

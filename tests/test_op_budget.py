@@ -1,0 +1,46 @@
+"""The op budget: each architecture's training step stays within a multiple of
+BatchTopK's op count.
+
+A GPU step is mostly fixed cost per op at the widths where the plugin is slower, so
+the number of ATen ops one training forward + backward dispatches (counted on CPU by
+``benchmarks.op_audit``) is the budget. Each ceiling is a ratio to SAELens's
+``batchtopk`` measured in the same test run, set at what the step reaches today (a
+little headroom for rounding); lower it whenever the step gets cheaper. The goal is
+1.5x (2.0x for ``feature_choice``, whose selection does more).
+"""
+
+import pytest
+
+from benchmarks.op_audit import AuditShape, OpCounts, audit
+from sae_lens_sampled._registry import architecture_keys
+
+# Ops of one training step relative to BatchTopK's, at most.
+CEILINGS = {
+    "mutual_choice": 1.86,
+    "sampled": 2.04,
+    "feature_choice": 2.83,
+}
+# Fields that make an audited step reproducible (the sampled pool draw).
+FIELDS = {"sampled": {"pool_seed": 0}}
+
+
+@pytest.fixture(scope="module")
+def batchtopk() -> OpCounts:
+    return audit("batchtopk", AuditShape())
+
+
+def test_every_architecture_has_a_budget() -> None:
+    assert set(CEILINGS) == set(architecture_keys())
+
+
+@pytest.mark.parametrize("architecture", sorted(CEILINGS))
+def test_training_step_stays_within_its_op_budget(
+    architecture: str, batchtopk: OpCounts
+) -> None:
+    counts = audit(architecture, AuditShape(), **FIELDS.get(architecture, {}))
+    ratio = counts.total / batchtopk.total
+    assert ratio <= CEILINGS[architecture], (
+        f"{architecture}: {counts.total} ops per training step, {ratio:.3f}x "
+        f"BatchTopK's {batchtopk.total}; the budget is {CEILINGS[architecture]}x "
+        f"(most frequent: {counts.by_name.most_common(8)})"
+    )
