@@ -11,7 +11,7 @@ little headroom for rounding); lower it whenever the step gets cheaper. The goal
 
 import pytest
 
-from benchmarks.op_audit import AuditShape, OpCounts, audit
+from benchmarks.op_audit import AuditShape, OpCounts, audit, main
 from sae_lens_sampled._registry import architecture_keys
 
 # Ops of one training step relative to BatchTopK's, at most.
@@ -44,3 +44,13 @@ def test_training_step_stays_within_its_op_budget(
         f"BatchTopK's {batchtopk.total}; the budget is {CEILINGS[architecture]}x "
         f"(most frequent: {counts.by_name.most_common(8)})"
     )
+
+
+def test_the_audit_command_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    # docs/performance.md: python -m benchmarks.op_audit --verbose
+    main(["--verbose"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| | ops | ops vs BatchTopK | sync ops |"
+    rows = {line.split("|")[1].strip(" `"): line for line in lines[2:]}
+    assert set(rows) == {"batchtopk", *CEILINGS}
+    assert rows["batchtopk"].split("|")[3].strip() == "1.00"
