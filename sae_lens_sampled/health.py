@@ -10,6 +10,7 @@ Pure tensor and number logic; the training SAEs log and record it
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,14 @@ class ReconstructionWindows:
         if self.last is None or self.previous is None:
             return None
         return self.last / self.previous - 1
+
+    def change_metric(self) -> Callable[[], torch.Tensor] | None:
+        """:meth:`change_tensor` of now as a callable, for a training log that
+        evaluates it on logging steps only (no ops on the others)."""
+        last, previous = self.last, self.previous
+        if last is None or previous is None:
+            return None
+        return lambda: last / previous - 1
 
 
 @dataclass

@@ -154,3 +154,17 @@ def test_compare_table_names_the_problem_and_the_notes_the_knob():
     assert lines[6].startswith("  mutual_choice: training MSE rose")
     assert lines[7].startswith("  mutual_choice: per-token L0 5.00 is +150% off k=2")
     assert "raise threshold_gain (now 0.1)" in lines[7]
+
+
+def test_the_window_change_is_logged_lazily_with_the_value_of_its_step():
+    windows = ReconstructionWindows(window=2)
+    for mse in (4.0, 4.0):
+        windows.add(torch.tensor(mse))
+    assert windows.change_metric() is None  # one window
+    for mse in (5.0, 5.0):
+        windows.add(torch.tensor(mse))
+    metric = windows.change_metric()
+    assert metric is not None
+    windows.add(torch.tensor(1.0))  # the next step, mid-window, changes nothing
+    assert float(metric()) == pytest.approx(0.25)
+    assert torch.equal(metric(), windows.change_tensor())

@@ -603,7 +603,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             firing_rate, n_tokens_seen, self.cfg.zipf_ema_tokens
         ).sum()
         self.reconstruction.add(output.losses["mse_loss"])
-        change = self.reconstruction.change_tensor()
+        change = self.reconstruction.change_metric()
         if change is not None:  # logged as metrics/mse_window_change
             output.metrics["mse_window_change"] = change
         k = self.cfg.k
