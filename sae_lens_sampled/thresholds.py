@@ -114,10 +114,11 @@ def _fired_and_excess_chunk(
     chunk: torch.Tensor, threshold: torch.Tensor
 ) -> torch.Tensor:
     above = (chunk - threshold).relu_()
-    # count_nonzero: an exact integer count, in one op rather than sign and sum.
-    fired = torch.count_nonzero(above, dim=0)
-    # stack promotes the count to float32, exact below 2 ** 24 tokens per feature.
-    return torch.stack([fired, above.sum(dim=0, dtype=torch.float32)])
+    excess = above.sum(dim=0, dtype=torch.float32)
+    # Counted as a float32 sum of signs (exact below 2 ** 24 tokens per feature):
+    # on CPU several times faster than count_nonzero along the rows.
+    fired = above.sign_().sum(dim=0, dtype=torch.float32)
+    return torch.stack([fired, excess])
 
 
 @torch.no_grad()
