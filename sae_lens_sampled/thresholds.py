@@ -37,7 +37,7 @@ and exports the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -302,10 +302,13 @@ class FiringRate:
     Args:
         rate: The EMA buffer (float64 ``[d_sae]``), updated in place.
         horizon_tokens: The EMA's horizon in tokens.
+        counts: This batch's per-feature counts the EMA follows (None: the batch
+            rule's selections).
     """
 
     rate: torch.Tensor
     horizon_tokens: float
+    counts: torch.Tensor | None = None
 
     def weight(self, warm_up: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """The batch's weight from ``warm_up = n_tokens / max(n_tokens_seen, n_tokens)``.
@@ -408,7 +411,7 @@ class ThresholdState:
         smallest: torch.Tensor,
         n_tokens: int,
         data_parallel: GlobalBatch | None = None,
-        firing_rate: FiringRate | None = None,
+        firing_rates: Sequence[FiringRate] = (),
     ) -> torch.Tensor:
         """Update from one training batch; returns the per-token fire rates.
 
@@ -418,8 +421,8 @@ class ThresholdState:
         tokens, which the owner's ``n_tokens_seen`` already counts. Under data
         parallelism (``data_parallel``, a :class:`GlobalBatch`) these are global and
         ``hidden_pre`` holds this rank's rows. The fire rates are taken at the
-        thresholds before this update. ``firing_rate``, if given, is moved by
-        :func:`update_firing_rate` along with the threshold state's own EMAs.
+        thresholds before this update. Each of ``firing_rates`` is moved as
+        :func:`update_firing_rate` would, along with the threshold state's own EMAs.
         """
         cfg = self.owner.cfg
         threshold = self.running_threshold
@@ -430,7 +433,12 @@ class ThresholdState:
             fired_excess = data_parallel.sum_floats(fired_excess)
         fired, excess = fired_excess.to(threshold.dtype).unbind()
         selected = selected.to(threshold.dtype)
-        selection, fire_rates = torch._foreach_div([selected, fired], n_tokens)
+        own_counts = [
+            r.counts.to(threshold.dtype) for r in firing_rates if r.counts is not None
+        ]
+        selection, fire_rates, *own_rates = torch._foreach_div(
+            [selected, fired, *own_counts], n_tokens
+        )
         lr, gain = cfg.topk_threshold_lr, cfg.threshold_gain
         # A batch in which the rule selects nothing (all pre-activations <= 0)
         # says nothing about rates or thresholds: 1 if it selects, else 0 (the
@@ -444,10 +452,16 @@ class ThresholdState:
         # The per-token rate follows the thresholds, at their pace.
         rates = [self.selection_rate, self.token_rate]
         targets, weights = [selection, fire_rates], [weight, fast_weight]
-        if firing_rate is not None:
+        horizon_weights: dict[float, torch.Tensor] = {}
+        for firing_rate in firing_rates:
             rates.append(firing_rate.rate)
-            targets.append(selection)
-            weights.append(firing_rate.weight(warm_up, n_tokens))
+            targets.append(
+                selection if firing_rate.counts is None else own_rates.pop(0)
+            )
+            horizon = firing_rate.horizon_tokens
+            if horizon not in horizon_weights:
+                horizon_weights[horizon] = firing_rate.weight(warm_up, n_tokens)
+            weights.append(horizon_weights[horizon])
         move_toward_(rates, targets, weights)
 
         rule = THRESHOLD_RULES[cfg.threshold_mode]

@@ -662,7 +662,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         # autocast would run the EMAs in low precision
         with torch.autocast(self.W_dec.device.type, enabled=False):
             self.n_tokens_seen += n_tokens
-            # The firing rate moves in one group with the thresholds' own EMAs.
+            # The firing rates move in one group with the thresholds' own EMAs.
             firing_rate = FiringRate(self.firing_rate, self.cfg.zipf_ema_tokens)
             fire_rates = self.thresholds.update(
                 hidden_pre,
@@ -670,10 +670,15 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 smallest,
                 n_tokens,
                 self.data_parallel,
-                firing_rate=firing_rate,
+                firing_rates=[firing_rate, *self.usage_rates(hidden_pre)],
             )
         self.update_rule_state(feature_acts, counts)
         return fire_rates
+
+    def usage_rates(self, hidden_pre: torch.Tensor) -> list[FiringRate]:  # noqa: ARG002
+        """More per-feature rate EMAs of the batch rule, with this batch's counts, for
+        :meth:`update_state` to move along with ``firing_rate`` (none here)."""
+        return []
 
     def update_rule_state(
         self, feature_acts: torch.Tensor, counts: torch.Tensor
