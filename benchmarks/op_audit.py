@@ -169,14 +169,22 @@ def audit_sae(architecture: str, shape: AuditShape, **fields: Any) -> Any:
     return sae_class(cfg)
 
 
-def audit(architecture: str, shape: AuditShape, **fields: Any) -> OpCounts:
+def audit(
+    architecture: str, shape: AuditShape, fixed_shapes: bool = False, **fields: Any
+) -> OpCounts:
     """Ops of one training forward + backward of ``architecture`` (after one untimed
-    step, so lazy state is built)."""
+    step, so lazy state is built). ``fixed_shapes``: the read-free paths a GPU and
+    ``torch.compile`` take, forced on this device."""
+    from contextlib import nullcontext
+
+    from sae_lens_sampled.selection import fixed_shape_selection
+
     sae = audit_sae(architecture, shape, **fields)
     step = training_step(sae, shape)
-    step()
-    sae.zero_grad()
-    return count_ops(step)
+    with fixed_shape_selection() if fixed_shapes else nullcontext():
+        step()
+        sae.zero_grad()
+        return count_ops(step)
 
 
 def _architectures() -> list[tuple[str, dict[str, Any]]]:
@@ -194,9 +202,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--where", action="store_true", help="print where each sync op is called"
     )
+    parser.add_argument(
+        "--fixed-shapes",
+        action="store_true",
+        help="audit the read-free paths that a GPU and torch.compile take",
+    )
     args = parser.parse_args(argv)
     shape = AuditShape()
-    rows = [(key, audit(key, shape, **fields)) for key, fields in _architectures()]
+    rows = [
+        (key, audit(key, shape, args.fixed_shapes, **fields))
+        for key, fields in _architectures()
+    ]
     base = rows[0][1].total
     print("| | ops | ops vs BatchTopK | sync ops |")
     print("|---|---|---|---|")

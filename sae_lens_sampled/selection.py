@@ -488,12 +488,9 @@ def update_staleness(
 ) -> torch.Tensor:
     """Steps since each feature was last pooled, after one more step with ``pool``
     (None: every feature was pooled)."""
-    pooled = torch.zeros_like(staleness, dtype=torch.bool)
     if pool is None:
-        pooled.fill_(True)
-    else:
-        pooled[pool] = True
-    return torch.where(pooled, 0, staleness + 1)
+        return torch.zeros_like(staleness)
+    return (staleness + 1).index_fill_(0, pool, 0)
 
 
 @torch.no_grad()

@@ -52,6 +52,8 @@ class SparseCodes:
     row_offsets: torch.Tensor
     col_order: torch.Tensor
     col_offsets: torch.Tensor
+    # ``rows`` in column-sorted order; both backward passes read it.
+    rows_by_col: torch.Tensor
     # Fixed-size codes (from_dense_fixed): which entries are real; the others are
     # padding whose values must be 0. None: every entry is real.
     valid: torch.Tensor | None = None
@@ -74,6 +76,7 @@ class SparseCodes:
             row_offsets=bag_offsets(rows, n_rows),
             col_order=col_order,
             col_offsets=bag_offsets(cols[col_order], n_cols),
+            rows_by_col=rows[col_order],
             valid=valid,
         )
 
@@ -128,14 +131,14 @@ def column_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column: how many entries are positive, and the smallest positive one.
 
-    The same numbers as ``(dense > 0).sum(0)`` and the column minimum over the positive
+    The same numbers as ``(dense > 0).sum(0)`` (as float64, the dtype of the EMAs the
+    counts feed, exact for any batch) and the column minimum over the positive
     entries of the dense codes (``inf`` where there are none), in ``O(n_selected)``.
     """
-    values = values.detach()
     positive = values > 0
     # Masks rather than boolean indexing: no host sync on accelerators.
-    counts = torch.zeros(codes.n_cols, dtype=torch.long, device=values.device)
-    counts.scatter_add_(0, codes.cols, positive.long())
+    counts = values.new_zeros(codes.n_cols, dtype=torch.float64)
+    counts.index_add_(0, codes.cols, positive.to(torch.float64))
     smallest = values.new_full((codes.n_cols,), torch.inf)
     positives = torch.where(positive, values, torch.inf)
     smallest.scatter_reduce_(0, codes.cols, positives, "amin")
@@ -161,7 +164,7 @@ def _sum_by_col(
     """``out[c] = sum over entries e of column c of weights[e] * table[rows[e]]``."""
     order = codes.col_order
     return F.embedding_bag(
-        codes.rows[order],
+        codes.rows_by_col,
         table,
         codes.col_offsets,
         mode="sum",
@@ -315,6 +318,35 @@ def attach_values(
 
 
 @dataclass(frozen=True)
+class DecoderNorms:
+    """The decoder row norms one training encode computed (differentiable), for the
+    rest of the step to reuse while the decoder is unchanged.
+
+    Args:
+        all (torch.Tensor): ``||W_dec[j]||`` per feature, ``[n_cols]``.
+        of_entries (torch.Tensor): ``all[cols]`` per selected entry.
+        version (int): The decoder's in-place version counter when they were taken.
+    """
+
+    all: torch.Tensor
+    of_entries: torch.Tensor
+    version: int
+
+    @classmethod
+    def of(
+        cls,
+        decoder: torch.Tensor,
+        norms: torch.Tensor | None,
+        of_entries: torch.Tensor | None,
+    ) -> DecoderNorms | None:
+        if norms is None or of_entries is None:
+            return None
+        # Version counters are not traced (see SelectedEntries.describe).
+        version = -1 if torch.compiler.is_compiling() else decoder._version
+        return cls(norms, of_entries, version)
+
+
+@dataclass(frozen=True)
 class SelectedEntries:
     """The selected entries of the dense codes one training encode returned.
 
@@ -328,18 +360,38 @@ class SelectedEntries:
         dense (weakref.ref): The dense codes tensor they belong to (weak, so these
             never keep it alive).
         version (int): That tensor's in-place version counter when it was returned.
+        norms (DecoderNorms | None): The decoder norms the encode scaled by (None:
+            no rescaling).
     """
 
     codes: SparseCodes
     values: torch.Tensor
     dense: weakref.ref[torch.Tensor]
     version: int
+    norms: DecoderNorms | None = None
 
     @classmethod
     def of(
-        cls, dense: torch.Tensor, codes: SparseCodes, values: torch.Tensor
+        cls,
+        dense: torch.Tensor,
+        codes: SparseCodes,
+        values: torch.Tensor,
+        norms: DecoderNorms | None = None,
     ) -> SelectedEntries:
-        return cls(codes, values, weakref.ref(dense), dense._version)
+        return cls(codes, values, weakref.ref(dense), dense._version, norms)
+
+    def norms_of_entries(self, decoder: torch.Tensor) -> torch.Tensor:
+        """``||decoder[cols]||`` per entry: the encode's, unless ``decoder`` has
+        changed in place since (then computed afresh)."""
+        norms = self.norms
+        # In a compiled step nothing edits the decoder between encode and decode, and
+        # version counters are not traced.
+        if norms is not None and (
+            torch.compiler.is_compiling() or norms.version == decoder._version
+        ):
+            return norms.of_entries
+        fresh: torch.Tensor = decoder.norm(dim=-1)[self.codes.cols]
+        return fresh
 
     def describe(self, dense: torch.Tensor) -> bool:
         """Whether these are the entries of ``dense`` as it is now."""

@@ -37,7 +37,7 @@ and exports the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -86,19 +86,39 @@ def fired_and_excess(
     ``threshold`` is compared in ``hidden_pre``'s dtype (as inference encodes); both
     results are float32 ``[d_sae]``. One read of ``hidden_pre``, in row chunks on CPU.
     """
-    hidden_pre = hidden_pre.detach().flatten(end_dim=-2)
+    fired, excess = fired_and_excess_rows(hidden_pre, threshold).unbind()
+    return fired, excess
+
+
+@torch.no_grad()
+def fired_and_excess_rows(
+    hidden_pre: torch.Tensor, threshold: torch.Tensor
+) -> torch.Tensor:
+    """:func:`fired_and_excess` as the rows of one float32 ``[2, d_sae]`` tensor
+    (what data-parallel ranks sum in one message)."""
+    hidden_pre = hidden_pre.flatten(end_dim=-2)
     threshold = threshold.to(hidden_pre.dtype)
     n_rows, width = hidden_pre.shape
-    fired = hidden_pre.new_zeros(width, dtype=torch.float32)
-    excess = hidden_pre.new_zeros(width, dtype=torch.float32)
     rows = n_rows
     if hidden_pre.device.type == "cpu":
         rows = max(1, _CPU_CHUNK_ENTRIES // max(width, 1))
-    for chunk in hidden_pre.split(max(rows, 1)):
-        above = (chunk - threshold).relu_()
-        excess += above.sum(dim=0, dtype=torch.float32)
-        fired += above.sign_().sum(dim=0, dtype=torch.float32)
-    return fired, excess
+    if rows >= n_rows:  # one chunk: a few ops, no accumulators
+        return _fired_and_excess_chunk(hidden_pre, threshold)
+    totals = hidden_pre.new_zeros((2, width), dtype=torch.float32)
+    for chunk in hidden_pre.split(rows):
+        totals += _fired_and_excess_chunk(chunk, threshold)
+    return totals
+
+
+def _fired_and_excess_chunk(
+    chunk: torch.Tensor, threshold: torch.Tensor
+) -> torch.Tensor:
+    above = (chunk - threshold).relu_()
+    excess = above.sum(dim=0, dtype=torch.float32)
+    # Counted as a float32 sum of signs (exact below 2 ** 24 tokens per feature):
+    # on CPU several times faster than count_nonzero along the rows.
+    fired = above.sign_().sum(dim=0, dtype=torch.float32)
+    return torch.stack([fired, excess])
 
 
 @torch.no_grad()
@@ -110,23 +130,30 @@ def update_rate_threshold(
     fired: torch.Tensor,
     n_tokens: int,
     gain: float | torch.Tensor,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One rate-matching step (module docstring); returns the new thresholds.
 
     ``fired`` counts this batch's tokens above ``threshold`` per feature,
     ``target_rate`` is the batch rule's selection-rate EMA, ``token_rate`` the
     per-token firing-rate EMA (before this batch) and ``scale`` the tail scales (0:
-    unknown, then the threshold itself sets the step). Thresholds at ``inf`` stay.
+    unknown, then the threshold itself sets the step). Thresholds at ``inf`` stay,
+    or, where ``first`` (positive, ``inf`` where none) is given and finite, start
+    there.
     """
     step_scale = torch.where(scale > 0, scale, threshold)
     # (p - r) / sqrt(p r) ~ log(p / r): the Newton step for an exponential tail,
     # as fast up as down, yet linear in this batch's count (whose noise then
     # averages out); p is the firing-rate EMA from before this batch.
-    normaliser = (token_rate * target_rate).sqrt() * n_tokens
-    error = (fired - target_rate * n_tokens) / normaliser.clamp_min(1.0)
-    error = error.clamp(-MAX_RELATIVE_STEP, MAX_RELATIVE_STEP)
-    moved = (threshold + gain * step_scale * error).clamp_min(0.0)
-    return torch.where(torch.isfinite(threshold), moved, threshold)
+    normaliser = (token_rate * target_rate).sqrt_().mul_(n_tokens)
+    error = (fired - target_rate * n_tokens).div_(normaliser.clamp_min_(1.0))
+    error = error.clamp_(-MAX_RELATIVE_STEP, MAX_RELATIVE_STEP)
+    moved = (threshold + gain * step_scale * error).clamp_min_(0.0)
+    # A threshold at inf has no step (inf + step); a NaN one stays NaN either way.
+    start = threshold
+    if first is not None:
+        start = torch.where(first < torch.inf, first, threshold)
+    return torch.where(torch.isinf(threshold), start, moved)
 
 
 @torch.no_grad()
@@ -143,9 +170,9 @@ def update_global_threshold(
     """
     batch_min = smallest.amin().to(threshold.dtype)
     updated = torch.where(
-        torch.isfinite(threshold), (1 - lr) * threshold + lr * batch_min, batch_min
+        _finite(threshold), (1 - lr) * threshold + lr * batch_min, batch_min
     )
-    return torch.where(torch.isfinite(batch_min), updated, threshold)
+    return torch.where(batch_min < torch.inf, updated, threshold)
 
 
 @torch.no_grad()
@@ -159,18 +186,26 @@ def update_per_feature_threshold(
     fires).
     """
     batch_min = smallest.to(threshold.dtype)
-    seen = torch.isfinite(threshold)
+    seen = _finite(threshold)
     updated = torch.where(seen, (1 - lr) * threshold + lr * batch_min, batch_min)
-    return torch.where(torch.isfinite(batch_min), updated, threshold)
+    # smallest is positive or inf, so `< inf` is its isfinite.
+    return torch.where(batch_min < torch.inf, updated, threshold)
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite(x)`` in two ops (isfinite is four: NaN and inf apart)."""
+    return x.abs() < torch.inf
 
 
 @dataclass(frozen=True)
 class ThresholdStep:
-    """What one training batch gives a threshold rule (float64, ``[d_sae]``).
+    """What one training batch gives a threshold rule (float64 but ``smallest``,
+    ``[d_sae]``).
 
     Args:
         threshold: The thresholds before this batch.
-        smallest: Each feature's smallest positive selection (``inf`` if none).
+        smallest: Each feature's smallest positive selection (``inf`` if none), in
+            the dtype of the codes.
         fired: Tokens above ``threshold``, per feature.
         excess: Summed excess over ``threshold`` of those tokens, per feature.
         n_tokens: Tokens in the batch.
@@ -211,8 +246,10 @@ def rate_rule(step: ThresholdStep) -> torch.Tensor:
     batch_scale = step.excess / fired.clamp_min(1.0)
     blended = scale + step.weight * (batch_scale - scale)
     blended = torch.where(scale > 0, blended, batch_scale)
-    scale.copy_(torch.where(fired > 0, blended, scale))
-    moved = update_rate_threshold(
+    torch.where(fired > 0, blended, scale, out=scale)
+    # A feature's first selection after the first batch starts it at its smallest
+    # selected value (`first`); the steps take it from there.
+    return update_rate_threshold(
         step.threshold,
         scale,
         step.selection_rate,
@@ -220,11 +257,8 @@ def rate_rule(step: ThresholdStep) -> torch.Tensor:
         fired,
         step.n_tokens,
         step.gain,
+        first=step.smallest,
     )
-    # A feature's first selection after the first batch starts it at its smallest
-    # selected value; the steps take it from there.
-    first_seen = torch.isinf(step.threshold) & torch.isfinite(step.smallest)
-    return torch.where(first_seen, step.smallest, moved)
 
 
 # threshold_mode -> its rule; a new rule is a function here and its name in
@@ -258,6 +292,43 @@ def update_firing_rate(
     batch_rate = counts.to(firing_rate.dtype) / n_tokens
     weight = n_tokens / n_tokens_seen.clamp(min=n_tokens, max=horizon_tokens)
     return firing_rate + weight.clamp(max=1.0) * (batch_rate - firing_rate)
+
+
+@dataclass(frozen=True)
+class FiringRate:
+    """A selection-rate EMA with a horizon in tokens, moved as :func:`update_firing_rate`
+    moves it, but in one group with the threshold state's EMAs.
+
+    Args:
+        rate: The EMA buffer (float64 ``[d_sae]``), updated in place.
+        horizon_tokens: The EMA's horizon in tokens.
+        counts: This batch's per-feature counts the EMA follows (None: the batch
+            rule's selections).
+    """
+
+    rate: torch.Tensor
+    horizon_tokens: float
+    counts: torch.Tensor | None = None
+
+    def weight(self, warm_up: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """The batch's weight from ``warm_up = n_tokens / max(n_tokens_seen, n_tokens)``.
+
+        Equal, bit for bit, to :func:`update_firing_rate`'s ``n_tokens / clamp(
+        n_tokens_seen, n_tokens, horizon)`` capped at 1: both divide ``n_tokens`` by one
+        of two numbers, rounded the same way, and rounding keeps the order.
+        """
+        return warm_up.clamp(min=(1.0 / self.horizon_tokens) * n_tokens, max=1.0)
+
+
+@torch.no_grad()
+def move_toward_(
+    rates: list[torch.Tensor], targets: list[torch.Tensor], weights: list[torch.Tensor]
+) -> None:
+    """``rate += weight * (target - rate)`` for each triple, in place, as one group of
+    ops (one kernel each on a GPU, whatever the number of EMAs)."""
+    steps = torch._foreach_sub(targets, rates)
+    torch._foreach_mul_(steps, weights)
+    torch._foreach_add_(rates, steps)
 
 
 # ---------------------------------------------------------------------------
@@ -340,6 +411,7 @@ class ThresholdState:
         smallest: torch.Tensor,
         n_tokens: int,
         data_parallel: GlobalBatch | None = None,
+        firing_rates: Sequence[FiringRate] = (),
     ) -> torch.Tensor:
         """Update from one training batch; returns the per-token fire rates.
 
@@ -349,34 +421,53 @@ class ThresholdState:
         tokens, which the owner's ``n_tokens_seen`` already counts. Under data
         parallelism (``data_parallel``, a :class:`GlobalBatch`) these are global and
         ``hidden_pre`` holds this rank's rows. The fire rates are taken at the
-        thresholds before this update.
+        thresholds before this update. Each of ``firing_rates`` is moved as
+        :func:`update_firing_rate` would, along with the threshold state's own EMAs.
         """
         cfg = self.owner.cfg
         threshold = self.running_threshold
         if n_tokens == 0:
             return threshold.new_zeros(threshold.shape)
-        fired, excess = fired_and_excess(hidden_pre, threshold)
+        fired_excess = fired_and_excess_rows(hidden_pre, threshold)
         if data_parallel is not None:  # sums over the ranks' rows
-            fired, excess = data_parallel.sum_floats(torch.stack([fired, excess]))
-        fired, excess = fired.to(threshold.dtype), excess.to(threshold.dtype)
+            fired_excess = data_parallel.sum_floats(fired_excess)
+        fired, excess = fired_excess.to(threshold.dtype).unbind()
         selected = selected.to(threshold.dtype)
+        own_counts = [
+            r.counts.to(threshold.dtype) for r in firing_rates if r.counts is not None
+        ]
+        selection, fire_rates, *own_rates = torch._foreach_div(
+            [selected, fired, *own_counts], n_tokens
+        )
         lr, gain = cfg.topk_threshold_lr, cfg.threshold_gain
         # A batch in which the rule selects nothing (all pre-activations <= 0)
-        # says nothing about rates or thresholds.
-        informative = (selected.sum() > 0).to(threshold.dtype)
+        # says nothing about rates or thresholds: 1 if it selects, else 0 (the
+        # counts are whole numbers).
+        informative = selected.sum().clamp_max(1.0)
         # The plain running mean at first, so early estimates carry no zero bias.
         warm_up = n_tokens / self.owner.n_tokens_seen.clamp_min(n_tokens)
         weight = warm_up.clamp_min(lr) * informative
         fast_weight = warm_up.clamp_min(gain) * informative
-        self.selection_rate.add_(weight * (selected / n_tokens - self.selection_rate))
         token_rate = self.token_rate.clone()  # the step's scale must not see this batch
         # The per-token rate follows the thresholds, at their pace.
-        self.token_rate.add_(fast_weight * (fired / n_tokens - self.token_rate))
+        rates = [self.selection_rate, self.token_rate]
+        targets, weights = [selection, fire_rates], [weight, fast_weight]
+        horizon_weights: dict[float, torch.Tensor] = {}
+        for firing_rate in firing_rates:
+            rates.append(firing_rate.rate)
+            targets.append(
+                selection if firing_rate.counts is None else own_rates.pop(0)
+            )
+            horizon = firing_rate.horizon_tokens
+            if horizon not in horizon_weights:
+                horizon_weights[horizon] = firing_rate.weight(warm_up, n_tokens)
+            weights.append(horizon_weights[horizon])
+        move_toward_(rates, targets, weights)
 
         rule = THRESHOLD_RULES[cfg.threshold_mode]
         step = ThresholdStep(
             threshold=threshold,
-            smallest=smallest.to(threshold.dtype),
+            smallest=smallest,
             fired=fired,
             excess=excess,
             n_tokens=n_tokens,
@@ -388,7 +479,7 @@ class ThresholdState:
             tail_scale=self.tail_scale,
         )
         threshold.copy_(rule(step))
-        return fired / n_tokens
+        return fire_rates
 
     @torch.no_grad()
     def set(self, thresholds: torch.Tensor) -> None:

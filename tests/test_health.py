@@ -161,3 +161,16 @@ def test_compare_table_names_the_problem_and_the_notes_the_knob():
     assert lines[6].startswith("  mutual_choice: training MSE rose")
     assert lines[7].startswith("  mutual_choice: per-token L0 5.00 is +150% off k=2")
     assert "raise threshold_gain (now 0.1)" in lines[7]
+
+
+def test_the_logged_window_change_is_nan_until_two_windows_then_their_ratio():
+    windows = ReconstructionWindows(window=2)
+    for mse in (4.0, 4.0):
+        windows.add(torch.tensor(mse))
+    assert torch.isnan(windows.logged_change())  # one window
+    for mse in (5.0, 5.0):
+        windows.add(torch.tensor(mse))
+    assert float(windows.logged_change()) == pytest.approx(0.25)
+    windows.add(torch.tensor(1.0))  # mid-window: the closed windows are unchanged
+    assert float(windows.logged_change()) == pytest.approx(0.25)
+    assert windows.change() == pytest.approx(0.25)

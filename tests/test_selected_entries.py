@@ -48,3 +48,19 @@ def test_a_copy_after_a_step_carries_no_entries():
     assert twin.selected_entries is None
     for name, value in sae.state_dict().items():
         assert torch.equal(twin.state_dict()[name], value), name
+
+
+def test_decode_reuses_the_encodes_decoder_norms_only_while_w_dec_is_unchanged():
+    sae, acts = trained_sae()
+    entries = sae.entries_of(acts)
+    assert entries is not None and entries.norms is not None
+    norms = sae.W_dec.norm(dim=-1)
+    assert torch.equal(entries.norms.all, norms)
+    assert torch.equal(entries.norms.of_entries, norms[entries.codes.cols])
+    # Dense decode of the same codes, with the norms of W_dec as it is at decode time.
+    dense = acts.detach().clone()
+    torch.testing.assert_close(sae.decode(acts), sae.decode(dense))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, 8)[:, None])  # new norms
+    assert sae.entries_of(acts) is entries  # the codes themselves are unchanged
+    torch.testing.assert_close(sae.decode(acts), sae.decode(dense))

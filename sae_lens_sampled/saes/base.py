@@ -49,6 +49,7 @@ from sae_lens_sampled.losses import (
 )
 from sae_lens_sampled.selection import batch_budget, fixed_shapes
 from sae_lens_sampled.sparse import (
+    DecoderNorms,
     SelectedEntries,
     SparseCodes,
     attach_values,
@@ -58,10 +59,10 @@ from sae_lens_sampled.sparse import (
 )
 from sae_lens_sampled.thresholds import (
     THRESHOLD_MODES,
+    FiringRate,
     ThresholdMode,
     ThresholdState,
     column_stats_dense,
-    update_firing_rate,
 )
 
 AuxLoss = Literal["aux_k", "aux_zipf", "none"]
@@ -103,6 +104,15 @@ def noting_defaults(cfg: Any) -> Iterator[None]:
         if is_default(cfg, err.name) and err.args:
             err.args = (f"{err.args[0]} (the default)", *err.args[1:])
         raise
+
+
+def inverse_norms(norms: torch.Tensor) -> torch.Tensor:
+    """``1 / norms``, with a zero norm taken as the smallest normal number.
+
+    A zero decoder row ranks 0, so its codes are 0; the clamp keeps ``0 * (1 / 0)``
+    from turning them into NaN.
+    """
+    return norms.clamp_min(torch.finfo(norms.dtype).tiny).reciprocal()
 
 
 def check_input_width(x: torch.Tensor, cfg: Any) -> None:
@@ -414,8 +424,12 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             pre = pre + self.b_enc
         pre = self.hook_sae_acts_pre(pre)
         hidden_pre = pre
+        # One decoder-norm computation per step: the rescaled hidden_pre, the
+        # selected values and decode's inverse norms all read it.
+        norms = None
         if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = pre * self.W_dec.norm(dim=-1)
+            norms = self.W_dec.norm(dim=-1)
+            hidden_pre = pre * norms
         with torch.no_grad():
             selected = self.activation_fn(hidden_pre.detach())
         flat_selected = selected.flatten(end_dim=-2)
@@ -432,13 +446,20 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             self.b_enc,
             codes,
         )
-        if self.cfg.rescale_acts_by_decoder_norm:
-            values = values * self.W_dec.norm(dim=-1)[codes.cols]
+        entry_norms = None
+        if norms is not None:
+            entry_norms = norms[codes.cols]
+            values = values * entry_norms
         values = values.relu()
         if codes.valid is not None:  # padding entries hold 0, and get no gradient
             values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
-        self.selected_entries = SelectedEntries.of(feature_acts, codes, values)
+        self.selected_entries = SelectedEntries.of(
+            feature_acts,
+            codes,
+            values,
+            DecoderNorms.of(self.W_dec, norms, entry_norms),
+        )
         self.sparse_encode = SparseEncode(
             hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
         )
@@ -459,24 +480,24 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        # Codes are in units of hidden_pre * ||W_dec||. A zero decoder row ranks 0, so
-        # its codes are 0; the clamp keeps 0 * (1 / 0) from turning them into NaN.
-        inverse_norms = 1 / self.W_dec.norm(dim=-1).clamp_min(
-            torch.finfo(self.W_dec.dtype).tiny
-        )
+        # Codes are in units of hidden_pre * ||W_dec||, so decoding divides by the
+        # norms; the sparse path reuses the ones its encode computed.
+        rescale = self.cfg.rescale_acts_by_decoder_norm
         entries = self.entries_of(feature_acts)
         if entries is None:
-            if self.cfg.rescale_acts_by_decoder_norm:
-                feature_acts = feature_acts * inverse_norms
+            if rescale:
+                feature_acts = feature_acts * inverse_norms(self.W_dec.norm(dim=-1))
             sae_out_pre = act_times_W_dec(feature_acts, self.W_dec, False) + self.b_dec
         else:
             codes, values = entries.codes, entries.values
-            if self.cfg.rescale_acts_by_decoder_norm:
-                values = values * inverse_norms[codes.cols]
+            if rescale:
+                norms = entries.norms_of_entries(self.W_dec)
+                values = values * inverse_norms(norms)
             sae_out_pre = sparse_decode(values, self.W_dec, codes) + self.b_dec
-            sae_out_pre = sae_out_pre.reshape(
-                *feature_acts.shape[:-1], self.W_dec.shape[1]
-            )
+            if feature_acts.dim() != 2:
+                sae_out_pre = sae_out_pre.reshape(
+                    *feature_acts.shape[:-1], self.W_dec.shape[1]
+                )
         sae_out_pre = self.hook_sae_recons(sae_out_pre)
         # SAELens assigns these two as unannotated functions in SAE.__init__.
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)  # type: ignore[has-type]
@@ -798,18 +819,31 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         # autocast would run the EMAs in low precision
         with torch.autocast(self.W_dec.device.type, enabled=False):
             self.n_tokens_seen += n_tokens
-            self.firing_rate.copy_(
-                update_firing_rate(
-                    self.firing_rate,
-                    counts,
-                    n_tokens,
-                    self.n_tokens_seen,
-                    self.cfg.zipf_ema_tokens,
-                )
+            # The firing rates move in one group with the thresholds' own EMAs.
+            firing_rate = FiringRate(self.firing_rate, self.cfg.zipf_ema_tokens)
+            fire_rates = self.thresholds.update(
+                hidden_pre,
+                counts,
+                smallest,
+                n_tokens,
+                self.data_parallel,
+                firing_rates=[firing_rate, *self.usage_rates(hidden_pre)],
             )
-            return self.thresholds.update(
-                hidden_pre, counts, smallest, n_tokens, self.data_parallel
-            )
+        self.update_rule_state(feature_acts, counts)
+        return fire_rates
+
+    def usage_rates(self, hidden_pre: torch.Tensor) -> list[FiringRate]:  # noqa: ARG002
+        """More per-feature rate EMAs of the batch rule, with this batch's counts, for
+        :meth:`update_state` to move along with ``firing_rate`` (none here)."""
+        return []
+
+    def update_rule_state(
+        self, feature_acts: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        """The batch rule's own state, after :meth:`update_state` (none here).
+
+        ``counts``: each feature's positive selections in the (global) batch.
+        """
 
     @override
     @torch.no_grad()

@@ -39,7 +39,7 @@ from sae_lens_sampled.selection import (
     usage_ranks,
     zipf_capacity_fractions,
 )
-from sae_lens_sampled.thresholds import update_firing_rate
+from sae_lens_sampled.thresholds import FiringRate
 
 ARCHITECTURE = "feature_choice"
 
@@ -262,36 +262,34 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         output = super().training_forward_pass(step_input)
-        self.update_capacities(output.hidden_pre)
+        self.update_capacities()
         return output
 
+    @override
     @torch.no_grad()
-    def update_capacities(self, hidden_pre: torch.Tensor) -> None:
-        """Count the step, update the demand EMA, and re-rank when one is due.
+    def usage_rates(self, hidden_pre: torch.Tensor) -> list[FiringRate]:
+        # rank_by="demand": the batch's unrestricted selections (BatchTopK's) move
+        # demand_rate, in the same group as firing_rate and at its horizon.
+        if self.cfg.capacity_schedule != "zipf" or self.cfg.rank_by != "demand":
+            return []
+        acts = hidden_pre.detach().flatten(end_dim=-2).relu()
+        if self.data_parallel is None:
+            wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
+            counts = (wanted > 0).sum(dim=0)
+        else:
+            counts, _ = self.data_parallel.demand_counts(acts, self.cfg.k)
+        return [FiringRate(self.demand_rate, self.cfg.zipf_ema_tokens, counts)]
 
-        Runs after :meth:`update_state`, so the batch is already in ``firing_rate``
-        and ``n_tokens_seen``.
+    @torch.no_grad()
+    def update_capacities(self) -> None:
+        """Count the step and re-rank when one is due.
+
+        Runs after :meth:`update_state`, so the batch is already in ``firing_rate``,
+        ``demand_rate`` and ``n_tokens_seen``.
         """
         self.advance_step_count()
         if self.cfg.capacity_schedule != "zipf":
             return
-        if self.cfg.rank_by == "demand":
-            acts = hidden_pre.detach().flatten(end_dim=-2).relu()
-            if self.data_parallel is None:
-                wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
-                counts, n_tokens = (wanted > 0).sum(dim=0), acts.shape[0]
-            else:
-                counts, n_tokens = self.data_parallel.demand_counts(acts, self.cfg.k)
-            with torch.autocast(self.W_dec.device.type, enabled=False):
-                self.demand_rate.copy_(
-                    update_firing_rate(
-                        self.demand_rate,
-                        counts,
-                        n_tokens,
-                        self.n_tokens_seen,
-                        self.cfg.zipf_ema_tokens,
-                    )
-                )
         if torch.compiler.is_compiling():
             # No branch on the step count in a graph: re-rank on the device and
             # keep the result only when a re-ranking is due.

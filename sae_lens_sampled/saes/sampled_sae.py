@@ -43,7 +43,6 @@ from sae_lens_sampled.selection import (
     update_missed_chances,
     update_staleness,
 )
-from sae_lens_sampled.sparse import SelectedEntries
 
 ARCHITECTURE = "sampled"
 
@@ -354,35 +353,31 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
 
     @override
     @torch.no_grad()
-    def update_state(
-        self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
-    ) -> torch.Tensor:
-        fire_rates = super().update_state(feature_acts, hidden_pre)
+    def update_rule_state(
+        self, feature_acts: torch.Tensor, counts: torch.Tensor
+    ) -> None:
         self.advance_step_count()
         step_pool, self.step_pool = self.step_pool, None
         if step_pool is None:  # called outside a training step
-            return fire_rates
+            return
         self.pool_staleness.copy_(update_staleness(self.pool_staleness, step_pool.pool))
         if step_pool.positive is not None:
             chance = (self.pool_staleness == 0) | ~step_pool.positive
-            fired = fired_features(feature_acts, self.entries_of(feature_acts))
-            if self.data_parallel is not None:  # fired on any rank's rows
-                fired = self.data_parallel.sum_counts(fired.long()) > 0
+            if self.entries_of(feature_acts) is not None:
+                # The selected values are never negative, so the features with a
+                # non-zero code are those with a positive one: global counts > 0.
+                fired = counts > 0
+            else:
+                fired = fired_features(feature_acts)
+                if self.data_parallel is not None:  # fired on any rank's rows
+                    fired = self.data_parallel.sum_counts(fired.long()) > 0
             self.missed_chances.copy_(
                 update_missed_chances(self.missed_chances, fired, chance)
             )
-        return fire_rates
 
 
-def fired_features(
-    feature_acts: torch.Tensor, entries: SelectedEntries | None = None
-) -> torch.Tensor:
-    """Which features have a non-zero code on some token (the trainer's ``did_fire``),
-    from the selected ``entries`` of ``feature_acts`` when given."""
-    if entries is not None:
-        codes, values = entries.codes, entries.values
-        fired = torch.zeros(codes.n_cols, dtype=torch.bool, device=values.device)
-        return fired.index_fill_(0, codes.cols[values != 0], True)
+def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:
+    """Which features have a non-zero code on some token (the trainer's ``did_fire``)."""
     return (feature_acts.detach().flatten(end_dim=-2) != 0).any(dim=0)
 
 
