@@ -17,6 +17,7 @@ import torch
 from sae_lens_sampled.selection import (
     batch_budget,
     batch_topk,
+    batch_topk_positions,
     feature_choice_select,
     feature_scores,
     pool_from_scores,
@@ -172,3 +173,28 @@ class LocalBatch:
         **options: Any,
     ) -> torch.Tensor:
         return pool_from_scores(scores, size, mode, generator, **options)
+
+
+class PositionsBatch(LocalBatch):
+    """A :class:`LocalBatch` whose batch top-k also keeps what it selected, for a
+    training encode that builds its sparse codes from them (fixed shapes, no scan
+    of the dense result).
+
+    After a rule ran: :attr:`positions`, the row-major positions (ascending) of the
+    entries the top-k kept, flat into the ``[n_tokens, width]`` matrix it ran on
+    (``width``: the columns it was given, e.g. a pool's); None when the rule ran no
+    batch top-k, or one :func:`batch_topk_positions` cannot key.
+    """
+
+    positions: torch.Tensor | None = None
+    width: int = 0
+
+    def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
+        positions = batch_topk_positions(acts, budget)
+        if positions is None:
+            return batch_topk(acts, budget)
+        self.positions, self.width = positions, acts.shape[-1]
+        flat = acts.reshape(-1)
+        return (
+            torch.zeros_like(flat).scatter_(0, positions, flat[positions]).view_as(acts)
+        )

@@ -186,6 +186,39 @@ def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
     return torch.zeros_like(flat).scatter_(0, indices, flat[indices]).view_as(acts)
 
 
+# Integer types holding a float's bits, for the keys of batch_topk_positions.
+_BITS_OF = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+@torch.no_grad()
+def batch_topk_positions(acts: torch.Tensor, budget: int) -> torch.Tensor | None:
+    """Row-major positions (ascending, flat into ``acts`` ``[n, c]``) of the
+    ``budget`` entries :func:`batch_topk` keeps, by one top-k with fixed shapes and
+    no host read; None where the keys below do not fit (``float64`` values, more
+    than ``2**32`` entries, or a budget outside ``[1, n * c]``).
+
+    ``acts`` must be non-negative (post-ReLU). The bits of a non-negative float,
+    read as an integer, order like the float, so ``bits * 2**32 - position`` orders
+    the entries by value, then by lower position: its top ``budget`` are exactly the
+    tie rule's, with no pass over ``acts`` to settle ties. Where fewer than
+    ``budget`` entries are positive, the rest are zero entries (values 0, never
+    active), so the count is always exactly ``budget``.
+    """
+    bits_dtype = _BITS_OF.get(acts.dtype)
+    n_entries = acts.numel()
+    if bits_dtype is None or n_entries > 2**32 or not 0 < budget <= n_entries:
+        return None
+    flat = acts.reshape(-1)
+    positions = torch.arange(n_entries, device=acts.device)
+    keys = flat.view(bits_dtype).long().bitwise_left_shift_(32).sub_(positions)
+    top = torch.topk(keys, budget, sorted=False).indices
+    return top.sort().values
+
+
 def _batch_topk_settled(
     acts: torch.Tensor,
     budget: int,

@@ -188,3 +188,37 @@ def test_fixed_size_codes_list_the_nonzeros_then_padding():
     exact = SparseCodes.from_dense(dense)
     assert codes.rows[:3].tolist() == exact.rows.tolist()
     assert codes.cols[:3].tolist() == exact.cols.tolist()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_topk_positions_follow_the_tie_rule(seed: int):
+    # The first `budget` entries by value, then by row-major position (a stable
+    # sort), zeros included when fewer are positive; the batch they come from
+    # returns batch_topk's codes.
+    from sae_lens_sampled.global_batch import PositionsBatch
+    from sae_lens_sampled.selection import batch_topk, batch_topk_positions
+
+    generator = torch.Generator().manual_seed(seed)
+    n, d = (int(v) for v in torch.randint(1, 24, (2,), generator=generator))
+    acts = torch.randint(0, 4, (n, d), generator=generator).float()
+    acts = acts * torch.rand((), generator=generator)
+    if seed % 4 == 0:
+        acts = acts.bfloat16()
+    budget = int(torch.randint(1, n * d + 1, (), generator=generator))
+    order = torch.sort(acts.flatten().float(), descending=True, stable=True).indices
+    positions = batch_topk_positions(acts, budget)
+    assert positions is not None
+    assert positions.tolist() == order[:budget].sort().values.tolist()
+    batch = PositionsBatch(n)
+    assert torch.equal(batch.batch_topk(acts, budget), batch_topk(acts, budget))
+    assert batch.positions is not None and torch.equal(batch.positions, positions)
+
+
+def test_batch_topk_positions_decline_what_their_keys_cannot_hold():
+    from sae_lens_sampled.selection import batch_topk_positions
+
+    acts = torch.tensor([[0.5, 0.0], [2.0, 0.5]])
+    assert batch_topk_positions(acts, 3).tolist() == [0, 2, 3]  # type: ignore[union-attr]
+    assert batch_topk_positions(acts.double(), 3) is None
+    assert batch_topk_positions(acts, 0) is None
+    assert batch_topk_positions(acts, 5) is None

@@ -32,7 +32,7 @@ from sae_lens_sampled.checkpoints import fill_0_1_checkpoint
 from sae_lens_sampled.checks import FieldValueError as FieldValueError
 from sae_lens_sampled.checks import check_choice as check_choice
 from sae_lens_sampled.checks import check_range as check_range
-from sae_lens_sampled.global_batch import GlobalBatch, LocalBatch
+from sae_lens_sampled.global_batch import GlobalBatch, LocalBatch, PositionsBatch
 from sae_lens_sampled.health import (
     LR_ADVICE,
     HealthReport,
@@ -334,10 +334,19 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         # Training MSE by window of steps (health.py); not saved in checkpoints.
         self.reconstruction = ReconstructionWindows()
 
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
+    def select(
+        self, acts: torch.Tensor, batch: LocalBatch | None = None
+    ) -> torch.Tensor:
         """The batch rule (the registry entry's) on post-ReLU activations
-        ``[n_tokens, d_sae]`` of one process."""
-        return rule_of(self.cfg.architecture())(self, acts, LocalBatch(acts.shape[0]))
+        ``[n_tokens, d_sae]`` of one process (``batch``: these rows' batch, by
+        default a plain :class:`LocalBatch`)."""
+        batch = LocalBatch(acts.shape[0]) if batch is None else batch
+        return rule_of(self.cfg.architecture())(self, acts, batch)
+
+    def selected_columns(self) -> torch.Tensor | None:
+        """The columns (ascending) that the last training selection's batch top-k
+        ran over, when not every feature (e.g. a pool); None: every feature."""
+        return None
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -431,14 +440,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             norms = self.W_dec.norm(dim=-1)
             hidden_pre = pre * norms
         with torch.no_grad():
-            selected = self.activation_fn(hidden_pre.detach())
-        flat_selected = selected.flatten(end_dim=-2)
-        if self.data_parallel is None and fixed_shapes(flat_selected):
-            # No host read: as many entries as the rule can keep, padded.
-            size = self.max_selected(flat_selected.shape[0])
-            codes = SparseCodes.from_dense_fixed(flat_selected, size)
-        else:
-            codes = SparseCodes.from_dense(flat_selected)
+            if self.data_parallel is None and fixed_shapes(hidden_pre):
+                # No host read: the rule's own positions, else as many entries as
+                # it can keep, padded.
+                selected, codes = self._select_fixed(hidden_pre.detach())
+            else:
+                selected = self.activation_fn(hidden_pre.detach())
+                codes = SparseCodes.from_dense(selected.flatten(end_dim=-2))
         values = gather_linear(
             pre.flatten(end_dim=-2),
             sae_in.flatten(end_dim=-2),
@@ -464,6 +472,31 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
         )
         return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    def _select_fixed(
+        self, hidden_pre: torch.Tensor
+    ) -> tuple[torch.Tensor, SparseCodes]:
+        """The batch rule on ``relu(hidden_pre)`` and the codes of what it kept, with
+        fixed shapes: from the positions its batch top-k found where it ran one over
+        every feature or over :meth:`selected_columns` (exactly the budget, no scan
+        of the dense result), else from the dense result."""
+        acts = hidden_pre.relu().flatten(end_dim=-2)
+        n_tokens, d_sae = acts.shape
+        batch = PositionsBatch(n_tokens)
+        selected = self.select(acts, batch)
+        positions, width = batch.positions, batch.width
+        columns = self.selected_columns() if width != d_sae else None
+        if positions is not None and (
+            width == d_sae or (columns is not None and columns.numel() == width)
+        ):
+            rows, cols = positions // width, positions % width
+            if columns is not None:  # ascending, so rows stay in order
+                cols = columns[cols]
+            codes = SparseCodes.from_rows_cols(rows, cols, n_tokens, d_sae)
+        else:
+            size = self.max_selected(n_tokens)
+            codes = SparseCodes.from_dense_fixed(selected, size)
+        return selected.view_as(hidden_pre), codes
 
     def max_selected(self, n_tokens: int) -> int:
         """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
