@@ -345,6 +345,12 @@ class DecoderNorms:
         version = -1 if torch.compiler.is_compiling() else decoder._version
         return cls(norms, of_entries, version)
 
+    def current(self, decoder: torch.Tensor) -> bool:
+        """Whether ``decoder`` is unchanged since these were taken. In a compiled
+        step nothing edits the decoder between encode and decode, and version
+        counters are not traced."""
+        return torch.compiler.is_compiling() or self.version == decoder._version
+
 
 @dataclass(frozen=True)
 class SelectedEntries:
@@ -384,11 +390,7 @@ class SelectedEntries:
         """``||decoder[cols]||`` per entry: the encode's, unless ``decoder`` has
         changed in place since (then computed afresh)."""
         norms = self.norms
-        # In a compiled step nothing edits the decoder between encode and decode, and
-        # version counters are not traced.
-        if norms is not None and (
-            torch.compiler.is_compiling() or norms.version == decoder._version
-        ):
+        if norms is not None and norms.current(decoder):
             return norms.of_entries
         fresh: torch.Tensor = decoder.norm(dim=-1)[self.codes.cols]
         return fresh

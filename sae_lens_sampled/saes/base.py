@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import (
     TrainCoefficientConfig,
@@ -180,11 +181,14 @@ class SparseEncode:
         hidden_pre (torch.Tensor): The ``hidden_pre`` the encode returned.
         pre (torch.Tensor): ``sae_in @ W_enc + b_enc``, ``[n, d_sae]``.
         sae_in (torch.Tensor): The processed input, ``[n, d_in]``.
+        norms (DecoderNorms | None): The decoder norms the encode scaled by (None:
+            no rescaling).
     """
 
     hidden_pre: torch.Tensor
     pre: torch.Tensor
     sae_in: torch.Tensor
+    norms: DecoderNorms | None = None
 
     # A copy of the module holding this gets none (tensors of an autograd graph).
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
@@ -313,10 +317,11 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     selected_entries: SelectedEntries | None = None
     # The last sparse training encode's dense pieces, for a sparse aux loss.
     sparse_encode: "SparseEncode | None" = None
-    # False once a training batch held NaN or Inf (check_finite_inputs=True): set on
+    # The sum of 0 * x over the training batches (check_finite_inputs=True): 0 while
+    # every entry was finite, NaN for good once one was not (0 * inf is NaN). Kept on
     # the batch's device, read only where a read is paid anyway. Not a buffer, so
     # never saved (and never left on the meta device by SAELens's loader).
-    inputs_finite: torch.Tensor | None = None
+    _nonfinite_sum: torch.Tensor | None = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -462,14 +467,15 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if codes.valid is not None:  # padding entries hold 0, and get no gradient
             values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
+        decoder_norms = DecoderNorms.of(self.W_dec, norms, entry_norms)
         self.selected_entries = SelectedEntries.of(
-            feature_acts,
-            codes,
-            values,
-            DecoderNorms.of(self.W_dec, norms, entry_norms),
+            feature_acts, codes, values, decoder_norms
         )
         self.sparse_encode = SparseEncode(
-            hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
+            hidden_pre,
+            pre.flatten(end_dim=-2),
+            sae_in.flatten(end_dim=-2),
+            decoder_norms,
         )
         return self.hook_sae_acts_post(feature_acts), hidden_pre
 
@@ -680,7 +686,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
             )
         recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[no-untyped-call]
-        aux_loss: torch.Tensor = (recons - residual).pow(2).sum(dim=-1).mean()
+        # sum over d_in, mean over tokens, as one op (and one in backward)
+        n_rows = residual.numel() // max(residual.shape[-1], 1)
+        aux_loss = F.mse_loss(recons, residual, reduction="sum") / n_rows
         scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
         return coefficient * scale * aux_loss
 
@@ -704,8 +712,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         codes = SparseCodes.from_rows_cols(rows, cols, n_tokens, d_sae)
         values = gather_linear(pre, sae_in, self.W_enc, self.b_enc, codes)
         if self.cfg.rescale_acts_by_decoder_norm:
-            # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||)
-            norms = self.W_dec.norm(dim=-1)[cols]
+            # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||),
+            # with the encode's norms while the decoder is unchanged.
+            step_norms = encode.norms
+            if step_norms is not None and step_norms.current(self.W_dec):
+                norms = step_norms.all[cols]
+            else:
+                norms = self.W_dec.norm(dim=-1)[cols]
             values = values * norms * (1 / norms)
         values = torch.where(picked, values, values.new_zeros(()))
         recons = sparse_decode(values, self.W_dec, codes)
@@ -777,21 +790,31 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         buffer += 1
         self._step_mirror = (buffer, buffer._version, step + 1)
 
+    @property
+    def inputs_finite(self) -> torch.Tensor | None:
+        """False once a training batch held NaN or Inf (``check_finite_inputs=True``),
+        as a device tensor; None before the first checked batch."""
+        total = self._nonfinite_sum
+        return None if total is None else total == 0
+
     @torch.no_grad()
     def note_nonfinite_inputs(self, x: torch.Tensor) -> None:
         """Clear :attr:`inputs_finite` if ``x`` holds NaN or Inf, on the device."""
-        finite = torch.isfinite(x).all()
-        if self.inputs_finite is not None:
-            finite &= self.inputs_finite.to(finite.device)
-        self.inputs_finite = finite
+        # Two passes and no flag to combine: a NaN in the running sum stays.
+        zeros = x.mul(0).sum()
+        total = self._nonfinite_sum
+        if total is not None:
+            zeros = zeros + total.to(zeros.device)
+        self._nonfinite_sum = zeros
 
     def raise_if_nonfinite_inputs(self) -> torch.Tensor:
         """Raise a ValueError if a training batch held NaN or Inf since this SAE was
         built (``check_finite_inputs=True``); else return True as a tensor. One host
         sync."""
-        if self.inputs_finite is None:
+        finite = self.inputs_finite
+        if finite is None:
             return torch.ones((), dtype=torch.bool)
-        if not bool(self.inputs_finite):
+        if not bool(finite):
             raise ValueError(
                 "a training batch contained non-finite activations (NaN or Inf); "
                 "it was already applied, so the weights and training state are "
@@ -799,7 +822,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 "check_finite_inputs='every_step' to stop before a bad batch is "
                 "applied (one device sync per step)"
             )
-        return self.inputs_finite
+        return finite
 
     def health(self) -> HealthReport:
         """Whether reconstruction improved over the last window, and the per-token
