@@ -212,9 +212,9 @@ def batch_topk_positions(acts: torch.Tensor, budget: int) -> torch.Tensor | None
     n_entries = acts.numel()
     if bits_dtype is None or n_entries > 2**32 or not 0 < budget <= n_entries:
         return None
-    flat = acts.reshape(-1)
-    positions = torch.arange(n_entries, device=acts.device)
-    keys = flat.view(bits_dtype).long().bitwise_left_shift_(32).sub_(positions)
+    # -position + bits * 2**32, in int64, in one op
+    negated = torch.arange(0, -n_entries, -1, device=acts.device)
+    keys = torch.add(negated, acts.reshape(-1).view(bits_dtype), alpha=2**32)
     top = torch.topk(keys, budget, sorted=False).indices
     return top.sort().values
 

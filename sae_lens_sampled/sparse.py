@@ -319,8 +319,9 @@ def attach_values(
 
 @dataclass(frozen=True)
 class DecoderNorms:
-    """The decoder row norms one training encode computed (differentiable), for the
-    rest of the step to reuse while the decoder is unchanged.
+    """The decoder row norms one training encode computed (detached: the sparse
+    path's loss does not depend on them), for the rest of the step to reuse while
+    the decoder is unchanged.
 
     Args:
         all (torch.Tensor): ``||W_dec[j]||`` per feature, ``[n_cols]``.

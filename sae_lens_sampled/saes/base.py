@@ -461,6 +461,11 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         )
         entry_norms = None
         if norms is not None:
+            # The codes relu(pre * n) are decoded as codes * (1 / n): the loss does
+            # not depend on n (its gradient there is 0 up to rounding), so the
+            # entries read the norms detached and skip that backward. hidden_pre
+            # keeps its gradient through them (a dense aux loss reads it).
+            norms = norms.detach()
             entry_norms = norms[codes.cols]
             values = values * entry_norms
         values = values.relu()
@@ -714,11 +719,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if self.cfg.rescale_acts_by_decoder_norm:
             # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||),
             # with the encode's norms while the decoder is unchanged.
-            step_norms = encode.norms
-            if step_norms is not None and step_norms.current(self.W_dec):
-                norms = step_norms.all[cols]
-            else:
-                norms = self.W_dec.norm(dim=-1)[cols]
+            # The factor is 1 up to rounding and its gradient 0: taken detached.
+            with torch.no_grad():
+                step_norms = encode.norms
+                if step_norms is not None and step_norms.current(self.W_dec):
+                    norms = step_norms.all[cols]
+                else:
+                    norms = self.W_dec.norm(dim=-1)[cols]
             values = values * norms * (1 / norms)
         values = torch.where(picked, values, values.new_zeros(()))
         recons = sparse_decode(values, self.W_dec, codes)
