@@ -351,17 +351,18 @@ def select_pool(
     uniform = torch.rand(
         scores.shape, generator=generator, device=scores.device, dtype=torch.float64
     )
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+    # Gumbel noise is -log(-log(u)); added as the subtraction of log(-log(u)).
+    neg_gumbel = torch.log(-torch.log(uniform.clamp_min(1e-300)))
     scores64 = scores.to(torch.float64)
     positive = scores64 > 0
-    # beta * log(score) spans about +-750 * beta: the offset grows with it.
+    # beta * log(score) spans about +-750 * beta: the offset grows with it. A score
+    # of 0 (log -inf) takes the offset instead.
     offset = _ZERO_SCORE_KEY_OFFSET * max(1.0, beta)
-    log_scores = torch.where(
-        positive,
-        beta * torch.log(torch.where(positive, scores64, 1.0)),
-        -offset,
-    )
-    return torch.topk(log_scores + gumbel, size).indices.sort().values
+    log_scores = torch.log(scores64)
+    if beta != 1.0:
+        log_scores = beta * log_scores
+    log_scores = torch.where(positive, log_scores, -offset)
+    return torch.topk(log_scores - neg_gumbel, size).indices.sort().values
 
 
 def explore_size(size: int, explore: float) -> int:

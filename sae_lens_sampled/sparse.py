@@ -66,14 +66,19 @@ class SparseCodes:
         n_rows: int,
         n_cols: int,
         valid: torch.Tensor | None = None,
+        row_offsets: torch.Tensor | None = None,
     ) -> SparseCodes:
+        """Codes of the entries ``(rows[e], cols[e])``, ``rows`` non-decreasing;
+        ``row_offsets``: each row's first entry, when the caller knows them."""
         col_order = torch.argsort(cols, stable=True)
+        if row_offsets is None:
+            row_offsets = bag_offsets(rows, n_rows)
         return cls(
             rows=rows,
             cols=cols,
             n_rows=n_rows,
             n_cols=n_cols,
-            row_offsets=bag_offsets(rows, n_rows),
+            row_offsets=row_offsets,
             col_order=col_order,
             col_offsets=bag_offsets(cols[col_order], n_cols),
             rows_by_col=rows[col_order],

@@ -679,7 +679,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 f"{self.cfg.normalize_activations!r} (as SAELens's aux-k loss: the "
                 "reconstruction would be in normalized space, the residual is not)"
             )
-        residual = (sae_in - sae_out).detach()
+        with torch.no_grad():
+            residual = sae_in - sae_out
         d_in = sae_in.shape[-1]
         k_aux = aux_k_budget(d_in, hidden_pre.shape[-1])
         encode = self.sparse_encode
@@ -711,10 +712,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             flat = encode.hidden_pre.detach().flatten(end_dim=-2)
             candidates = torch.where(mask, flat, -torch.inf)
             cols = candidates.topk(k_aux, dim=-1, sorted=False).indices.flatten()
-            rows = torch.arange(n_tokens, device=pre.device)[:, None]
-            rows = rows.expand(n_tokens, k_aux).flatten()
+            # k_aux entries per row: row r's start at r * k_aux
+            rows = torch.arange(n_tokens * k_aux, device=pre.device) // k_aux
+            row_offsets = torch.arange(0, n_tokens * k_aux, k_aux, device=pre.device)
             picked = mask[cols]
-        codes = SparseCodes.from_rows_cols(rows, cols, n_tokens, d_sae)
+        codes = SparseCodes.from_rows_cols(
+            rows, cols, n_tokens, d_sae, row_offsets=row_offsets
+        )
         values = gather_linear(pre, sae_in, self.W_enc, self.b_enc, codes)
         if self.cfg.rescale_acts_by_decoder_norm:
             # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||),
@@ -727,7 +731,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 else:
                     norms = self.W_dec.norm(dim=-1)[cols]
             values = values * norms * (1 / norms)
-        values = torch.where(picked, values, values.new_zeros(()))
+        values = values * picked  # picks outside the mask count 0
         recons = sparse_decode(values, self.W_dec, codes)
         return recons.reshape(*encode.hidden_pre.shape[:-1], self.W_dec.shape[1])
 
