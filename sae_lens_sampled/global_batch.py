@@ -17,9 +17,12 @@ import torch
 from sae_lens_sampled.selection import (
     batch_budget,
     batch_topk,
+    batch_topk_counts,
     batch_topk_positions,
+    column_topk_positions,
     feature_choice_select,
     feature_scores,
+    fixed_shapes,
     pool_from_scores,
 )
 
@@ -158,8 +161,7 @@ class LocalBatch:
 
     @torch.no_grad()
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
-        wanted = batch_topk(acts, batch_budget(k, acts.shape[0]))
-        return (wanted > 0).sum(dim=0), acts.shape[0]
+        return batch_topk_counts(acts, batch_budget(k, acts.shape[0])), acts.shape[0]
 
     def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
         return flags
@@ -188,6 +190,13 @@ class PositionsBatch(LocalBatch):
 
     positions: torch.Tensor | None = None
     width: int = 0
+    # After a column top-k: which positions are kept (the others are padding).
+    kept: torch.Tensor | None = None
+
+    def __init__(self, n_tokens: int, size: int = 0) -> None:
+        super().__init__(n_tokens)
+        # The number of positions a column top-k lists (the most it can keep).
+        self.size = size
 
     def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
         positions = batch_topk_positions(acts, budget)
@@ -198,3 +207,20 @@ class PositionsBatch(LocalBatch):
         return (
             torch.zeros_like(flat).scatter_(0, positions, flat[positions]).view_as(acts)
         )
+
+    def column_topk(
+        self, acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
+    ) -> torch.Tensor:
+        found = None
+        if depth is not None and fixed_shapes(acts):
+            capacities = capacities.clamp(0, acts.shape[0])
+            depth = min(depth, acts.shape[0])
+            found = column_topk_positions(acts, capacities, depth, self.size)
+        if found is None:
+            return super().column_topk(acts, capacities, depth)
+        positions, kept = found
+        self.positions, self.kept, self.width = positions, kept, acts.shape[-1]
+        values = torch.where(kept, acts.reshape(-1)[positions], 0)
+        # Padding repeats a position: accumulated, so it adds 0 there.
+        dense = torch.zeros_like(acts).view(-1)
+        return dense.index_put_((positions,), values, accumulate=True).view_as(acts)

@@ -222,3 +222,56 @@ def test_batch_topk_positions_decline_what_their_keys_cannot_hold():
     assert batch_topk_positions(acts.double(), 3) is None
     assert batch_topk_positions(acts, 0) is None
     assert batch_topk_positions(acts, 5) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_column_topk_positions_list_what_feature_choice_keeps(seed: int):
+    # Many ties, zeros, float32 and bfloat16: the kept positions are the nonzero
+    # entries of feature_choice_select's codes plus the zero entries it ranks within
+    # a capacity; where the capacities sum to fewer than `size`, padding follows.
+    from sae_lens_sampled.global_batch import PositionsBatch
+    from sae_lens_sampled.selection import column_topk_positions, feature_choice_select
+
+    generator = torch.Generator().manual_seed(seed)
+    n, d = (int(v) for v in torch.randint(1, 24, (2,), generator=generator))
+    acts = torch.randint(0, 4, (n, d), generator=generator).float()
+    acts = acts * torch.rand((), generator=generator)
+    if seed % 4 == 0:
+        acts = acts.bfloat16()
+    capacities = torch.randint(0, n + 1, (d,), generator=generator)
+    depth = max(1, int(capacities.max()))
+    total = int(capacities.sum())
+    size = total + seed % 3 if total > 0 else 1
+    found = column_topk_positions(acts, capacities, depth, size)
+    assert found is not None
+    positions, kept = found
+    # Reference: per column, a stable sort by value (lower token first on ties).
+    expected = sorted(
+        int(row) * d + col
+        for col in range(d)
+        for row in torch.sort(acts[:, col].float(), descending=True, stable=True)
+        .indices[: int(capacities[col])]
+        .tolist()
+    )
+    assert positions[kept].tolist() == expected
+    assert kept.tolist() == [True] * total + [False] * (size - total)
+    assert positions[~kept].tolist() == [(n - 1) * d] * (size - total)
+    reference = feature_choice_select(acts, capacities)
+    batch = PositionsBatch(n, size)
+    with fixed_shape_selection():
+        dense = batch.column_topk(acts, capacities, depth)
+    assert torch.equal(dense, reference)
+    assert batch.positions is not None and torch.equal(batch.positions, positions)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_topk_counts_count_batch_topks_positive_codes(seed: int):
+    from sae_lens_sampled.selection import batch_topk, batch_topk_counts
+
+    generator = torch.Generator().manual_seed(seed)
+    acts = torch.randint(0, 3, (9, 7), generator=generator).float()
+    budget = int(torch.randint(1, 64, (), generator=generator))
+    expected = (batch_topk(acts, budget) > 0).sum(dim=0)
+    assert torch.equal(batch_topk_counts(acts, budget), expected)
+    with fixed_shape_selection():
+        assert torch.equal(batch_topk_counts(acts, budget), expected)

@@ -493,7 +493,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         of the dense result), else from the dense result."""
         acts = hidden_pre.relu().flatten(end_dim=-2)
         n_tokens, d_sae = acts.shape
-        batch = PositionsBatch(n_tokens)
+        batch = PositionsBatch(n_tokens, self.max_selected(n_tokens))
         selected = self.select(acts, batch)
         positions, width = batch.positions, batch.width
         columns = self.selected_columns() if width != d_sae else None
@@ -503,7 +503,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             rows, cols = positions // width, positions % width
             if columns is not None:  # ascending, so rows stay in order
                 cols = columns[cols]
-            codes = SparseCodes.from_rows_cols(rows, cols, n_tokens, d_sae)
+            codes = SparseCodes.from_rows_cols(
+                rows, cols, n_tokens, d_sae, valid=batch.kept
+            )
         else:
             size = self.max_selected(n_tokens)
             codes = SparseCodes.from_dense_fixed(selected, size)

@@ -33,7 +33,7 @@ from sae_lens_sampled.selection import (
     CAPACITY_SCHEDULES,
     CapacitySchedule,
     batch_budget,
-    batch_topk,
+    batch_topk_counts,
     capacities_for_batch,
     uniform_capacity_fractions,
     usage_ranks,
@@ -274,8 +274,7 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
             return []
         acts = hidden_pre.detach().flatten(end_dim=-2).relu()
         if self.data_parallel is None:
-            wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
-            counts = (wanted > 0).sum(dim=0)
+            counts = batch_topk_counts(acts, batch_budget(self.cfg.k, acts.shape[0]))
         else:
             counts, _ = self.data_parallel.demand_counts(acts, self.cfg.k)
         return [FiringRate(self.demand_rate, self.cfg.zipf_ema_tokens, counts)]
