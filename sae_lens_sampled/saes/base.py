@@ -615,23 +615,14 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 mask=self.underutilised(step_input.dead_neuron_mask),
                 coefficient=coefficient,
             )
-        elif not fixed_shapes(hidden_pre):
-            # SAELens's own aux-k loss: on a CPU its read of the number of dead
-            # features costs nothing, and with none it skips all work.
-            loss = self.calculate_topk_aux_loss(
-                sae_in=step_input.sae_in,
-                sae_out=sae_out,
-                hidden_pre=hidden_pre,
-                dead_neuron_mask=step_input.dead_neuron_mask,
-            )
-            configured = self.cfg.aux_loss_coefficient
-            if coefficient != configured and configured > 0:
-                loss = loss * (coefficient / configured)
-        elif step_input.dead_neuron_mask is None:
+        elif step_input.dead_neuron_mask is None or (
+            # On a CPU the read is free, and with no dead feature nothing is done.
+            not fixed_shapes(hidden_pre) and not bool(step_input.dead_neuron_mask.any())
+        ):
             loss = sae_out.new_tensor(0.0)  # as SAELens's aux-k loss
         else:
-            # SAELens's aux-k loss (calculate_topk_aux_loss) reads the number of dead
-            # features on the host; the masked form keeps it on the device.
+            # SAELens's aux-k loss (calculate_topk_aux_loss), with the number of dead
+            # features kept on the device, and sparse on the sparse path.
             loss = self.calculate_masked_aux_loss(
                 sae_in=step_input.sae_in,
                 sae_out=sae_out,
@@ -677,9 +668,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         """
         if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
             raise ValueError(
-                "aux_zipf does not support normalize_activations="
-                f"{self.cfg.normalize_activations!r} (as SAELens's aux-k loss: the "
-                "reconstruction would be in normalized space, the residual is not)"
+                f"aux_loss={self.cfg.aux_loss!r} does not support "
+                f"normalize_activations={self.cfg.normalize_activations!r} (as "
+                "SAELens's aux-k loss: the reconstruction would be in normalized "
+                "space, the residual is not)"
             )
         with torch.no_grad():
             residual = sae_in - sae_out
