@@ -6,7 +6,8 @@ counts, on any device (a CPU is enough), every ATen op that one
 that force a host sync on a GPU: reading a value (``_local_scalar_dense``, behind
 ``int(t)``, ``float(t)`` and ``if t:``), ops whose output size depends on the data
 (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``, ``bincount``,
-``repeat_interleave`` without ``output_size``) and ``equal``.
+``repeat_interleave`` without ``output_size``) and ``equal``; and the host reads that
+dispatch no op (``tolist``, ``numpy``).
 
 ``python -m benchmarks.op_audit`` prints the table for SAELens's ``batchtopk`` and the
 plugin's architectures at the default audit shape.
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops whose output needs a value from the device before the host can go on.
@@ -39,6 +41,8 @@ _SYNC_OPS = frozenset(
         "aten.is_nonzero",
     }
 )
+# Tensor methods that read values on the host without dispatching an ATen op.
+_HOST_READS = frozenset({"tolist", "numpy"})
 # Indexing with a boolean mask is a nonzero in disguise.
 _MASK_INDEX_OPS = frozenset({"aten.index", "aten.index_put", "aten.index_put_"})
 
@@ -108,10 +112,32 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class _HostReads(TorchFunctionMode):
+    """Counts ``tolist`` and ``numpy`` calls into ``counts`` as syncs."""
+
+    def __init__(self, counts: OpCounts) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in _HOST_READS:
+            self.counts.syncs[name] += 1
+            self.counts.sync_sites[f"{name} at {_caller()}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def count_ops(run: Callable[[], object]) -> OpCounts:
-    """The ops that ``run()`` dispatches."""
+    """The ops that ``run()`` dispatches; the syncs include host reads that dispatch
+    no op (``tolist``, ``numpy``)."""
     counter = OpCounter()
-    with counter:
+    with _HostReads(counter.counts), counter:
         run()
     return counter.counts
 

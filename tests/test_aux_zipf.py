@@ -175,13 +175,21 @@ def test_tau_zero_equals_saelens_aux_k(arch, n_dead):
     assert torch.equal(sae.underutilised(dead), dead)
 
     out = sae.training_forward_pass(step_input(x, dead))
+    assert_aux_equals_saelens(sae, x, out, dead)
+
+
+def assert_aux_equals_saelens(sae, x, out, dead, scale=1.0):
+    """The step's aux loss, value and gradients, equals SAELens's aux-k function
+    (times ``scale``) on the same weights, inputs, codes and dead mask."""
     ours = aux_loss(out)
-    # SAELens's function, on the same weights, inputs, codes and dead mask
-    theirs = TopKTrainingSAE.calculate_topk_aux_loss(
-        sae, x, out.sae_out, out.hidden_pre, dead
+    theirs = (
+        TopKTrainingSAE.calculate_topk_aux_loss(
+            sae, x, out.sae_out, out.hidden_pre, dead
+        )
+        * scale
     )
     torch.testing.assert_close(ours, theirs)
-    if n_dead == 0:
+    if not dead.any():
         assert ours.item() == 0.0
         return
     assert ours.item() > 0
@@ -210,22 +218,7 @@ def test_aux_k_equals_saelens_on_both_paths(arch, n_dead, fixed):
             out = sae.training_forward_pass(
                 step_input(x, dead, coefficients={"aux_loss_coefficient": coefficient})
             )
-        ours = aux_loss(out)
-        theirs = TopKTrainingSAE.calculate_topk_aux_loss(
-            sae, x, out.sae_out, out.hidden_pre, dead
-        ) * (coefficient / 0.7)
-        torch.testing.assert_close(ours, theirs)
-        if n_dead == 0:
-            assert ours.item() == 0.0
-            continue
-        assert ours.item() > 0
-        params = [sae.W_enc, sae.W_dec, sae.b_enc]
-        for g_ours, g_theirs in zip(
-            torch.autograd.grad(ours, params, retain_graph=True),
-            torch.autograd.grad(theirs, params),
-            strict=True,
-        ):
-            torch.testing.assert_close(g_ours, g_theirs)
+        assert_aux_equals_saelens(sae, x, out, dead, scale=coefficient / 0.7)
 
 
 def test_aux_k_without_a_dead_mask_is_zero():

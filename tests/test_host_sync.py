@@ -12,18 +12,14 @@ data-dependent paths, whose reads cost nothing there); on CUDA the same step run
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from benchmarks.op_audit import AuditShape, audit_sae, count_ops, training_step
 from sae_lens_sampled.selection import fixed_shape_selection
-
-# Tensor methods that read values on the host without dispatching an ATen op.
-_HOST_READS = frozenset({"tolist", "numpy"})
 
 ARCHITECTURES: list[tuple[str, dict[str, Any]]] = [
     ("mutual_choice", {}),
@@ -34,29 +30,8 @@ ARCHITECTURES: list[tuple[str, dict[str, Any]]] = [
 IDS = ["mutual_choice", "sampled", "sampled-seeded", "feature_choice"]
 
 
-class _HostReads(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: Counter[str] = Counter()
-
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in _HOST_READS:
-            self.reads[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _syncs(step: Callable[[], object]) -> Counter[str]:
-    reads = _HostReads()
-    with reads:
-        counts = count_ops(step)
-    return counts.sync_sites + reads.reads
+    return count_ops(step).sync_sites
 
 
 def _warm_step(architecture: str, fields: dict[str, Any], device: str) -> Any:

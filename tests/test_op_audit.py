@@ -33,3 +33,16 @@ def test_fixed_size_ops_do_not_count_as_syncs() -> None:
         torch.repeat_interleave(torch.arange(3), torch.tensor([1, 2, 1]), output_size=4)
 
     assert count_ops(run).n_syncs == 0
+
+
+def test_host_reads_without_an_op_count_as_syncs() -> None:
+    x = torch.arange(4.0)
+
+    def run() -> None:
+        x.tolist()
+        x.numpy()
+
+    counts = count_ops(run)
+    assert counts.syncs["tolist"] == 1
+    assert counts.syncs["numpy"] == 1
+    assert counts.n_syncs == 2
