@@ -509,7 +509,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         else:
             size = self.max_selected(n_tokens)
             codes = SparseCodes.from_dense_fixed(selected, size)
-        return selected.view_as(hidden_pre), codes
+        return selected.reshape(hidden_pre.shape), codes
 
     def max_selected(self, n_tokens: int) -> int:
         """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
