@@ -17,8 +17,12 @@ import torch
 from sae_lens_sampled.selection import (
     batch_budget,
     batch_topk,
+    batch_topk_counts,
+    batch_topk_positions,
+    column_topk_positions,
     feature_choice_select,
     feature_scores,
+    fixed_shapes,
     pool_from_scores,
 )
 
@@ -157,8 +161,7 @@ class LocalBatch:
 
     @torch.no_grad()
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
-        wanted = batch_topk(acts, batch_budget(k, acts.shape[0]))
-        return (wanted > 0).sum(dim=0), acts.shape[0]
+        return batch_topk_counts(acts, batch_budget(k, acts.shape[0])), acts.shape[0]
 
     def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
         return flags
@@ -172,3 +175,52 @@ class LocalBatch:
         **options: Any,
     ) -> torch.Tensor:
         return pool_from_scores(scores, size, mode, generator, **options)
+
+
+class PositionsBatch(LocalBatch):
+    """A :class:`LocalBatch` whose batch top-k also keeps what it selected, for a
+    training encode that builds its sparse codes from them (fixed shapes, no scan
+    of the dense result).
+
+    After a rule ran: :attr:`positions`, the row-major positions (ascending) of the
+    entries the top-k kept, flat into the ``[n_tokens, width]`` matrix it ran on
+    (``width``: the columns it was given, e.g. a pool's); None when the rule ran no
+    batch top-k, or one :func:`batch_topk_positions` cannot key.
+    """
+
+    positions: torch.Tensor | None = None
+    width: int = 0
+    # After a column top-k: which positions are kept (the others are padding).
+    kept: torch.Tensor | None = None
+
+    def __init__(self, n_tokens: int, size: int = 0) -> None:
+        super().__init__(n_tokens)
+        # The number of positions a column top-k lists (the most it can keep).
+        self.size = size
+
+    def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
+        positions = batch_topk_positions(acts, budget)
+        if positions is None:
+            return batch_topk(acts, budget)
+        self.positions, self.width = positions, acts.shape[-1]
+        flat = acts.reshape(-1)
+        return (
+            torch.zeros_like(flat).scatter_(0, positions, flat[positions]).view_as(acts)
+        )
+
+    def column_topk(
+        self, acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
+    ) -> torch.Tensor:
+        found = None
+        if depth is not None and fixed_shapes(acts):
+            capacities = capacities.clamp(0, acts.shape[0])
+            depth = min(depth, acts.shape[0])
+            found = column_topk_positions(acts, capacities, depth, self.size)
+        if found is None:
+            return super().column_topk(acts, capacities, depth)
+        positions, kept = found
+        self.positions, self.kept, self.width = positions, kept, acts.shape[-1]
+        values = torch.where(kept, acts.reshape(-1)[positions], 0)
+        # Padding repeats a position: accumulated, so it adds 0 there.
+        dense = torch.zeros_like(acts).view(-1)
+        return dense.index_put_((positions,), values, accumulate=True).view_as(acts)

@@ -32,39 +32,41 @@ class TrainingHealthWarning(UserWarning):
 class ReconstructionWindows:
     """Mean training MSE over consecutive windows of ``window`` steps.
 
-    Everything stays on the device, with no branch on a step count, so that a
-    training step compiles to one graph (``torch.compile(..., fullgraph=True)``)
-    and never recompiles; reading :meth:`change` syncs once.
+    Each step writes its MSE into a ring of the last ``3 * window`` steps, on the
+    device and with no branch on a step count, so that a training step compiles to
+    one graph (``torch.compile(..., fullgraph=True)``), never recompiles, and spends
+    a few ops on it; the window means are taken when read (:meth:`change` syncs
+    once). Three windows: the two closed ones stay whole until the open one fills.
     """
 
     def __init__(self, window: int = WINDOW_STEPS) -> None:
         self.window = window
-        # Running sum and step count, and the means of the window before the last
-        # and of the last (NaN until that window has closed).
-        self._sum: torch.Tensor | None = None
+        # The last 3 * window step MSEs, and the number of steps (shape [1]: an
+        # index, never read on the host).
+        self._ring: torch.Tensor | None = None
         self._steps: torch.Tensor | None = None
-        self._means: torch.Tensor | None = None
 
+    @torch.no_grad()
     def add(self, mse: torch.Tensor) -> None:
-        value = mse.detach().to(torch.float64)
-        if self._sum is None or self._steps is None or self._means is None:
-            self._sum = torch.zeros_like(value)
-            self._steps = torch.zeros((), dtype=torch.long, device=value.device)
-            self._means = torch.full((2,), torch.nan, device=value.device).to(value)
-        total = self._sum + value
-        steps = self._steps + 1
-        closed = steps % self.window == 0
-        shifted = torch.stack([self._means[1], total / self.window])
-        self._means = torch.where(closed, shifted, self._means)
-        self._sum = torch.where(closed, 0.0, total)
-        self._steps = steps
+        value = mse.to(torch.float64).reshape(1)
+        if self._ring is None or self._steps is None:
+            self._ring = value.new_zeros(3 * self.window)
+            self._steps = torch.zeros(1, dtype=torch.long, device=value.device)
+        self._ring.index_copy_(0, self._steps % (3 * self.window), value)
+        self._steps.add_(1)
 
+    @torch.no_grad()
     def change_tensor(self) -> torch.Tensor | None:
         """Relative change of the window mean, last against the one before
         (negative: improved); NaN before two full windows, None before any step."""
-        if self._means is None:
+        if self._ring is None or self._steps is None:
             return None
-        return self._means[1] / self._means[0] - 1
+        window, ring = self.window, self._ring
+        closed = self._steps[0] // window  # closed windows so far
+        steps = (closed - 2) * window + torch.arange(2 * window, device=ring.device)
+        means = ring[steps % ring.numel()].view(2, window).sum(dim=1) / window
+        change = means[1] / means[0] - 1
+        return torch.where(closed >= 2, change, torch.nan)
 
     def logged_change(self) -> torch.Tensor:
         """:meth:`change_tensor` for a metrics log: NaN before two full windows."""

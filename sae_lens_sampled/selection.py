@@ -186,6 +186,54 @@ def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
     return torch.zeros_like(flat).scatter_(0, indices, flat[indices]).view_as(acts)
 
 
+# Integer types holding a float's bits, for the keys of batch_topk_positions.
+_BITS_OF = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+@torch.no_grad()
+def batch_topk_positions(acts: torch.Tensor, budget: int) -> torch.Tensor | None:
+    """Row-major positions (ascending, flat into ``acts`` ``[n, c]``) of the
+    ``budget`` entries :func:`batch_topk` keeps, by one top-k with fixed shapes and
+    no host read; None where the keys below do not fit (``float64`` values, more
+    than ``2**32`` entries, or a budget outside ``[1, n * c]``).
+
+    ``acts`` must be non-negative (post-ReLU). The bits of a non-negative float,
+    read as an integer, order like the float, so ``bits * 2**32 - position`` orders
+    the entries by value, then by lower position: its top ``budget`` are exactly the
+    tie rule's, with no pass over ``acts`` to settle ties. Where fewer than
+    ``budget`` entries are positive, the rest are zero entries (values 0, never
+    active), so the count is always exactly ``budget``.
+    """
+    bits_dtype = _BITS_OF.get(acts.dtype)
+    n_entries = acts.numel()
+    if bits_dtype is None or n_entries > 2**32 or not 0 < budget <= n_entries:
+        return None
+    # -position + bits * 2**32, in int64, in one op
+    negated = torch.arange(0, -n_entries, -1, device=acts.device)
+    keys = torch.add(negated, acts.reshape(-1).view(bits_dtype), alpha=2**32)
+    top = torch.topk(keys, budget, sorted=False).indices
+    return top.sort().values
+
+
+@torch.no_grad()
+def batch_topk_counts(acts: torch.Tensor, budget: int) -> torch.Tensor:
+    """Per column of non-negative ``acts`` ``[n, c]``, the positive entries
+    :func:`batch_topk` keeps: ``(batch_topk(acts, budget) > 0).sum(0)`` (long).
+    Where shapes must stay fixed, counted from :func:`batch_topk_positions`
+    without building the dense result."""
+    positions = batch_topk_positions(acts, budget) if fixed_shapes(acts) else None
+    if positions is None:
+        return (batch_topk(acts, budget) > 0).sum(dim=0)
+    n_cols = acts.shape[-1]
+    positive = (acts.reshape(-1)[positions] > 0).long()
+    counts = torch.zeros(n_cols, dtype=torch.long, device=acts.device)
+    return counts.index_add_(0, positions % n_cols, positive)
+
+
 def _batch_topk_settled(
     acts: torch.Tensor,
     budget: int,
@@ -318,17 +366,18 @@ def select_pool(
     uniform = torch.rand(
         scores.shape, generator=generator, device=scores.device, dtype=torch.float64
     )
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+    # Gumbel noise is -log(-log(u)); added as the subtraction of log(-log(u)).
+    neg_gumbel = torch.log(-torch.log(uniform.clamp_min(1e-300)))
     scores64 = scores.to(torch.float64)
     positive = scores64 > 0
-    # beta * log(score) spans about +-750 * beta: the offset grows with it.
+    # beta * log(score) spans about +-750 * beta: the offset grows with it. A score
+    # of 0 (log -inf) takes the offset instead.
     offset = _ZERO_SCORE_KEY_OFFSET * max(1.0, beta)
-    log_scores = torch.where(
-        positive,
-        beta * torch.log(torch.where(positive, scores64, 1.0)),
-        -offset,
-    )
-    return torch.topk(log_scores + gumbel, size).indices.sort().values
+    log_scores = torch.log(scores64)
+    if beta != 1.0:
+        log_scores = beta * log_scores
+    log_scores = torch.where(positive, log_scores, -offset)
+    return torch.topk(log_scores - neg_gumbel, size).indices.sort().values
 
 
 def explore_size(size: int, explore: float) -> int:
@@ -711,6 +760,41 @@ def _feature_choice_fixed(
         ranks = (capacities - 1).clamp(min=0)[None]
         cutoffs = top.gather(0, ranks)[0].masked_fill(capacities == 0, torch.inf)
     return keep_top(acts, cutoffs, capacities, ties=True)
+
+
+@torch.no_grad()
+def column_topk_positions(
+    acts: torch.Tensor, capacities: torch.Tensor, depth: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The entries :func:`feature_choice_select` keeps (``depth`` bounding every
+    capacity), as ``size`` row-major positions flat into non-negative ``acts``
+    ``[n, c]`` and which of them are kept, with fixed shapes and no host read:
+    the kept ones in ascending order, then padding at ``(n - 1, 0)`` (never kept)
+    if fewer are kept. None where the keys do not fit (``float64`` values, more
+    than ``2**32`` tokens) or ``depth`` or ``size`` is out of range.
+
+    Per column, one sorted top-``depth`` over ``bits * 2**32 - row`` (as in
+    :func:`batch_topk_positions`) ranks the tokens by value, then lower token
+    first, so rank ``< capacities[j]`` is exactly the tie rule's kept set; a
+    second top-k takes the kept positions in order.
+    """
+    n_tokens, n_cols = acts.shape
+    bits_dtype = _BITS_OF.get(acts.dtype)
+    if bits_dtype is None or n_tokens > 2**32 or not 0 < depth <= n_tokens:
+        return None
+    n_entries = n_tokens * n_cols
+    if not 0 < size <= depth * n_cols:
+        return None
+    negated_rows = torch.arange(0, -n_tokens, -1, device=acts.device)[:, None]
+    keys = torch.add(negated_rows, acts.view(bits_dtype), alpha=2**32)
+    rows = torch.topk(keys, depth, dim=0).indices  # [depth, c], ranks down
+    ranks = torch.arange(depth, device=acts.device)[:, None]
+    positions = rows * n_cols + torch.arange(n_cols, device=acts.device)
+    # Entries past a capacity sort after every kept one.
+    order = torch.where(ranks < capacities, positions, positions + n_entries)
+    first = torch.topk(order.view(-1), size, largest=False).values  # ascending
+    kept = first < n_entries
+    return torch.where(kept, first, (n_tokens - 1) * n_cols), kept
 
 
 def feature_choice_select(

@@ -66,14 +66,19 @@ class SparseCodes:
         n_rows: int,
         n_cols: int,
         valid: torch.Tensor | None = None,
+        row_offsets: torch.Tensor | None = None,
     ) -> SparseCodes:
+        """Codes of the entries ``(rows[e], cols[e])``, ``rows`` non-decreasing;
+        ``row_offsets``: each row's first entry, when the caller knows them."""
         col_order = torch.argsort(cols, stable=True)
+        if row_offsets is None:
+            row_offsets = bag_offsets(rows, n_rows)
         return cls(
             rows=rows,
             cols=cols,
             n_rows=n_rows,
             n_cols=n_cols,
-            row_offsets=bag_offsets(rows, n_rows),
+            row_offsets=row_offsets,
             col_order=col_order,
             col_offsets=bag_offsets(cols[col_order], n_cols),
             rows_by_col=rows[col_order],
@@ -319,8 +324,9 @@ def attach_values(
 
 @dataclass(frozen=True)
 class DecoderNorms:
-    """The decoder row norms one training encode computed (differentiable), for the
-    rest of the step to reuse while the decoder is unchanged.
+    """The decoder row norms one training encode computed (detached: the sparse
+    path's loss does not depend on them), for the rest of the step to reuse while
+    the decoder is unchanged.
 
     Args:
         all (torch.Tensor): ``||W_dec[j]||`` per feature, ``[n_cols]``.
@@ -344,6 +350,12 @@ class DecoderNorms:
         # Version counters are not traced (see SelectedEntries.describe).
         version = -1 if torch.compiler.is_compiling() else decoder._version
         return cls(norms, of_entries, version)
+
+    def current(self, decoder: torch.Tensor) -> bool:
+        """Whether ``decoder`` is unchanged since these were taken. In a compiled
+        step nothing edits the decoder between encode and decode, and version
+        counters are not traced."""
+        return torch.compiler.is_compiling() or self.version == decoder._version
 
 
 @dataclass(frozen=True)
@@ -384,11 +396,7 @@ class SelectedEntries:
         """``||decoder[cols]||`` per entry: the encode's, unless ``decoder`` has
         changed in place since (then computed afresh)."""
         norms = self.norms
-        # In a compiled step nothing edits the decoder between encode and decode, and
-        # version counters are not traced.
-        if norms is not None and (
-            torch.compiler.is_compiling() or norms.version == decoder._version
-        ):
+        if norms is not None and norms.current(decoder):
             return norms.of_entries
         fresh: torch.Tensor = decoder.norm(dim=-1)[self.codes.cols]
         return fresh

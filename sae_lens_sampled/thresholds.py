@@ -150,9 +150,8 @@ def update_rate_threshold(
     error = error.clamp_(-MAX_RELATIVE_STEP, MAX_RELATIVE_STEP)
     moved = (threshold + gain * step_scale * error).clamp_min_(0.0)
     # A threshold at inf has no step (inf + step); a NaN one stays NaN either way.
-    start = threshold
-    if first is not None:
-        start = torch.where(first < torch.inf, first, threshold)
+    # There `first` is the start: positive where finite, else inf, the threshold.
+    start = threshold if first is None else first
     return torch.where(torch.isinf(threshold), start, moved)
 
 

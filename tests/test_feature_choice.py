@@ -521,3 +521,29 @@ def test_budget_equal_to_d_sae_gives_one_token_each():
     assert capacities_for_batch(fractions, 16, 2).tolist() == [1, 1]
     zipf = torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64)
     assert capacities_for_batch(zipf, 10, 3).tolist() == [1, 1, 1]
+
+
+def test_capacities_follow_every_change_of_the_fractions():
+    # Eager steps compute them once per batch size between changes of
+    # capacity_fractions: a re-ranking, an in-place copy, a load, a move.
+    from sae_lens_sampled.saes.feature_choice_sae import capacities_from_fractions
+
+    def fresh(sae: FeatureChoiceTrainingSAE, n: int) -> torch.Tensor:
+        return capacities_from_fractions(sae.capacity_fractions, sae.cfg.k, n)
+
+    sae = make_sae(rerank_every=1)
+    first = sae.capacities(32)
+    assert sae.capacities(32) is first  # not recomputed
+    assert torch.equal(first, fresh(sae, 32))
+    assert torch.equal(sae.capacities(7), fresh(sae, 7))
+    with torch.no_grad():
+        sae.firing_rate.copy_(torch.linspace(0.0, 1.0, D_SAE).double())
+    sae.rerank()
+    moved = sae.capacities(32)
+    assert torch.equal(moved, fresh(sae, 32))
+    assert not torch.equal(moved, first)
+    other = make_sae()
+    sae.load_state_dict(other.state_dict())
+    assert torch.equal(sae.capacities(32), fresh(other, 32))
+    sae.to(torch.float32)  # a new buffer
+    assert torch.equal(sae.capacities(32), fresh(sae, 32))

@@ -174,3 +174,15 @@ def test_the_logged_window_change_is_nan_until_two_windows_then_their_ratio():
     windows.add(torch.tensor(1.0))  # mid-window: the closed windows are unchanged
     assert float(windows.logged_change()) == pytest.approx(0.25)
     assert windows.change() == pytest.approx(0.25)
+
+
+def test_windows_keep_the_last_two_closed_windows_after_many_steps():
+    # The ring holds 3 windows: after 11 steps of window 2 (values 1..11), the
+    # closed windows are steps 7-8 (values 7, 8) and 9-10 (values 9, 10); step 11
+    # is the open window.
+    windows = ReconstructionWindows(window=2)
+    for value in range(1, 12):
+        windows.add(torch.tensor(float(value)))
+    assert windows.change() == pytest.approx(9.5 / 7.5 - 1)
+    windows.add(torch.tensor(100.0))  # closes the window of 11 and 100
+    assert windows.change() == pytest.approx(55.5 / 9.5 - 1)

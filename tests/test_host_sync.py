@@ -163,3 +163,90 @@ def test_fixed_size_codes_list_the_nonzeros_then_padding():
     exact = SparseCodes.from_dense(dense)
     assert codes.rows[:3].tolist() == exact.rows.tolist()
     assert codes.cols[:3].tolist() == exact.cols.tolist()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_topk_positions_follow_the_tie_rule(seed: int):
+    # The first `budget` entries by value, then by row-major position (a stable
+    # sort), zeros included when fewer are positive; the batch they come from
+    # returns batch_topk's codes.
+    from sae_lens_sampled.global_batch import PositionsBatch
+    from sae_lens_sampled.selection import batch_topk, batch_topk_positions
+
+    generator = torch.Generator().manual_seed(seed)
+    n, d = (int(v) for v in torch.randint(1, 24, (2,), generator=generator))
+    acts = torch.randint(0, 4, (n, d), generator=generator).float()
+    acts = acts * torch.rand((), generator=generator)
+    if seed % 4 == 0:
+        acts = acts.bfloat16()
+    budget = int(torch.randint(1, n * d + 1, (), generator=generator))
+    order = torch.sort(acts.flatten().float(), descending=True, stable=True).indices
+    positions = batch_topk_positions(acts, budget)
+    assert positions is not None
+    assert positions.tolist() == order[:budget].sort().values.tolist()
+    batch = PositionsBatch(n)
+    assert torch.equal(batch.batch_topk(acts, budget), batch_topk(acts, budget))
+    assert batch.positions is not None and torch.equal(batch.positions, positions)
+
+
+def test_batch_topk_positions_decline_what_their_keys_cannot_hold():
+    from sae_lens_sampled.selection import batch_topk_positions
+
+    acts = torch.tensor([[0.5, 0.0], [2.0, 0.5]])
+    assert batch_topk_positions(acts, 3).tolist() == [0, 2, 3]  # type: ignore[union-attr]
+    assert batch_topk_positions(acts.double(), 3) is None
+    assert batch_topk_positions(acts, 0) is None
+    assert batch_topk_positions(acts, 5) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_column_topk_positions_list_what_feature_choice_keeps(seed: int):
+    # Many ties, zeros, float32 and bfloat16: the kept positions are the nonzero
+    # entries of feature_choice_select's codes plus the zero entries it ranks within
+    # a capacity; where the capacities sum to fewer than `size`, padding follows.
+    from sae_lens_sampled.global_batch import PositionsBatch
+    from sae_lens_sampled.selection import column_topk_positions, feature_choice_select
+
+    generator = torch.Generator().manual_seed(seed)
+    n, d = (int(v) for v in torch.randint(1, 24, (2,), generator=generator))
+    acts = torch.randint(0, 4, (n, d), generator=generator).float()
+    acts = acts * torch.rand((), generator=generator)
+    if seed % 4 == 0:
+        acts = acts.bfloat16()
+    capacities = torch.randint(0, n + 1, (d,), generator=generator)
+    depth = max(1, int(capacities.max()))
+    total = int(capacities.sum())
+    size = total + seed % 3 if total > 0 else 1
+    found = column_topk_positions(acts, capacities, depth, size)
+    assert found is not None
+    positions, kept = found
+    # Reference: per column, a stable sort by value (lower token first on ties).
+    expected = sorted(
+        int(row) * d + col
+        for col in range(d)
+        for row in torch.sort(acts[:, col].float(), descending=True, stable=True)
+        .indices[: int(capacities[col])]
+        .tolist()
+    )
+    assert positions[kept].tolist() == expected
+    assert kept.tolist() == [True] * total + [False] * (size - total)
+    assert positions[~kept].tolist() == [(n - 1) * d] * (size - total)
+    reference = feature_choice_select(acts, capacities)
+    batch = PositionsBatch(n, size)
+    with fixed_shape_selection():
+        dense = batch.column_topk(acts, capacities, depth)
+    assert torch.equal(dense, reference)
+    assert batch.positions is not None and torch.equal(batch.positions, positions)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_topk_counts_count_batch_topks_positive_codes(seed: int):
+    from sae_lens_sampled.selection import batch_topk, batch_topk_counts
+
+    generator = torch.Generator().manual_seed(seed)
+    acts = torch.randint(0, 3, (9, 7), generator=generator).float()
+    budget = int(torch.randint(1, 64, (), generator=generator))
+    expected = (batch_topk(acts, budget) > 0).sum(dim=0)
+    assert torch.equal(batch_topk_counts(acts, budget), expected)
+    with fixed_shape_selection():
+        assert torch.equal(batch_topk_counts(acts, budget), expected)

@@ -6,7 +6,8 @@ the number of ATen ops one training forward + backward dispatches (counted on CP
 ``benchmarks.op_audit``) is the budget. Each ceiling is a ratio to SAELens's
 ``batchtopk`` measured in the same test run, set at what the step reaches today (a
 little headroom for rounding); lower it whenever the step gets cheaper. The goal is
-1.5x (2.0x for ``feature_choice``, whose selection does more).
+1.5x (2.0x for ``feature_choice``, whose selection does more): the fixed-shape path
+meets it; the CPU path, whose data-dependent selection is faster on a CPU, does not.
 """
 
 import pytest
@@ -17,14 +18,14 @@ from sae_lens_sampled._registry import architecture_keys
 # Ops of one training step relative to BatchTopK's, at most: on a CPU's default
 # path, and on the fixed-shape path that a GPU and torch.compile take.
 CEILINGS = {
-    "mutual_choice": 1.94,
-    "sampled": 2.11,
-    "feature_choice": 2.89,
+    "mutual_choice": 1.63,
+    "sampled": 1.78,
+    "feature_choice": 2.13,
 }
 FIXED_SHAPE_CEILINGS = {
-    "mutual_choice": 2.02,
-    "sampled": 2.19,
-    "feature_choice": 2.50,
+    "mutual_choice": 1.31,
+    "sampled": 1.47,
+    "feature_choice": 1.45,
 }
 # Fields that make an audited step reproducible (the sampled pool draw).
 FIELDS = {"sampled": {"pool_seed": 0}}

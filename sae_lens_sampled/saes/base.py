@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import (
     TrainCoefficientConfig,
@@ -32,7 +33,7 @@ from sae_lens_sampled.checkpoints import fill_0_1_checkpoint
 from sae_lens_sampled.checks import FieldValueError as FieldValueError
 from sae_lens_sampled.checks import check_choice as check_choice
 from sae_lens_sampled.checks import check_range as check_range
-from sae_lens_sampled.global_batch import GlobalBatch, LocalBatch
+from sae_lens_sampled.global_batch import GlobalBatch, LocalBatch, PositionsBatch
 from sae_lens_sampled.health import (
     LR_ADVICE,
     HealthReport,
@@ -180,11 +181,14 @@ class SparseEncode:
         hidden_pre (torch.Tensor): The ``hidden_pre`` the encode returned.
         pre (torch.Tensor): ``sae_in @ W_enc + b_enc``, ``[n, d_sae]``.
         sae_in (torch.Tensor): The processed input, ``[n, d_in]``.
+        norms (DecoderNorms | None): The decoder norms the encode scaled by (None:
+            no rescaling).
     """
 
     hidden_pre: torch.Tensor
     pre: torch.Tensor
     sae_in: torch.Tensor
+    norms: DecoderNorms | None = None
 
     # A copy of the module holding this gets none (tensors of an autograd graph).
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
@@ -313,10 +317,11 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     selected_entries: SelectedEntries | None = None
     # The last sparse training encode's dense pieces, for a sparse aux loss.
     sparse_encode: "SparseEncode | None" = None
-    # False once a training batch held NaN or Inf (check_finite_inputs=True): set on
+    # The sum of 0 * x over the training batches (check_finite_inputs=True): 0 while
+    # every entry was finite, NaN for good once one was not (0 * inf is NaN). Kept on
     # the batch's device, read only where a read is paid anyway. Not a buffer, so
     # never saved (and never left on the meta device by SAELens's loader).
-    inputs_finite: torch.Tensor | None = None
+    _nonfinite_sum: torch.Tensor | None = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -334,10 +339,19 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         # Training MSE by window of steps (health.py); not saved in checkpoints.
         self.reconstruction = ReconstructionWindows()
 
-    def select(self, acts: torch.Tensor) -> torch.Tensor:
+    def select(
+        self, acts: torch.Tensor, batch: LocalBatch | None = None
+    ) -> torch.Tensor:
         """The batch rule (the registry entry's) on post-ReLU activations
-        ``[n_tokens, d_sae]`` of one process."""
-        return rule_of(self.cfg.architecture())(self, acts, LocalBatch(acts.shape[0]))
+        ``[n_tokens, d_sae]`` of one process (``batch``: these rows' batch, by
+        default a plain :class:`LocalBatch`)."""
+        batch = LocalBatch(acts.shape[0]) if batch is None else batch
+        return rule_of(self.cfg.architecture())(self, acts, batch)
+
+    def selected_columns(self) -> torch.Tensor | None:
+        """The columns (ascending) that the last training selection's batch top-k
+        ran over, when not every feature (e.g. a pool); None: every feature."""
+        return None
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -431,14 +445,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             norms = self.W_dec.norm(dim=-1)
             hidden_pre = pre * norms
         with torch.no_grad():
-            selected = self.activation_fn(hidden_pre.detach())
-        flat_selected = selected.flatten(end_dim=-2)
-        if self.data_parallel is None and fixed_shapes(flat_selected):
-            # No host read: as many entries as the rule can keep, padded.
-            size = self.max_selected(flat_selected.shape[0])
-            codes = SparseCodes.from_dense_fixed(flat_selected, size)
-        else:
-            codes = SparseCodes.from_dense(flat_selected)
+            if self.data_parallel is None and fixed_shapes(hidden_pre):
+                # No host read: the rule's own positions, else as many entries as
+                # it can keep, padded.
+                selected, codes = self._select_fixed(hidden_pre.detach())
+            else:
+                selected = self.activation_fn(hidden_pre.detach())
+                codes = SparseCodes.from_dense(selected.flatten(end_dim=-2))
         values = gather_linear(
             pre.flatten(end_dim=-2),
             sae_in.flatten(end_dim=-2),
@@ -448,22 +461,55 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         )
         entry_norms = None
         if norms is not None:
+            # The codes relu(pre * n) are decoded as codes * (1 / n): the loss does
+            # not depend on n (its gradient there is 0 up to rounding), so the
+            # entries read the norms detached and skip that backward. hidden_pre
+            # keeps its gradient through them (a dense aux loss reads it).
+            norms = norms.detach()
             entry_norms = norms[codes.cols]
             values = values * entry_norms
         values = values.relu()
         if codes.valid is not None:  # padding entries hold 0, and get no gradient
             values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
+        decoder_norms = DecoderNorms.of(self.W_dec, norms, entry_norms)
         self.selected_entries = SelectedEntries.of(
-            feature_acts,
-            codes,
-            values,
-            DecoderNorms.of(self.W_dec, norms, entry_norms),
+            feature_acts, codes, values, decoder_norms
         )
         self.sparse_encode = SparseEncode(
-            hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
+            hidden_pre,
+            pre.flatten(end_dim=-2),
+            sae_in.flatten(end_dim=-2),
+            decoder_norms,
         )
         return self.hook_sae_acts_post(feature_acts), hidden_pre
+
+    def _select_fixed(
+        self, hidden_pre: torch.Tensor
+    ) -> tuple[torch.Tensor, SparseCodes]:
+        """The batch rule on ``relu(hidden_pre)`` and the codes of what it kept, with
+        fixed shapes: from the positions its batch top-k found where it ran one over
+        every feature or over :meth:`selected_columns` (exactly the budget, no scan
+        of the dense result), else from the dense result."""
+        acts = hidden_pre.relu().flatten(end_dim=-2)
+        n_tokens, d_sae = acts.shape
+        batch = PositionsBatch(n_tokens, self.max_selected(n_tokens))
+        selected = self.select(acts, batch)
+        positions, width = batch.positions, batch.width
+        columns = self.selected_columns() if width != d_sae else None
+        if positions is not None and (
+            width == d_sae or (columns is not None and columns.numel() == width)
+        ):
+            rows, cols = positions // width, positions % width
+            if columns is not None:  # ascending, so rows stay in order
+                cols = columns[cols]
+            codes = SparseCodes.from_rows_cols(
+                rows, cols, n_tokens, d_sae, valid=batch.kept
+            )
+        else:
+            size = self.max_selected(n_tokens)
+            codes = SparseCodes.from_dense_fixed(selected, size)
+        return selected.reshape(hidden_pre.shape), codes
 
     def max_selected(self, n_tokens: int) -> int:
         """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
@@ -569,23 +615,14 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 mask=self.underutilised(step_input.dead_neuron_mask),
                 coefficient=coefficient,
             )
-        elif not fixed_shapes(hidden_pre):
-            # SAELens's own aux-k loss: on a CPU its read of the number of dead
-            # features costs nothing, and with none it skips all work.
-            loss = self.calculate_topk_aux_loss(
-                sae_in=step_input.sae_in,
-                sae_out=sae_out,
-                hidden_pre=hidden_pre,
-                dead_neuron_mask=step_input.dead_neuron_mask,
-            )
-            configured = self.cfg.aux_loss_coefficient
-            if coefficient != configured and configured > 0:
-                loss = loss * (coefficient / configured)
-        elif step_input.dead_neuron_mask is None:
+        elif step_input.dead_neuron_mask is None or (
+            # On a CPU the read is free, and with no dead feature nothing is done.
+            not fixed_shapes(hidden_pre) and not bool(step_input.dead_neuron_mask.any())
+        ):
             loss = sae_out.new_tensor(0.0)  # as SAELens's aux-k loss
         else:
-            # SAELens's aux-k loss (calculate_topk_aux_loss) reads the number of dead
-            # features on the host; the masked form keeps it on the device.
+            # SAELens's aux-k loss (calculate_topk_aux_loss), with the number of dead
+            # features kept on the device, and sparse on the sparse path.
             loss = self.calculate_masked_aux_loss(
                 sae_in=step_input.sae_in,
                 sae_out=sae_out,
@@ -631,11 +668,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         """
         if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
             raise ValueError(
-                "aux_zipf does not support normalize_activations="
-                f"{self.cfg.normalize_activations!r} (as SAELens's aux-k loss: the "
-                "reconstruction would be in normalized space, the residual is not)"
+                f"aux_loss={self.cfg.aux_loss!r} does not support "
+                f"normalize_activations={self.cfg.normalize_activations!r} (as "
+                "SAELens's aux-k loss: the reconstruction would be in normalized "
+                "space, the residual is not)"
             )
-        residual = (sae_in - sae_out).detach()
+        with torch.no_grad():
+            residual = sae_in - sae_out
         d_in = sae_in.shape[-1]
         k_aux = aux_k_budget(d_in, hidden_pre.shape[-1])
         encode = self.sparse_encode
@@ -647,7 +686,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
             )
         recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[no-untyped-call]
-        aux_loss: torch.Tensor = (recons - residual).pow(2).sum(dim=-1).mean()
+        # sum over d_in, mean over tokens, as one op (and one in backward)
+        n_rows = residual.numel() // max(residual.shape[-1], 1)
+        aux_loss = F.mse_loss(recons, residual, reduction="sum") / n_rows
         scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
         return coefficient * scale * aux_loss
 
@@ -665,16 +706,26 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             flat = encode.hidden_pre.detach().flatten(end_dim=-2)
             candidates = torch.where(mask, flat, -torch.inf)
             cols = candidates.topk(k_aux, dim=-1, sorted=False).indices.flatten()
-            rows = torch.arange(n_tokens, device=pre.device)[:, None]
-            rows = rows.expand(n_tokens, k_aux).flatten()
+            # k_aux entries per row: row r's start at r * k_aux
+            rows = torch.arange(n_tokens * k_aux, device=pre.device) // k_aux
+            row_offsets = torch.arange(0, n_tokens * k_aux, k_aux, device=pre.device)
             picked = mask[cols]
-        codes = SparseCodes.from_rows_cols(rows, cols, n_tokens, d_sae)
+        codes = SparseCodes.from_rows_cols(
+            rows, cols, n_tokens, d_sae, row_offsets=row_offsets
+        )
         values = gather_linear(pre, sae_in, self.W_enc, self.b_enc, codes)
         if self.cfg.rescale_acts_by_decoder_norm:
-            # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||)
-            norms = self.W_dec.norm(dim=-1)[cols]
+            # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||),
+            # with the encode's norms while the decoder is unchanged.
+            # The factor is 1 up to rounding and its gradient 0: taken detached.
+            with torch.no_grad():
+                step_norms = encode.norms
+                if step_norms is not None and step_norms.current(self.W_dec):
+                    norms = step_norms.all[cols]
+                else:
+                    norms = self.W_dec.norm(dim=-1)[cols]
             values = values * norms * (1 / norms)
-        values = torch.where(picked, values, values.new_zeros(()))
+        values = values * picked  # picks outside the mask count 0
         recons = sparse_decode(values, self.W_dec, codes)
         return recons.reshape(*encode.hidden_pre.shape[:-1], self.W_dec.shape[1])
 
@@ -744,21 +795,31 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         buffer += 1
         self._step_mirror = (buffer, buffer._version, step + 1)
 
+    @property
+    def inputs_finite(self) -> torch.Tensor | None:
+        """False once a training batch held NaN or Inf (``check_finite_inputs=True``),
+        as a device tensor; None before the first checked batch."""
+        total = self._nonfinite_sum
+        return None if total is None else total == 0
+
     @torch.no_grad()
     def note_nonfinite_inputs(self, x: torch.Tensor) -> None:
         """Clear :attr:`inputs_finite` if ``x`` holds NaN or Inf, on the device."""
-        finite = torch.isfinite(x).all()
-        if self.inputs_finite is not None:
-            finite &= self.inputs_finite.to(finite.device)
-        self.inputs_finite = finite
+        # Two passes and no flag to combine: a NaN in the running sum stays.
+        zeros = x.mul(0).sum()
+        total = self._nonfinite_sum
+        if total is not None:
+            zeros = zeros + total.to(zeros.device)
+        self._nonfinite_sum = zeros
 
     def raise_if_nonfinite_inputs(self) -> torch.Tensor:
         """Raise a ValueError if a training batch held NaN or Inf since this SAE was
         built (``check_finite_inputs=True``); else return True as a tensor. One host
         sync."""
-        if self.inputs_finite is None:
+        finite = self.inputs_finite
+        if finite is None:
             return torch.ones((), dtype=torch.bool)
-        if not bool(self.inputs_finite):
+        if not bool(finite):
             raise ValueError(
                 "a training batch contained non-finite activations (NaN or Inf); "
                 "it was already applied, so the weights and training state are "
@@ -766,7 +827,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 "check_finite_inputs='every_step' to stop before a bad batch is "
                 "applied (one device sync per step)"
             )
-        return self.inputs_finite
+        return finite
 
     def health(self) -> HealthReport:
         """Whether reconstruction improved over the last window, and the per-token

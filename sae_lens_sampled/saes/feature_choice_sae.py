@@ -33,7 +33,7 @@ from sae_lens_sampled.selection import (
     CAPACITY_SCHEDULES,
     CapacitySchedule,
     batch_budget,
-    batch_topk,
+    batch_topk_counts,
     capacities_for_batch,
     uniform_capacity_fractions,
     usage_ranks,
@@ -205,9 +205,33 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
             "demand_rate", torch.zeros(cfg.d_sae, dtype=torch.float64, device=device)
         )
 
+    # (capacity_fractions, its in-place version, n_tokens, the capacities) of the
+    # last eager capacities() call.
+    _capacities_cache: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
+
     def capacities(self, n_tokens: int) -> torch.Tensor:
-        """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens``."""
-        return capacities_from_fractions(self.capacity_fractions, self.cfg.k, n_tokens)
+        """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens``.
+
+        In eager code they are computed once per batch size between changes of
+        ``capacity_fractions`` (a re-ranking every ``rerank_every`` steps, a load, a
+        copy), which its in-place version and identity show; a compiled step, where
+        version counters are not traced, computes them each time. The result is
+        shared: do not modify it.
+        """
+        fractions = self.capacity_fractions
+        if torch.compiler.is_compiling():
+            return capacities_from_fractions(fractions, self.cfg.k, n_tokens)
+        cached = self._capacities_cache
+        if (
+            cached is not None
+            and cached[0] is fractions
+            and cached[1] == fractions._version
+            and cached[2] == n_tokens
+        ):
+            return cached[3]
+        capacities = capacities_from_fractions(fractions, self.cfg.k, n_tokens)
+        self._capacities_cache = (fractions, fractions._version, n_tokens, capacities)
+        return capacities
 
     def capacity_depth(self, n_tokens: int) -> int | None:
         """A bound, known on the host, of every capacity in a batch of ``n_tokens``.
@@ -274,8 +298,7 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
             return []
         acts = hidden_pre.detach().flatten(end_dim=-2).relu()
         if self.data_parallel is None:
-            wanted = batch_topk(acts, batch_budget(self.cfg.k, acts.shape[0]))
-            counts = (wanted > 0).sum(dim=0)
+            counts = batch_topk_counts(acts, batch_budget(self.cfg.k, acts.shape[0]))
         else:
             counts, _ = self.data_parallel.demand_counts(acts, self.cfg.k)
         return [FiringRate(self.demand_rate, self.cfg.zipf_ema_tokens, counts)]

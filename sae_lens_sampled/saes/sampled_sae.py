@@ -313,6 +313,12 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         return output
 
     @override
+    def selected_columns(self) -> torch.Tensor | None:
+        # The training step's pool, which sampled_rule ran its batch top-k over.
+        step_pool = self.step_pool
+        return None if step_pool is None else step_pool.pool
+
+    @override
     def calculate_aux_loss(
         self,
         step_input: TrainStepInput,
