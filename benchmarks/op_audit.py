@@ -108,7 +108,7 @@ class OpCounter(TorchDispatchMode):
         self.counts.by_name[name] += 1
         if _is_sync(name, args, kwargs):
             self.counts.syncs[name] += 1
-            self.counts.sync_sites[f"{name[5:]} at {_caller()}"] += 1
+            self.counts.sync_sites[f"{name.removeprefix('aten.')} at {_caller()}"] += 1
         return func(*args, **kwargs)
 
 
@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| | ops | ops vs BatchTopK | sync ops |")
     print("|---|---|---|---|")
     for key, counts in rows:
-        syncs = ", ".join(f"{n} {name[5:]}" for name, n in counts.syncs.items())
+        syncs = ", ".join(
+            f"{n} {name.removeprefix('aten.')}" for name, n in counts.syncs.items()
+        )
         detail = f" ({syncs})" if args.verbose and syncs else ""
         ratio = counts.total / base
         print(f"| `{key}` | {counts.total} | {ratio:.2f} | {counts.n_syncs}{detail} |")

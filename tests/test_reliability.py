@@ -10,6 +10,7 @@ from sae_lens_sampled import (
     SampledTrainingSAE,
     SampledTrainingSAEConfig,
 )
+from sae_lens_sampled.selection import fixed_shape_selection
 from tests.helpers import step_input
 
 D_IN, D_SAE = 8, 32
@@ -96,8 +97,10 @@ def test_wrong_width_raises_everywhere(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
-def test_non_finite_batch_raises_and_changes_nothing(name, bad_value):
-    sae = trained(name, check_finite_inputs="every_step")
+@pytest.mark.parametrize("check", ["every_step", True])
+def test_non_finite_batch_raises_and_changes_nothing(name, bad_value, check):
+    # "every_step" on any device; the default too, eager on a CPU (a read is free)
+    sae = trained(name, check_finite_inputs=check)
     before = {n: t.clone() for n, t in sae.state_dict().items()}
     x = torch.randn(16, D_IN)
     x[3, 2] = bad_value
@@ -112,25 +115,26 @@ def test_non_finite_batch_raises_and_changes_nothing(name, bad_value):
 def test_non_finite_batch_raises_at_the_next_logged_metric_and_save(
     name, bad_value, tmp_path
 ):
-    # The default check costs no sync: the step goes through and the error comes
-    # where a read is paid anyway, through the logged metric or the next save.
+    # On the GPU path the default check costs no sync: the step goes through and the
+    # error comes where a read is paid anyway, through the logged metric or a save.
     sae = trained(name)
-    good = sae.training_forward_pass(step_input(torch.randn(16, D_IN)))
-    assert bool(good.metrics["inputs_finite"]())
-    x = torch.randn(16, D_IN)
-    x[3, 2] = bad_value
-    out = sae.training_forward_pass(step_input(x))
-    expected = "non-finite activations.*already applied.*'every_step'"
-    with pytest.raises(ValueError, match=expected):
-        out.metrics["inputs_finite"]()
-    # a later clean batch does not clear it
-    later = sae.training_forward_pass(step_input(torch.randn(16, D_IN)))
-    with pytest.raises(ValueError, match=expected):
-        later.metrics["inputs_finite"]()
-    with pytest.raises(ValueError, match=expected):
-        sae.save_model(tmp_path / "training")
-    with pytest.raises(ValueError, match=expected):
-        sae.save_inference_model(tmp_path / "inference")
+    with fixed_shape_selection():
+        good = sae.training_forward_pass(step_input(torch.randn(16, D_IN)))
+        assert bool(good.metrics["inputs_finite"]())
+        x = torch.randn(16, D_IN)
+        x[3, 2] = bad_value
+        out = sae.training_forward_pass(step_input(x))
+        expected = "non-finite activations.*already applied.*'every_step'"
+        with pytest.raises(ValueError, match=expected):
+            out.metrics["inputs_finite"]()
+        # a later clean batch does not clear it
+        later = sae.training_forward_pass(step_input(torch.randn(16, D_IN)))
+        with pytest.raises(ValueError, match=expected):
+            later.metrics["inputs_finite"]()
+        with pytest.raises(ValueError, match=expected):
+            sae.save_model(tmp_path / "training")
+        with pytest.raises(ValueError, match=expected):
+            sae.save_inference_model(tmp_path / "inference")
 
 
 def test_finite_check_off_reads_nothing():

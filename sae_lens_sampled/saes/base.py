@@ -225,13 +225,15 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
         zipf_ema_tokens (int): Horizon, in tokens (> 0), of the per-feature firing-rate
             EMA; until that many tokens are seen it is the plain running mean.
         check_finite_inputs (bool | str): NaN/Inf in training batches. ``True``
-            (default): each batch is checked on the device, with no host sync, and
-            the ValueError is raised at the next SAELens logging step (through a
-            logged metric), at the next save or checkpoint, or when
+            (default): eager on a CPU, each batch is checked before anything is
+            updated and the ValueError is raised at once; on an accelerator or while
+            ``torch.compile`` traces, the batch is checked on the device with no
+            host sync and the ValueError is raised at the next SAELens logging step
+            (through a logged metric), at the next save or checkpoint, or when
             :meth:`~BatchLevelTrainingSAE.raise_if_nonfinite_inputs` is called; by
             then the bad batch has already updated the weights and state.
-            ``"every_step"``: check before anything is updated and raise at once
-            (one device sync per step). ``False``: no check.
+            ``"every_step"``: check before anything is updated and raise at once on
+            every device (one device sync per step). ``False``: no check.
     """
 
     k: float = 100
@@ -733,12 +735,14 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_input_width(step_input.sae_in, self.cfg)
         check = self.cfg.check_finite_inputs
-        if check == "every_step":
+        deferred = check is True and fixed_shapes(step_input.sae_in)
+        if check == "every_step" or (check is True and not deferred):
+            # Eager on a CPU a read costs nothing: stop before the batch is applied.
             check_finite(step_input.sae_in)
-        elif check:
+        elif deferred:
             self.note_nonfinite_inputs(step_input.sae_in)
         output = super().training_forward_pass(step_input)
-        if check is True:
+        if deferred:
             # SAELens evaluates metric callables on logging steps only.
             output.metrics["inputs_finite"] = self.raise_if_nonfinite_inputs
         fire_rates = self.update_state(output.feature_acts, output.hidden_pre)
