@@ -165,6 +165,18 @@ def test_fixed_size_codes_list_the_nonzeros_then_padding():
     assert codes.cols[:3].tolist() == exact.cols.tolist()
 
 
+def _tied_acts(seed: int) -> tuple[torch.Generator, torch.Tensor]:
+    """A random ``[n, d]`` batch of few distinct values (many ties, zeros), in
+    bfloat16 for every fourth seed, and the generator that drew it."""
+    generator = torch.Generator().manual_seed(seed)
+    n, d = (int(v) for v in torch.randint(1, 24, (2,), generator=generator))
+    acts = torch.randint(0, 4, (n, d), generator=generator).float()
+    acts = acts * torch.rand((), generator=generator)
+    if seed % 4 == 0:
+        acts = acts.bfloat16()
+    return generator, acts
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_batch_topk_positions_follow_the_tie_rule(seed: int):
     # The first `budget` entries by value, then by row-major position (a stable
@@ -173,12 +185,8 @@ def test_batch_topk_positions_follow_the_tie_rule(seed: int):
     from sae_lens_sampled.global_batch import PositionsBatch
     from sae_lens_sampled.selection import batch_topk, batch_topk_positions
 
-    generator = torch.Generator().manual_seed(seed)
-    n, d = (int(v) for v in torch.randint(1, 24, (2,), generator=generator))
-    acts = torch.randint(0, 4, (n, d), generator=generator).float()
-    acts = acts * torch.rand((), generator=generator)
-    if seed % 4 == 0:
-        acts = acts.bfloat16()
+    generator, acts = _tied_acts(seed)
+    n, d = acts.shape
     budget = int(torch.randint(1, n * d + 1, (), generator=generator))
     order = torch.sort(acts.flatten().float(), descending=True, stable=True).indices
     positions = batch_topk_positions(acts, budget)
@@ -207,12 +215,8 @@ def test_column_topk_positions_list_what_feature_choice_keeps(seed: int):
     from sae_lens_sampled.global_batch import PositionsBatch
     from sae_lens_sampled.selection import column_topk_positions, feature_choice_select
 
-    generator = torch.Generator().manual_seed(seed)
-    n, d = (int(v) for v in torch.randint(1, 24, (2,), generator=generator))
-    acts = torch.randint(0, 4, (n, d), generator=generator).float()
-    acts = acts * torch.rand((), generator=generator)
-    if seed % 4 == 0:
-        acts = acts.bfloat16()
+    generator, acts = _tied_acts(seed)
+    n, d = acts.shape
     capacities = torch.randint(0, n + 1, (d,), generator=generator)
     depth = max(1, int(capacities.max()))
     total = int(capacities.sum())
