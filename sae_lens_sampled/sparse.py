@@ -324,32 +324,27 @@ def attach_values(
 
 @dataclass(frozen=True)
 class DecoderNorms:
-    """The decoder row norms one training encode computed (detached: the sparse
-    path's loss does not depend on them), for the rest of the step to reuse while
-    the decoder is unchanged.
+    """The decoder row norms of the selected entries one training encode computed
+    (detached: the sparse path's loss does not depend on them), for decode to reuse
+    while the decoder is unchanged.
 
     Args:
-        all (torch.Tensor): ``||W_dec[j]||`` per feature, ``[n_cols]``.
-        of_entries (torch.Tensor): ``all[cols]`` per selected entry.
+        of_entries (torch.Tensor): ``||W_dec[cols[e]]||`` per selected entry.
         version (int): The decoder's in-place version counter when they were taken.
     """
 
-    all: torch.Tensor
     of_entries: torch.Tensor
     version: int
 
     @classmethod
     def of(
-        cls,
-        decoder: torch.Tensor,
-        norms: torch.Tensor | None,
-        of_entries: torch.Tensor | None,
+        cls, decoder: torch.Tensor, of_entries: torch.Tensor | None
     ) -> DecoderNorms | None:
-        if norms is None or of_entries is None:
+        if of_entries is None:
             return None
         # Version counters are not traced (see SelectedEntries.describe).
         version = -1 if torch.compiler.is_compiling() else decoder._version
-        return cls(norms, of_entries, version)
+        return cls(of_entries, version)
 
     def current(self, decoder: torch.Tensor) -> bool:
         """Whether ``decoder`` is unchanged since these were taken. In a compiled

@@ -20,6 +20,7 @@ from sae_lens_sampled.saes.feature_choice_sae import capacities_from_fractions
 from sae_lens_sampled.selection import (
     feature_choice_select,
     feature_scores,
+    fixed_shape_selection,
     seeded_generator,
     select_pool,
     zipf_capacity_fractions,
@@ -379,6 +380,24 @@ def test_zero_decoder_row_gives_finite_dense_training_output():
     sae.train()
     output = sae.training_forward_pass(step_input(torch.randn(16, 8)))
     assert bool(output.sae_out.isfinite().all())
+    output.loss.backward()
+    assert all(bool(getattr(sae, p).grad.isfinite().all()) for p in PARAMS)
+
+
+def test_zero_decoder_row_among_dead_features_gives_a_finite_aux_loss():
+    # The sparse aux-k decodes its picks without dividing by their decoder norms
+    # (they cancel), so a dead feature with a zero decoder row adds 0, not NaN.
+    sae = build("mutual_choice", aux_loss="aux_k")
+    with torch.no_grad():
+        sae.W_dec[5] = 0.0
+        sae.b_enc[5] = 10.0  # the dead feature's pre-activation is the largest
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[[5, 7, 9]] = True
+    sae.train()
+    with fixed_shape_selection():
+        output = sae.training_forward_pass(step_input(torch.randn(16, 8), dead))
+    aux = output.losses["auxiliary_reconstruction_loss"]
+    assert bool(aux.isfinite()) and float(aux) > 0
     output.loss.backward()
     assert all(bool(getattr(sae, p).grad.isfinite().all()) for p in PARAMS)
 

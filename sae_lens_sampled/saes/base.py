@@ -181,14 +181,11 @@ class SparseEncode:
         hidden_pre (torch.Tensor): The ``hidden_pre`` the encode returned.
         pre (torch.Tensor): ``sae_in @ W_enc + b_enc``, ``[n, d_sae]``.
         sae_in (torch.Tensor): The processed input, ``[n, d_in]``.
-        norms (DecoderNorms | None): The decoder norms the encode scaled by (None:
-            no rescaling).
     """
 
     hidden_pre: torch.Tensor
     pre: torch.Tensor
     sae_in: torch.Tensor
-    norms: DecoderNorms | None = None
 
     # A copy of the module holding this gets none (tensors of an autograd graph).
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
@@ -474,15 +471,11 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         if codes.valid is not None:  # padding entries hold 0, and get no gradient
             values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
-        decoder_norms = DecoderNorms.of(self.W_dec, norms, entry_norms)
         self.selected_entries = SelectedEntries.of(
-            feature_acts, codes, values, decoder_norms
+            feature_acts, codes, values, DecoderNorms.of(self.W_dec, entry_norms)
         )
         self.sparse_encode = SparseEncode(
-            hidden_pre,
-            pre.flatten(end_dim=-2),
-            sae_in.flatten(end_dim=-2),
-            decoder_norms,
+            hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
         )
         return self.hook_sae_acts_post(feature_acts), hidden_pre
 
@@ -495,7 +488,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         of the dense result), else from the dense result."""
         acts = hidden_pre.relu().flatten(end_dim=-2)
         n_tokens, d_sae = acts.shape
-        batch = PositionsBatch(n_tokens, self.max_selected(n_tokens))
+        size = self.max_selected(n_tokens)
+        batch = PositionsBatch(n_tokens, size)
         selected = self.select(acts, batch)
         positions, width = batch.positions, batch.width
         columns = self.selected_columns() if width != d_sae else None
@@ -509,7 +503,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 rows, cols, n_tokens, d_sae, valid=batch.kept
             )
         else:
-            size = self.max_selected(n_tokens)
             codes = SparseCodes.from_dense_fixed(selected, size)
         return selected.reshape(hidden_pre.shape), codes
 
@@ -715,18 +708,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         codes = SparseCodes.from_rows_cols(
             rows, cols, n_tokens, d_sae, row_offsets=row_offsets
         )
+        # With rescaling, hidden_pre = pre * ||W_dec|| is decoded as
+        # hidden_pre / ||W_dec||: the norms cancel (their gradient is 0), so the
+        # picks decode their `pre` values directly.
         values = gather_linear(pre, sae_in, self.W_enc, self.b_enc, codes)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            # hidden_pre = pre * ||W_dec||; decoded as hidden_pre * (1 / ||W_dec||),
-            # with the encode's norms while the decoder is unchanged.
-            # The factor is 1 up to rounding and its gradient 0: taken detached.
-            with torch.no_grad():
-                step_norms = encode.norms
-                if step_norms is not None and step_norms.current(self.W_dec):
-                    norms = step_norms.all[cols]
-                else:
-                    norms = self.W_dec.norm(dim=-1)[cols]
-            values = values * norms * (1 / norms)
         values = values * picked  # picks outside the mask count 0
         recons = sparse_decode(values, self.W_dec, codes)
         return recons.reshape(*encode.hidden_pre.shape[:-1], self.W_dec.shape[1])
@@ -735,12 +720,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_input_width(step_input.sae_in, self.cfg)
         check = self.cfg.check_finite_inputs
+        # True defers the error on an accelerator or under compile (no read);
+        # eager on a CPU a read costs nothing: stop before the batch is applied.
         deferred = check is True and fixed_shapes(step_input.sae_in)
-        if check == "every_step" or (check is True and not deferred):
-            # Eager on a CPU a read costs nothing: stop before the batch is applied.
-            check_finite(step_input.sae_in)
-        elif deferred:
+        if deferred:
             self.note_nonfinite_inputs(step_input.sae_in)
+        elif check:  # "every_step", or True on a CPU
+            check_finite(step_input.sae_in)
         output = super().training_forward_pass(step_input)
         if deferred:
             # SAELens evaluates metric callables on logging steps only.
