@@ -29,15 +29,9 @@ Encode = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class HierarchyParent:
-    """A ground-truth feature that has descendants in the hierarchy.
-
-    Args:
-        feature (int): Index of the parent feature.
-        depth (int): Number of feature-bearing ancestors (0 for a root).
-        children (tuple[int, ...]): Direct children; organisational nodes (no
-            feature index) are looked through, as SAELens's modifier does.
-        descendants (tuple[int, ...]): Every feature below the parent.
-    """
+    """A ground-truth feature with descendants; ``depth`` counts feature-bearing
+    ancestors (0 for a root). Nodes without a feature index are looked through, as
+    SAELens's modifier does, so ``children`` are the nearest features below."""
 
     feature: int
     depth: int
@@ -58,13 +52,9 @@ def _subtree_features(node: Any) -> list[int]:
 
 
 def hierarchy_parents(hierarchy: Any) -> list[HierarchyParent]:
-    """Every feature with descendants in a hierarchy, in breadth-first order.
-
-    Args:
-        hierarchy: A SAELens ``SyntheticModel`` (its ``.hierarchy``), a
-            ``Hierarchy`` (``.roots``), a list of root ``HierarchyNode``s, or None
-            (no hierarchy: an empty list).
-    """
+    """Every feature with descendants, breadth-first, in a SAELens
+    ``SyntheticModel`` (its ``.hierarchy``), a ``Hierarchy`` (``.roots``), a list of
+    root ``HierarchyNode``s, or None (no hierarchy: an empty list)."""
     if hasattr(hierarchy, "hierarchy"):
         hierarchy = hierarchy.hierarchy
     if hierarchy is None:
@@ -96,33 +86,22 @@ def hierarchy_parents(hierarchy: Any) -> list[HierarchyParent]:
 
 @dataclass(frozen=True)
 class AbsorptionThresholds:
-    """The cut-offs of the metric (``docs/absorption.md`` says why each value).
+    """The cut-offs of the metric (``docs/absorption.md`` says why each value)."""
 
-    Args:
-        parent_cos (float): Least cosine between a latent's decoder row and the
-            parent direction for the latent to stand for the parent.
-        parent_margin (float): How much closer to the parent than to any
-            descendant that latent must be; it keeps out a child latent that
-            carries the parent (cosine ~0.71 with both when fully absorbing).
-        child_specificity (float): A latent that fails the margin still joins the
-            parent set unless it is child-specific: its firing rate on parent
-            tokens without its closest descendant is below this times its rate on
-            parent tokens with it. This keeps merged "family" latents (parent plus
-            a little of every child, firing across the parent's tokens) in the
-            parent set and leaves out latents that fire only with one child.
-        absorber_cos (float): Least cosine between an absorbing latent's decoder
-            row and the parent direction (SAEBench's filter for absorbing latents).
-        absorber_share (float): Least share of the parent's true contribution
-            along its direction that the absorbing latent must reconstruct.
-        min_tokens (int): Parents with fewer eligible tokens are flagged ``thin``
-            (they still count).
-    """
-
+    # Least decoder cosine with the parent for a latent to stand for it.
     parent_cos: float = 0.5
+    # How much closer to the parent than to any descendant: keeps out a fully
+    # absorbing child latent (cosine ~0.71 with both).
     parent_margin: float = 0.1
+    # A latent inside the margin joins the parent set unless its firing rate on
+    # parent tokens without its closest descendant is below this times its rate
+    # with it (merged "family" latents join; child-specific ones stay out).
     child_specificity: float = 0.4
+    # Least decoder cosine of an absorbing latent with the parent (SAEBench's).
     absorber_cos: float = 0.1
+    # Least share of the parent's true contribution an absorber must reconstruct.
     absorber_share: float = 0.4
+    # Parents with fewer eligible tokens are flagged ``thin`` (they still count).
     min_tokens: int = 50
 
     def __post_init__(self) -> None:
@@ -144,27 +123,11 @@ class AbsorptionThresholds:
 class ParentAbsorption:
     """One parent's row of the result table (``docs/absorption.md``, steps 1-7).
 
-    Args:
-        feature (int): Parent feature index.
-        depth (int): Parent depth (0 = root).
-        children (list[int]): Direct children.
-        parent_latents (list[int]): The parent latent set M_p (split if > 1).
-        child_latents (dict[int, int | None]): Best latent outside M_p per descendant.
-        eligible_tokens (int): Tokens with the parent and a descendant active.
-        absorbed_tokens (int): Eligible tokens counted as absorbed.
-        uncompensated_tokens (int): Eligible tokens with M_p silent and no absorber.
-        fraction_sum (float): Partial absorption fraction summed over eligible tokens.
-        parent_only_tokens (int): Tokens with the parent and no descendant active.
-        parent_only_misses (int): Of those, tokens with M_p silent.
-        best_f1_latent (int): The latent whose firing best predicts the parent's.
-        best_f1 (float): Its F1 over every token.
-        absorption (float | None): absorbed / eligible (None without eligible tokens).
-        absorption_fraction (float | None): fraction_sum / eligible.
-        uncompensated_rate (float | None): uncompensated / eligible.
-        parent_only_miss_rate (float | None): parent_only_misses / parent_only.
-        no_parent_latent (bool): M_p is empty.
-        parent_latent_silent (bool): M_p exists but never fired.
-        thin (bool): Fewer eligible tokens than ``min_tokens``.
+    ``parent_latents`` is the parent latent set M_p; ``child_latents`` the best
+    latent outside it per descendant; eligible tokens have the parent and a
+    descendant active, parent-only tokens no descendant; the rates are the counts
+    over eligible (or parent-only) tokens, None without any; ``best_f1_latent`` is
+    the latent whose firing best predicts the parent's over every token.
     """
 
     feature: int
@@ -197,21 +160,8 @@ class ParentAbsorption:
 class AbsorptionResult:
     """Absorption of one SAE on one sample (``docs/absorption.md``, steps 5-7).
 
-    Args:
-        absorption (float | None): Absorbed / eligible tokens over all parents, in
-            [0, 1]; None when no token was eligible.
-        absorption_parent_mean (float | None): Mean of the per-parent scores.
-        absorption_fraction (float | None): Pooled partial absorption fraction.
-        uncompensated_miss_rate (float | None): Pooled uncompensated share.
-        parent_only_miss_rate (float | None): Pooled parent-only miss share.
-        mean_parent_latents (float): Mean parent-set size (feature splitting).
-        parents_without_latent (int): Parents whose parent set is empty.
-        best_f1_agreement (float): Share of parents whose best-F1 latent is in M_p.
-        absorption_by_depth (dict[int, float | None]): Pooled score per depth.
-        eligible_tokens (int): Eligible tokens over all parents.
-        tokens (int): Tokens evaluated.
-        per_parent (list[ParentAbsorption]): The per-parent table.
-        thresholds (AbsorptionThresholds): The cut-offs used.
+    ``absorption`` is absorbed / eligible tokens pooled over all parents (None when
+    no token was eligible); the other rates are pooled the same way.
     """
 
     absorption: float | None
@@ -263,15 +213,10 @@ def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ParentCandidates:
-    """Latents whose decoder points at a parent, and what the decoder says of each.
-
-    Args:
-        latents: ``[m]`` latents with cosine >= ``parent_cos`` to the parent.
-        clear: ``[m]`` whether each is also ``parent_margin`` closer to the parent
-            than to any descendant (then it is a parent latent outright).
-        closest: ``[m]`` position in ``descendants`` of each one's closest
-            descendant (the child it would be absorbing).
-    """
+    """``[m]`` latents with cosine >= ``parent_cos`` to a parent: whether each is
+    ``clear`` (``parent_margin`` closer to the parent than to any descendant: a
+    parent latent outright) and the position in ``descendants`` of its
+    ``closest`` descendant (the child it would be absorbing)."""
 
     latents: torch.Tensor
     clear: torch.Tensor
@@ -296,17 +241,11 @@ def child_specific(
     child_active: torch.Tensor,
     specificity: float,
 ) -> torch.Tensor:
-    """Whether each latent fires on the parent mostly when one child is active.
-
-    Args:
-        fires: ``[n, m]`` whether each candidate latent fires.
-        parent_active: ``[n]`` whether the parent is active.
-        child_active: ``[n, m]`` whether each candidate's closest descendant is.
-        specificity: A latent is child-specific when its firing rate on parent
-            tokens without that child is below ``specificity`` times its rate on
-            parent tokens with it. With no parent token lacking the child, the
-            two cannot be told apart and the latent counts as child-specific.
-    """
+    """Whether each of ``m`` candidates (``fires`` ``[n, m]``) is child-specific:
+    its firing rate on parent tokens without its closest descendant
+    (``child_active`` ``[n, m]``) is below ``specificity`` times its rate on parent
+    tokens with it. With no parent token lacking the child, the two cannot be told
+    apart and the latent counts as child-specific."""
     with_child = parent_active[:, None] & child_active
     without_child = parent_active[:, None] & ~child_active
     n_with = with_child.sum(dim=0).clamp(min=1)
@@ -356,15 +295,9 @@ class AbsorptionCounter:
     Only the codes of latents that can enter a parent set or be a descendant's
     best latent are kept (plus firing counts of every latent for the best-F1
     cross-check), so memory grows with tokens x those latents, not x ``d_sae``.
-
-    Args:
-        W_dec: ``[d_sae, d_in]`` decoder rows in the units of the ground-truth
-            feature vectors (any row norms).
-        feature_vectors: ``[num_features, d_in]`` ground-truth directions (any norms:
-            a feature's true contribution along its direction is
-            ``activation * norm``).
-        parents: The hierarchy's parents (:func:`hierarchy_parents`).
-        thresholds: The metric's cut-offs.
+    ``W_dec`` ``[d_sae, d_in]`` is in the units of ``feature_vectors``
+    ``[num_features, d_in]``; any norms (a feature's true contribution along its
+    direction is ``activation * norm``).
     """
 
     def __init__(
@@ -421,15 +354,8 @@ class AbsorptionCounter:
             dtype=torch.long,
             device=device,
         )
-        # Column of each kept latent / feature in the stored tensors (-1: not kept).
-        self._latent_column = torch.full((self.d_sae,), -1, device=device)
-        self._latent_column[self.kept_latents] = torch.arange(
-            len(self.kept_latents), device=device
-        )
-        self._feature_column = torch.full((num_features,), -1, device=device)
-        self._feature_column[self.kept_features] = torch.arange(
-            len(self.kept_features), device=device
-        )
+        self._latent_column = _column_of(self.kept_latents, self.d_sae)
+        self._feature_column = _column_of(self.kept_features, num_features)
         self._codes: list[torch.Tensor] = []
         self._acts: list[torch.Tensor] = []
         self.tokens = 0
@@ -620,6 +546,13 @@ class AbsorptionCounter:
         )
 
 
+def _column_of(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """Column of each of ``size`` indices in the stored tensors (-1: not kept)."""
+    column = torch.full((size,), -1, device=kept.device)
+    column[kept] = torch.arange(len(kept), device=kept.device)
+    return column
+
+
 def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
 
@@ -655,28 +588,16 @@ def absorption_metrics(
     activation_scaler: ActivationScaler | None = None,
     thresholds: AbsorptionThresholds | None = None,
 ) -> AbsorptionResult:
-    """Ground-truth absorption of an SAE on samples of a SAELens ``SyntheticModel``.
+    """Ground-truth absorption of an SAE on samples of a SAELens ``SyntheticModel``
+    with a hierarchy (``docs/absorption.md``, "Using it").
 
-    Args:
-        encode: The SAE's encode, ``[n, d_in] -> [n, d_sae]``: ``sae.encode`` for
-            the per-token rule, or a batch rule (e.g. ``encode_batch``) with
-            ``batch_size`` set to the batch size it expects.
-        W_dec: The SAE's ``[d_sae, d_in]`` decoder (any row norms).
-        synthetic_model: A SAELens ``SyntheticModel`` with a hierarchy (read:
-            ``hierarchy``, ``feature_dict.feature_vectors``, ``feature_dict``).
-        feature_acts: ``[n, num_features]`` true feature activations of one draw
-            (dense or sparse COO).
-        hidden: The matching ``[n, d_in]`` hidden activations; None computes
-            ``synthetic_model.feature_dict(feature_acts)``.
-        batch_size: Rows per ``encode`` call (None: all at once).
-        activation_scaler: SAELens ``ActivationScaler`` the SAE was trained behind
-            (None: the SAE reads raw activations, as after SAELens folds the norm
-            factor in). Inputs are scaled before ``encode``, as SAELens's
-            synthetic evals do, and the decoder is mapped back to raw units.
-        thresholds: The metric's cut-offs (defaults: :class:`AbsorptionThresholds`).
-
-    Returns:
-        The pooled score, its companions and the per-parent table.
+    ``encode`` is ``sae.encode`` or a batch rule with ``batch_size`` (rows per call;
+    None: all at once) set to the batch size it expects. ``feature_acts`` are the
+    true activations of one draw (dense or sparse COO); ``hidden`` the matching
+    inputs (None: ``synthetic_model.feature_dict(feature_acts)``). With an
+    ``activation_scaler`` (the SAE was trained behind it, norm factor not folded
+    in) inputs are scaled before ``encode``, as SAELens's synthetic evals do, and
+    the decoder is mapped back to raw units.
     """
     parents = hierarchy_parents(synthetic_model)
     if not parents:

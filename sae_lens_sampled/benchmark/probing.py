@@ -10,7 +10,7 @@ rows in two passes, so no ``[rows, d_sae]`` matrix is ever held.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,14 +80,14 @@ def read_columns(path: Path, what: str) -> dict[str, torch.Tensor]:
     return columns
 
 
-def integer_column(values: torch.Tensor, where: str) -> torch.Tensor:
-    """``values`` as int64; floats only when every value is a whole number."""
+def integer_column(
+    values: torch.Tensor, where: str, n_rows: int | None = None
+) -> torch.Tensor:
+    """``values`` (one per row) as int64; floats only when every value is whole."""
     if values.dim() != 1:
         raise ValueError(
             f"{where}: shape {list(values.shape)}; expected one value per row (rank 1)"
         )
-    if values.dtype == torch.bool:
-        return values.to(torch.int64)
     if values.is_floating_point():
         whole = torch.isfinite(values) & (values == values.round())
         if not bool(whole.all()):
@@ -98,6 +98,7 @@ def integer_column(values: torch.Tensor, where: str) -> torch.Tensor:
             )
     elif values.is_complex():
         raise ValueError(f"{where}: labels and group ids must be integers, got complex")
+    _check_rows(values, n_rows, where)
     return values.to(torch.int64)
 
 
@@ -130,12 +131,10 @@ def load_labels(
         columns = {name: columns[name] for name in names}
     else:
         columns = {k: v for k, v in columns.items() if k not in exclude}
-    labels = {}
-    for name, values in columns.items():
-        where = f"labels: {path}: {name!r}"
-        labels[name] = integer_column(values, where)
-        _check_rows(labels[name], n_rows, where)
-    return labels
+    return {
+        name: integer_column(values, f"labels: {path}: {name!r}", n_rows)
+        for name, values in columns.items()
+    }
 
 
 def load_groups(spec: str | Path, n_rows: int | None = None) -> torch.Tensor:
@@ -155,10 +154,7 @@ def load_groups(spec: str | Path, n_rows: int | None = None) -> torch.Tensor:
             f"groups: {path}: name one array of: {', '.join(columns)}; got "
             f"{','.join(names)}"
         )
-    where = f"groups: {path}: {names[0]!r}"
-    groups = integer_column(columns[names[0]], where)
-    _check_rows(groups, n_rows, where)
-    return groups
+    return integer_column(columns[names[0]], f"groups: {path}: {names[0]!r}", n_rows)
 
 
 # ---------------------------------------------------------------------------
@@ -279,33 +275,17 @@ def top_latents(differences: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass
 class LogisticProbe:
-    """A fitted probe: ``logit = ((x - mean) / scale) @ weight + bias``.
-
-    Attributes:
-        weight: ``[F]`` coefficients on standardised inputs.
-        bias: Intercept.
-        mean: ``[F]`` train mean of each input.
-        scale: ``[F]`` train standard deviation (1 where an input is constant).
-    """
+    """A fitted probe: ``logit = ((x - mean) / scale) @ weight + bias``, with the
+    train mean and standard deviation (1 where an input is constant) per input."""
 
     weight: torch.Tensor
     bias: float
     mean: torch.Tensor
     scale: torch.Tensor
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x.to(torch.float64) - self.mean) / self.scale
-        return z @ self.weight + self.bias
-
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(x) > 0
-
-
-def standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation per column; constant columns get scale 1."""
-    mean = x.mean(0)
-    scale = x.std(0, unbiased=False)
-    return mean, torch.where(scale > 1e-12, scale, torch.ones_like(scale))
+        z = (x.to(torch.float64) - self.mean) / self.scale
+        return z @ self.weight + self.bias > 0
 
 
 def balanced_weights(y: torch.Tensor) -> torch.Tensor:
@@ -333,18 +313,12 @@ def fit_logistic_regression(
     standardised inputs and an unpenalised intercept: scikit-learn's
     ``LogisticRegression(C=1 / l2)`` on standardised inputs, with
     ``class_weight="balanced"`` when ``balanced`` (``s_i = n / (2 n_class)``,
-    otherwise 1).
-
-    Args:
-        x: ``[n, F]`` inputs.
-        y: ``[n]`` bool targets.
-        l2: Penalty on the weights (scikit-learn's ``1 / C``).
-        balanced: Weight each class so it carries half of the loss.
-        max_iter: L-BFGS iterations at most.
+    otherwise 1); ``x`` ``[n, F]``, ``y`` ``[n]`` bool.
     """
     x64 = x.to(torch.float64)
     target = y.to(torch.bool)
-    mean, scale = standardize(x64)
+    mean, std = x64.mean(0), x64.std(0, unbiased=False)
+    scale = torch.where(std > 1e-12, std, torch.ones_like(std))
     z = (x64 - mean) / scale
     n, width = z.shape
     weights = balanced_weights(target) if balanced else torch.ones(n, dtype=x64.dtype)
@@ -393,14 +367,8 @@ def balanced_accuracy(predicted: torch.Tensor, target: torch.Tensor) -> float:
 
 @dataclass
 class ProbeTask:
-    """One label task over the units.
-
-    Attributes:
-        name: The label column.
-        labels: ``[n_units]`` int64.
-        train: ``[n_units]`` bool, True for the train split.
-        classes: The probed classes, most frequent first.
-    """
+    """One label column over the units: ``labels`` int64 and ``train`` (True for
+    the train split) ``[n_units]``, and the probed classes, most frequent first."""
 
     name: str
     labels: torch.Tensor
@@ -419,14 +387,9 @@ class ProbeTask:
 
 @dataclass
 class ProbeSet:
-    """Label tasks over the units (rows, or groups of rows) of an activations file.
-
-    Attributes:
-        tasks: The tasks.
-        unit_of_row: ``[n_rows]`` int64, the unit each row is pooled into.
-        sizes: ``[n_units]`` rows per unit.
-        grouped: Whether units are groups (True) or rows.
-    """
+    """Label tasks over the units (rows, or groups of rows when ``grouped``) of an
+    activations file: ``unit_of_row`` ``[n_rows]`` is the unit each row is pooled
+    into, ``sizes`` ``[n_units]`` the rows per unit."""
 
     tasks: list[ProbeTask]
     unit_of_row: torch.Tensor
@@ -497,36 +460,25 @@ def probe_selected(
     """Probes of ``task`` on its top latents ``selected`` ``[C, k_max]`` (per class,
     largest mean difference first); ``columns`` ``[n_units, C, k_max]`` holds their
     values: ``columns[:, c, j]`` is latent ``selected[c, j]`` on every unit."""
-    train, target_all = task.train, task.labels
-    per_k: dict[str, dict[str, Any]] = {}
-    for k in k_values:
-        balanced, plain = [], []
-        for c, value in enumerate(task.classes):
-            x = columns[:, c, :k]
-            y = target_all == value
-            probe = fit_logistic_regression(x[train], y[train], l2=l2)
-            predicted = probe.predict(x[~train])
-            balanced.append(balanced_accuracy(predicted, y[~train]))
-            plain.append(accuracy(predicted, y[~train]))
-        per_k[str(k)] = _scores(balanced, plain)
+    per_k = {
+        str(k): probe_classes(task, columns[..., :k].unbind(1), l2) for k in k_values
+    }
     return {"latents": selected.tolist(), "k": per_k}
 
 
-def probe_all_dims(
-    task: ProbeTask, features: torch.Tensor, l2: float = L2_PENALTY
+def probe_classes(
+    task: ProbeTask, inputs: Sequence[torch.Tensor], l2: float = L2_PENALTY
 ) -> dict[str, Any]:
-    """Probes of ``task`` on every feature at once (the raw ceiling)."""
+    """One probe per class of ``task`` on ``inputs[c]`` ``[n_units, F]``: the
+    balanced and plain accuracies on the eval split."""
+    train = task.train
     balanced, plain = [], []
-    for value in task.classes:
+    for x, value in zip(inputs, task.classes, strict=True):
         y = task.labels == value
-        probe = fit_logistic_regression(features[task.train], y[task.train], l2=l2)
-        predicted = probe.predict(features[~task.train])
-        balanced.append(balanced_accuracy(predicted, y[~task.train]))
-        plain.append(accuracy(predicted, y[~task.train]))
-    return _scores(balanced, plain)
-
-
-def _scores(balanced: list[float], plain: list[float]) -> dict[str, Any]:
+        probe = fit_logistic_regression(x[train], y[train], l2=l2)
+        predicted = probe.predict(x[~train])
+        balanced.append(balanced_accuracy(predicted, y[~train]))
+        plain.append(accuracy(predicted, y[~train]))
     return {
         "balanced_accuracy": balanced,
         "accuracy": plain,
@@ -547,8 +499,9 @@ def probe_features(
         differences = mean_differences(features, task.labels, task.train, task.classes)
         selected = top_latents(differences, max(k_values))
         result = probe_selected(task, selected, features[:, selected], k_values)
-        if all_dims:
-            result["k"][ALL_DIMS] = probe_all_dims(task, features)
+        if all_dims:  # every feature at once: the raw ceiling
+            classes = len(task.classes)
+            result["k"][ALL_DIMS] = probe_classes(task, [features] * classes)
         tasks[task.name] = result
     return summarize_tasks(tasks)
 
@@ -593,54 +546,51 @@ def probe_encoder(
     latents, which is the train mean difference of the pooled latents; pass 2 pools
     only the selected latents into the units.
     """
-    unit_of_row, sizes = probe_set.unit_of_row, probe_set.sizes
     per_task = [
         contrast_weights(task.labels, task.train, task.classes)
         for task in probe_set.tasks
     ]
-    row_weights = (torch.cat(per_task, dim=1) / sizes.unsqueeze(1))[unit_of_row]
+    unit_weights = torch.cat(per_task, dim=1) / probe_set.sizes.unsqueeze(1)
+    row_weights = unit_weights[probe_set.unit_of_row]
     differences: torch.Tensor | None = None
-    start = 0
-    for batch in batches():
+    for rows, batch in _spans(batches(), probe_set):
         latents = encode(batch).to(torch.float64)
-        stop = start + batch.shape[0]
-        part = row_weights[start:stop].to(latents.device).T @ latents
+        part = row_weights[rows].to(latents.device).T @ latents
         differences = part if differences is None else differences + part
-        start = stop
-    _check_streamed(start, probe_set)
     assert differences is not None
-    differences = differences.cpu()
-    k_max = max(k_values)
-    selected, offset = [], 0
-    for task in probe_set.tasks:
-        n = len(task.classes)
-        selected.append(top_latents(differences[offset : offset + n], k_max))
-        offset += n
+    counts = [len(task.classes) for task in probe_set.tasks]
+    selected = [
+        top_latents(part, max(k_values)) for part in differences.cpu().split(counts)
+    ]
     wanted, position = torch.unique(
         torch.cat([s.flatten() for s in selected]), return_inverse=True
     )
-    pooled = torch.zeros(probe_set.n_units, wanted.numel(), dtype=torch.float64)
-    start = 0
-    for batch in batches():
-        codes = encode(batch)
-        latents = codes[:, wanted.to(codes.device)].to(torch.float64).cpu()
-        stop = start + batch.shape[0]
-        pooled.index_add_(0, unit_of_row[start:stop], latents)
-        start = stop
-    _check_streamed(start, probe_set)
-    pooled /= sizes.unsqueeze(1)
-    tasks, offset = {}, 0
-    for task, chosen in zip(probe_set.tasks, selected, strict=True):
-        where = position[offset : offset + chosen.numel()].view(chosen.shape)
-        offset += chosen.numel()
-        tasks[task.name] = probe_selected(task, chosen, pooled[:, where], k_values)
+
+    def wanted_codes() -> Iterator[torch.Tensor]:
+        for batch in batches():
+            codes = encode(batch)
+            yield codes[:, wanted.to(codes.device)]
+
+    pooled = _mean_pool(wanted_codes(), probe_set)
+    positions = position.split([chosen.numel() for chosen in selected])
+    tasks = {}
+    for task, chosen, where in zip(probe_set.tasks, selected, positions, strict=True):
+        columns = pooled[:, where.view(chosen.shape)]
+        tasks[task.name] = probe_selected(task, chosen, columns, k_values)
     return summarize_tasks(tasks)
 
 
-def _check_streamed(rows: int, probe_set: ProbeSet) -> None:
-    if rows != probe_set.n_rows:
+def _spans(
+    batches: Iterable[torch.Tensor], probe_set: ProbeSet
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Each batch with the slice of rows it holds; all rows must be the labels'."""
+    start = 0
+    for batch in batches:
+        yield slice(start, start + batch.shape[0]), batch
+        start += batch.shape[0]
+    if start != probe_set.n_rows:
         raise ValueError(
-            f"probing read {rows:,} activation rows; the labels have "
+            f"probing read {start:,} activation rows; the labels have "
             f"{probe_set.n_rows:,}"
         )
 
@@ -648,16 +598,19 @@ def _check_streamed(rows: int, probe_set: ProbeSet) -> None:
 @torch.no_grad()
 def pool_rows(batches: Batches, probe_set: ProbeSet) -> torch.Tensor:
     """The activations mean-pooled into units, ``[n_units, d_in]`` float64."""
+    return _mean_pool(batches(), probe_set)
+
+
+def _mean_pool(batches: Iterable[torch.Tensor], probe_set: ProbeSet) -> torch.Tensor:
+    """The mean over each unit's rows of ``batches`` (every row, in order), float64."""
     pooled: torch.Tensor | None = None
-    start = 0
-    for batch in batches():
-        rows = batch.to(torch.float64).cpu()
+    for rows, batch in _spans(batches, probe_set):
+        values = batch.to(torch.float64).cpu()
         if pooled is None:
-            pooled = torch.zeros(probe_set.n_units, rows.shape[1], dtype=torch.float64)
-        stop = start + rows.shape[0]
-        pooled.index_add_(0, probe_set.unit_of_row[start:stop], rows)
-        start = stop
-    _check_streamed(start, probe_set)
+            pooled = torch.zeros(
+                probe_set.n_units, values.shape[1], dtype=torch.float64
+            )
+        pooled.index_add_(0, probe_set.unit_of_row[rows], values)
     assert pooled is not None
     return pooled / probe_set.sizes.unsqueeze(1)
 
