@@ -11,13 +11,12 @@ import hashlib
 import math
 import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-TENSOR_SUFFIXES: tuple[str, ...] = (".npy", ".safetensors", ".pt", ".pth")
 
 # Rows per read when streaming through a whole file.
 SCAN_ROWS = 65_536
@@ -54,15 +53,9 @@ def _pick(path: Path, names: list[str], key: str | None, what: str) -> str:
 
 
 class ActivationFile(ABC):
-    """Rows ``[n_rows, d_in]`` of floating-point activations on disk.
-
-    Attributes:
-        path: The file or directory.
-        format: ``saelens_cache``, ``npy``, ``safetensors`` or ``pt``.
-        key: The column or tensor name read (None for ``.npy`` and lone tensors).
-        n_rows: Tokens.
-        d_in: Width.
-        dtype: The stored dtype's name (e.g. ``float16``).
+    """Rows ``[n_rows, d_in]`` of floating-point activations on disk: ``format`` is
+    ``saelens_cache``, ``npy``, ``safetensors`` or ``pt``; ``key`` the column or
+    tensor read (None for ``.npy`` and lone tensors); ``dtype`` the stored one's name.
     """
 
     path: Path
@@ -230,22 +223,19 @@ class CachedActivations(ActivationFile):
         self.context = per_row[0]
         self._check_shape((len(dataset) * self.context, per_row[1]))
         self._rows = dataset.with_format("numpy", columns=[self.key])
-        self._check_first_row(per_row)
-        self._files = [Path(f["filename"]) for f in dataset.cache_files]
-
-    def _check_first_row(self, claimed: tuple[int, ...]) -> None:
         # Rows are read by the shape dataset_info.json claims; a wrong claim with
         # another element count (or another split of it) would be reshaped silently.
         row = np.asarray(self._rows[0][self.key])
-        if tuple(row.shape) != claimed:
+        if tuple(row.shape) != per_row:
             raise _error(
-                self.path,
-                f"dataset_info.json says column {self.key!r} holds {list(claimed)} "
-                f"({math.prod(claimed)} values) per row, but row 0 holds "
+                path,
+                f"dataset_info.json says column {self.key!r} holds {list(per_row)} "
+                f"({math.prod(per_row)} values) per row, but row 0 holds "
                 f"{list(row.shape)} ({row.size} values); the metadata does not "
                 "describe the data: restore its dataset_info.json or cache the "
                 "activations again",
             )
+        self._files = [Path(f["filename"]) for f in dataset.cache_files]
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         first, last = start // self.context, -(-stop // self.context)
@@ -256,6 +246,15 @@ class CachedActivations(ActivationFile):
 
     def data_files(self) -> list[Path]:
         return self._files
+
+
+FILE_TYPES: dict[str, Callable[[Path, str | None], ActivationFile]] = {
+    ".npy": NumpyFile,
+    ".safetensors": SafetensorsFile,
+    ".pt": TorchFile,
+    ".pth": TorchFile,
+}
+TENSOR_SUFFIXES: tuple[str, ...] = tuple(FILE_TYPES)
 
 
 def open_activations(path: str | Path, key: str | None = None) -> ActivationFile:
@@ -270,12 +269,8 @@ def open_activations(path: str | Path, key: str | None = None) -> ActivationFile
     if not path.exists():
         raise _error(path, "no such file or directory")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return NumpyFile(path, key)
-    if suffix == ".safetensors":
-        return SafetensorsFile(path, key)
-    if suffix in (".pt", ".pth"):
-        return TorchFile(path, key)
+    if suffix in FILE_TYPES:
+        return FILE_TYPES[suffix](path, key)
     raise _error(
         path,
         f"unknown file type {suffix or '(none)'!r}; expected a directory written by "

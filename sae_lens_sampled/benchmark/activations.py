@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from sae_lens import LoggingConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAEConfig
@@ -28,7 +27,7 @@ from sae_lens_sampled.benchmark.activation_files import (
 from sae_lens_sampled.benchmark.config import DEFAULT_EVAL_SAMPLES, CompareConfig
 from sae_lens_sampled.benchmark.metrics import evaluate_on_activations
 from sae_lens_sampled.benchmark.probe_command import from_config
-from sae_lens_sampled.benchmark.source import DataSource
+from sae_lens_sampled.benchmark.source import DataSource, training_schedule
 
 # The eval split is this many evenly spaced contiguous segments, so that a file in
 # document or source order is not evaluated on its tail alone.
@@ -112,7 +111,6 @@ class ShuffledBatches:
             for start in range(range_start, stop, BLOCK_ROWS)
         ]
         self.generator = torch.Generator().manual_seed(seed)
-        self.epochs = 0
         self._order: list[int] = []
         self._pending = torch.empty(0, file.d_in)
 
@@ -130,8 +128,7 @@ class ShuffledBatches:
         parts: list[torch.Tensor] = []
         rows = 0
         while rows < self.buffer_rows:
-            if not self._order:
-                self.epochs += 1
+            if not self._order:  # a new epoch
                 self._order = torch.randperm(
                     len(self.blocks), generator=self.generator
                 ).tolist()
@@ -199,28 +196,13 @@ class ActivationsSource(DataSource):
             "epochs_per_run": tokens / self.train_rows,
         }
 
-    def batches(self, seed: int) -> ShuffledBatches:
-        """The training stream of ``seed``."""
-        return ShuffledBatches(
-            self.file,
-            self.train_ranges,
-            self.cfg.batch_size,
-            seed,
-            self.buffer_rows,
-        )
-
     def train(self, sae_cfg: TrainingSAEConfig, seed: int) -> Any:
         cfg = self.cfg
         trainer_cfg = SAETrainerConfig(
             total_training_samples=cfg.steps * cfg.batch_size,
             train_batch_size_samples=cfg.batch_size,
-            lr=cfg.lr,
             lr_end=cfg.lr / 10,
-            lr_decay_steps=cfg.steps // 5,
-            device=cfg.device,
-            dead_feature_window=cfg.dead_feature_window,
-            feature_sampling_window=2 * cfg.dead_feature_window,
-            logger=LoggingConfig(log_to_wandb=False),
+            **training_schedule(cfg),
             # Norm and whitening estimates read at most one pass of the training rows.
             n_batches_for_norm_estimate=min(
                 1000, math.ceil(self.train_rows / cfg.batch_size)
@@ -228,8 +210,11 @@ class ActivationsSource(DataSource):
         )
         sae_class, _ = get_sae_training_class(sae_cfg.architecture())
         sae = sae_class(sae_cfg).to(cfg.device)
+        batches = ShuffledBatches(
+            self.file, self.train_ranges, cfg.batch_size, seed, self.buffer_rows
+        )
         trainer: SAETrainer[Any, Any] = SAETrainer(
-            cfg=trainer_cfg, sae=sae, data_provider=self.batches(seed)
+            cfg=trainer_cfg, sae=sae, data_provider=batches
         )
         return trainer.fit()
 

@@ -12,13 +12,12 @@ import math
 from typing import Any
 
 import torch
-from sae_lens import LoggingConfig
 from sae_lens.saes.sae import TrainingSAEConfig
 
 from sae_lens_sampled.benchmark.config import DEFAULT_EVAL_SAMPLES, CompareConfig
 from sae_lens_sampled.benchmark.metrics import finite
 from sae_lens_sampled.benchmark.runs import quiet_sae_lens
-from sae_lens_sampled.benchmark.source import DataSource
+from sae_lens_sampled.benchmark.source import DataSource, training_schedule
 
 
 @torch.no_grad()
@@ -87,17 +86,12 @@ class LanguageModelSource(DataSource):
             "store_batch_size_prompts": 16,
             # The store's buffer must hold at least one training batch.
             "n_batches_in_buffer": max(20, 2 * math.ceil(cfg.batch_size / context)),
-            "lr": cfg.lr,
-            "lr_decay_steps": cfg.steps // 5,
-            "dead_feature_window": cfg.dead_feature_window,
-            "feature_sampling_window": 2 * cfg.dead_feature_window,
-            "device": cfg.device,
             "seed": seed,
-            "logger": LoggingConfig(log_to_wandb=False),
             "n_checkpoints": 0,
             "checkpoint_path": None,
             "output_path": None,
             "verbose": False,
+            **training_schedule(cfg),
         }
         settings.update(cfg.lm_settings)
         return LanguageModelSAERunnerConfig(**settings)

@@ -60,16 +60,9 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 class ActivationProbes:
-    """Probes over every row of ``file``, with its labels (and groups).
-
-    Args:
-        file: The activations, one row per label.
-        labels: ``PATH`` or ``PATH:NAME,...`` (see :func:`~.probing.load_labels`).
-        groups: ``PATH`` or ``PATH:NAME``, or None to probe rows.
-        batch_size: Rows encoded at once.
-        threads: Torch's CPU threads while the baselines are computed (None: as
-            set).
-    """
+    """Probes over every row of ``file`` with ``labels`` (``PATH[:NAME,...]``) and
+    ``groups`` (``PATH[:NAME]``, None: probe rows); ``threads``: torch's CPU threads
+    while the baselines are computed (None: as set)."""
 
     def __init__(
         self,
@@ -94,7 +87,6 @@ class ActivationProbes:
         self._pooled: torch.Tensor | None = None
 
     def rows(self) -> Iterator[torch.Tensor]:
-        """Every row of the file in order, ``batch_size`` at a time."""
         n_rows = self.file.n_rows
         for start in range(0, n_rows, self.batch_size):
             yield self.file.read(start, min(start + self.batch_size, n_rows))
@@ -110,8 +102,7 @@ class ActivationProbes:
         }
 
     def probe_sae(self, sae: Any) -> dict[str, Any]:
-        """``probing`` (every task's probes) and the ``probe_k<k>`` table fields of
-        ``sae``'s per-token ``encode``."""
+        """``probing`` and the ``probe_k<k>`` fields of ``sae``'s per-token encode."""
         if sae.cfg.d_in != self.file.d_in:
             raise ValueError(
                 f"probing: the SAE reads d_in={sae.cfg.d_in}; {self.file.path} has "
@@ -218,8 +209,8 @@ def probes_by_label(
 def format_probe_table(
     results: Sequence[dict[str, Any]], baselines: dict[str, Any]
 ) -> str:
-    """Markdown: one row per run (or baseline) and task; mean ± std over seeds of
-    the mean balanced accuracy over classes, per k_probe."""
+    """Markdown: per run (or baseline) and task, mean ± std over seeds of the mean
+    balanced accuracy over classes, per k_probe."""
     keys = [*map(str, K_PROBE), ALL_DIMS]
     header = ["run", "task", "seeds", *(f"k={k}" for k in keys)]
     rows = []
@@ -233,9 +224,8 @@ def format_probe_table(
 def write_plot(
     results: Sequence[dict[str, Any]], baselines: dict[str, Any], path: Path
 ) -> Path:
-    """Mean balanced accuracy (over tasks and classes) against k_probe: one line
-    per run (mean ± std over seeds), the raw and random baselines dashed and the
-    raw activations' all dimensions dotted. Needs matplotlib."""
+    """Mean balanced accuracy against k_probe, one line per run (mean ± std over
+    seeds), the baselines dashed (``docs/compare.md``). Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,8 +287,7 @@ def probe_saved(
 ) -> dict[str, Any]:
     """Probe the SAEs a ``compare`` run saved in ``output``; write
     ``probe_results[_TAG].json``, ``probe_table[_TAG].md`` and ``probe[_TAG].png``
-    there and return the JSON payload. ``threads``: torch's CPU threads meanwhile
-    (None: torch's setting; 1 by default, as in compare's activations mode)."""
+    there and return the JSON payload. ``threads`` as in compare (None: torch's)."""
     from sae_lens import SAE
 
     from sae_lens_sampled.benchmark.runs import run_directories

@@ -11,22 +11,32 @@ sources: :class:`~sae_lens_sampled.benchmark.synthetic.SyntheticSource`,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from sae_lens import TrainingSAE
+from sae_lens import LoggingConfig, TrainingSAE
 from sae_lens.saes.sae import TrainingSAEConfig
+
+if TYPE_CHECKING:
+    from sae_lens_sampled.benchmark.config import CompareConfig
+
+
+def training_schedule(cfg: CompareConfig) -> dict[str, Any]:
+    """The settings every source hands SAELens's runner or trainer alike."""
+    return {
+        "lr": cfg.lr,
+        "lr_decay_steps": cfg.steps // 5,
+        "device": cfg.device,
+        "dead_feature_window": cfg.dead_feature_window,
+        "feature_sampling_window": 2 * cfg.dead_feature_window,
+        "logger": LoggingConfig(log_to_wandb=False),
+    }
 
 
 class DataSource(ABC):
-    """Where a comparison's activations come from.
-
-    Attributes:
-        mode: ``results.json``'s ``mode`` (``synthetic``, ``language_model``,
-            ``activations``).
-        d_in: Width of the activations.
-        eval_samples: Tokens per evaluation.
-    """
+    """Where a comparison's activations come from: ``mode`` is results.json's
+    (``synthetic``, ``language_model``, ``activations``), ``d_in`` the activations'
+    width, ``eval_samples`` the tokens per evaluation."""
 
     mode: str
     d_in: int
@@ -47,11 +57,8 @@ class DataSource(ABC):
 
     @abstractmethod
     def evaluate(self, sae: Any) -> dict[str, Any]:
-        """Metrics of ``sae.encode`` on the held-out data.
-
-        Keys from ``RULE_METRICS`` and ``GROUND_TRUTH_METRICS``
-        (:mod:`~sae_lens_sampled.benchmark.metrics`); missing ones are None.
-        """
+        """Metrics of ``sae.encode`` on the held-out data (keys of
+        :mod:`~sae_lens_sampled.benchmark.metrics`; missing ones are None)."""
 
     def calibration_batches(self) -> list[torch.Tensor] | None:
         """Held-out batches on which per-token thresholds are re-fitted, or None."""
@@ -62,6 +69,5 @@ class DataSource(ABC):
         return None
 
     def probe(self, sae: Any) -> dict[str, Any]:
-        """Sparse-probing result fields of the per-token ``sae`` (none without
-        labels)."""
+        """Sparse-probing fields of the per-token ``sae`` (none without labels)."""
         return {} if self.probing is None else dict(self.probing.probe_sae(sae))

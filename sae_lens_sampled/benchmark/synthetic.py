@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from sae_lens import LoggingConfig
 from sae_lens.saes.sae import TrainingSAEConfig
 from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
 from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
@@ -25,7 +24,7 @@ from sae_lens.synthetic.synthetic_sae_runner import (
 from sae_lens_sampled.benchmark.absorption import absorption_metrics, hierarchy_parents
 from sae_lens_sampled.benchmark.config import DEFAULT_EVAL_SAMPLES, CompareConfig
 from sae_lens_sampled.benchmark.metrics import finite
-from sae_lens_sampled.benchmark.source import DataSource
+from sae_lens_sampled.benchmark.source import DataSource, training_schedule
 
 # Held-out samples on which calibrate_thresholds re-fits the per-token thresholds.
 CALIBRATION_SAMPLES = 8192
@@ -60,10 +59,9 @@ def default_synthetic_model_config(seed: int = 0) -> SyntheticModelConfig:
 
 def lottery_synthetic_model_config(seed: int = 0) -> SyntheticModelConfig:
     """The default data with an "activation lottery": mean magnitudes rising
-    exponentially from 0.5 to 20 with the feature index (the default rises linearly
-    from 1 to 6), so the rarest features are by far the strongest. The rarest
-    feature (firing probability 0.01) then carries about 40 times the variance of
-    the most frequent one (0.4), where the default makes them about equal."""
+    exponentially from 0.5 to 20, so the rarest feature (firing probability 0.01)
+    carries about 40 times the variance of the most frequent one (0.4), where the
+    default makes them about equal."""
     cfg = default_synthetic_model_config(seed)
     cfg.mean_firing_magnitudes = ExponentialMagnitudeConfig(start=0.5, end=20.0)
     return cfg
@@ -155,15 +153,10 @@ class SyntheticSource(DataSource):
             sae=sae_cfg,
             training_samples=cfg.steps * cfg.batch_size,
             batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            lr_decay_steps=cfg.steps // 5,
-            device=cfg.device,
             checkpoint_path=None,
             output_path=None,
             run_final_eval=False,
-            dead_feature_window=cfg.dead_feature_window,
-            feature_sampling_window=2 * cfg.dead_feature_window,
-            logger=LoggingConfig(log_to_wandb=False),
+            **training_schedule(cfg),
         )
         runner = SyntheticSAERunner(runner_cfg, override_synthetic_model=self.model)
         return runner.run().sae
@@ -202,12 +195,9 @@ class SyntheticSource(DataSource):
         ]
 
     def absorption(self, sae: Any) -> float | None:
-        """Ground-truth absorption of ``sae``'s ``encode`` on the eval samples.
-
-        ``sae`` is the per-token inference SAE or a batch-rule view; its encode is
-        called on eval batches of the training batch size, so a batch rule sees
-        the budget it was trained with. None when the data has no hierarchy.
-        """
+        """Ground-truth absorption of ``sae.encode`` (per-token SAE or batch-rule
+        view) on the eval samples, in batches of the training batch size so that a
+        batch rule sees its training budget; None without a hierarchy."""
         if not hierarchy_parents(self.model):
             return None
         result = absorption_metrics(
