@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_lens_sampled.saes.base import check_range
+from sae_lens_sampled.checks import check_range
 
 if TYPE_CHECKING:
     from sae_lens.training.activation_scaler import ActivationScaler
-
-Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------
@@ -578,7 +576,7 @@ def decoder_in_input_units(
 
 @torch.no_grad()
 def absorption_metrics(
-    encode: Encode,
+    encode: Callable[[torch.Tensor], torch.Tensor],
     W_dec: torch.Tensor,
     synthetic_model: Any,
     feature_acts: torch.Tensor,

@@ -65,12 +65,12 @@ class ActivationFile(ABC):
     d_in: int
     dtype: str
 
-    def _check_shape(self, shape: tuple[int, ...], hint: str = "") -> None:
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 2:
             raise _error(
                 self.path,
                 f"has shape {list(shape)} (rank {len(shape)}); expected "
-                f"[n_tokens, d_in] (rank 2){hint}",
+                "[n_tokens, d_in] (rank 2)",
             )
         self.n_rows, self.d_in = int(shape[0]), int(shape[1])
         if self.n_rows == 0 or self.d_in == 0:

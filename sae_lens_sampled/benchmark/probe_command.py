@@ -325,8 +325,7 @@ def probe_saved(
                     "seed": _seed_of(run_dir, int(config["seed"])),
                     "path": str(run_dir.relative_to(output)),
                 }
-                row.update(probes.probe_sae(sae))
-                rows.append(row)
+                rows.append({**row, **probes.probe_sae(sae)})
         # compare's order: seed by seed, the runs in order.
         rows.sort(key=lambda row: (row["seed"], row["path"]))
         suffix = f"_{tag}" if tag else ""

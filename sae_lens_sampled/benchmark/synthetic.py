@@ -93,14 +93,6 @@ class ReplayedActivations:
         return batch
 
 
-def eval_batch_sizes(n_samples: int, batch_size: int) -> list[int]:
-    """Full batches, then the remainder (eval_sae_on_synthetic_data's loop)."""
-    sizes = [batch_size] * (n_samples // batch_size)
-    if n_samples % batch_size:
-        sizes.append(n_samples % batch_size)
-    return sizes
-
-
 class SyntheticSource(DataSource):
     """SAELens synthetic data: one synthetic model per seed (or the given one).
 
@@ -139,9 +131,11 @@ class SyntheticSource(DataSource):
             )
         torch.manual_seed(seed + 1)
         generator = self.model.activation_generator
+        n, batch_size = self.eval_samples, self.cfg.batch_size
+        # Full batches, then the remainder: eval_sae_on_synthetic_data's batches.
         self.eval_batches = [
-            generator.sample(size)
-            for size in eval_batch_sizes(self.eval_samples, self.cfg.batch_size)
+            generator.sample(min(batch_size, n - start))
+            for start in range(0, n, batch_size)
         ]
 
     def train(self, sae_cfg: TrainingSAEConfig, seed: int) -> Any:  # noqa: ARG002
