@@ -156,11 +156,9 @@ class ParentAbsorption:
 
 @dataclass
 class AbsorptionResult:
-    """Absorption of one SAE on one sample (``docs/absorption.md``, steps 5-7).
-
+    """Absorption of one SAE on one sample (``docs/absorption.md``, steps 5-7):
     ``absorption`` is absorbed / eligible tokens pooled over all parents (None when
-    no token was eligible); the other rates are pooled the same way.
-    """
+    no token was eligible); the other rates are pooled the same way."""
 
     absorption: float | None
     absorption_parent_mean: float | None

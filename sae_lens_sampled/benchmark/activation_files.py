@@ -258,11 +258,8 @@ TENSOR_SUFFIXES: tuple[str, ...] = tuple(FILE_TYPES)
 
 
 def open_activations(path: str | Path, key: str | None = None) -> ActivationFile:
-    """Open ``path`` (a SAELens activation cache or a tensor file), checked.
-
-    Raises ValueError for a missing path, an unknown suffix, a shape that is not
-    ``[n_tokens, d_in]`` or non-floating-point values.
-    """
+    """Open ``path`` (a SAELens activation cache or a tensor file), checked: a
+    ValueError names a missing path, an unknown suffix, a bad shape or dtype."""
     path = Path(path)
     if path.is_dir():
         return CachedActivations(path, key)

@@ -92,8 +92,8 @@ class LanguageModelSource(DataSource):
             "output_path": None,
             "verbose": False,
             **training_schedule(cfg),
+            **cfg.lm_settings,
         }
-        settings.update(cfg.lm_settings)
         return LanguageModelSAERunnerConfig(**settings)
 
     def train(self, sae_cfg: TrainingSAEConfig, seed: int) -> Any:

@@ -191,11 +191,8 @@ def unit_labels(
 def top_classes(
     labels: torch.Tensor, task: str, max_classes: int = MAX_CLASSES, unit: str = "row"
 ) -> list[int]:
-    """The most frequent classes (at most ``max_classes``; ties by class id).
-
-    Raises ValueError when there are fewer than two classes or a chosen class has
-    one member (a probe needs one for training and one for evaluation).
-    """
+    """The most frequent classes (at most ``max_classes``; ties by class id), each
+    with two members at least (one for training, one for evaluation)."""
     classes, counts = torch.unique(labels, return_counts=True)
     if classes.numel() < 2:
         raise ValueError(

@@ -75,11 +75,9 @@ SYNTHETIC_DATA: dict[str, Callable[[int], SyntheticModelConfig]] = {
 
 
 class ReplayedActivations:
-    """Serves pre-drawn ground-truth feature activations, batch after batch.
-
-    Every eval pass of every run reads the same samples, whatever the SAEs draw
-    from torch's global RNG in between (e.g. Sampled-SAE pools).
-    """
+    """Serves pre-drawn ground-truth feature activations, batch after batch, so
+    every eval pass reads the same samples whatever the SAEs draw from torch's
+    global RNG in between (e.g. Sampled-SAE pools)."""
 
     def __init__(self, batches: list[torch.Tensor]):
         self._batches = iter(batches)
