@@ -42,10 +42,9 @@ class CompareConfig:
         batch_size (int): Training batch size in tokens; batch-rule evals use it
             too, so their budget matches training.
         lr (float): Adam learning rate (the last fifth of training decays it 10x).
-        seed (int): First seed. Seed ``s`` drives the data (synthetic model and eval
-            samples; the shuffling of an activations file), the initialisation and
-            the Sampled-SAE pool draws: torch's global RNG is set to ``s`` at the
-            start of each run.
+        seed (int): First seed. Seed ``s`` drives the data (synthetic model, eval
+            samples, shuffling of an activations file), the initialisation and the
+            Sampled-SAE pool draws (torch's global RNG, set at each run's start).
         seeds (int): Every run is repeated with seeds ``seed`` to ``seed + seeds -
             1``; the summary reports mean and standard deviation over them.
         eval_samples (int | None): Tokens per evaluation. None: 65,536, or in
@@ -56,8 +55,7 @@ class CompareConfig:
             training already match the batch rule's firing rates.
         output (str | None): Directory for results.json, table.md, table.csv,
             plots and the trained inference SAEs (``saes/``); None writes nothing.
-            A directory that already holds files is refused unless ``resume`` or
-            ``overwrite``.
+            One that already holds files needs ``resume`` or ``overwrite``.
         resume (bool): Keep the runs (label and seed) already in ``output``'s
             results.json instead of retraining them; its settings must match these
             (except runs, seeds, output, plots, device and threads).

@@ -65,19 +65,15 @@ def compare_runs(
     source: DataSource,
     runs: list[RunSpec],
     output: Path | None,
-    results: list[dict[str, Any]] | None = None,
-    finished: dict[tuple[str, int], dict[str, Any]] | None = None,
-    on_result: Callable[[], None] | None = None,
-) -> list[dict[str, Any]]:
-    """One result per run and seed, seed by seed, appended to ``results``.
-
-    A run whose (label, seed) is in ``finished`` is not trained again: its result
-    is taken from there. ``on_result`` is called after each result is appended
-    (to write what is finished so far).
-    """
+    results: list[dict[str, Any]],
+    finished: dict[tuple[str, int], dict[str, Any]],
+    on_result: Callable[[], None],
+) -> None:
+    """Append one result per run and seed to ``results``, seed by seed, and call
+    ``on_result`` after each (to write what is finished so far). A run whose
+    (label, seed) is in ``finished`` is not trained again: its result is taken
+    from there."""
     check_runs(cfg, source, runs)
-    results = [] if results is None else results
-    finished = finished or {}
     seeds = cfg.seed_list
     for seed in seeds:
         started = False
@@ -103,9 +99,7 @@ def compare_runs(
                 # differently from the runs it kept).
                 result["sae_dir"] = sae_dir.as_posix()
             results.append(result)
-            if on_result is not None:
-                on_result()
-    return results
+            on_result()
 
 
 def health_fields(sae: Any, l0: float | None, k: float) -> dict[str, Any]:

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from sae_lens_sampled.benchmark.output_dir import (
+    MCC_PLOT,
     RESULTS_FILENAME,
     TABLE_CSV,
     TABLE_MARKDOWN,
+    TRADEOFF_PLOT,
 )
 from sae_lens_sampled.benchmark.probing import K_PROBE
 from sae_lens_sampled.benchmark.summary import (
@@ -20,9 +22,6 @@ from sae_lens_sampled.benchmark.summary import (
     reference_entry,
     spectrum_series,
 )
-
-TRADEOFF_PLOT = "ev_vs_l0.png"
-MCC_PLOT = "mcc.png"
 
 # (header, result key, format) of the terminal table; a column empty in every row is
 # left out.

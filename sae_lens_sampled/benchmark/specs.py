@@ -82,29 +82,27 @@ def parse_run_specs(text: str) -> list[RunSpec]:
         item = raw.strip()
         if not item:
             continue
-        head, sep, settings = item.partition(":")
-        if not sep and "=" in item:
+        if item == "default":
+            specs.extend(copy.deepcopy(DEFAULT_RUNS))
+            continue
+        head, sep, setting = item.partition(":")
+        if not sep and "=" in item:  # a further setting of the previous spec
             if not specs:
                 raise ValueError(
                     f"architectures: setting {item!r} comes before any architecture"
                 )
-            settings, head = item, ""
-            spec = specs[-1]
-        elif head == "default" and not sep:
-            specs.extend(copy.deepcopy(DEFAULT_RUNS))
-            continue
+            spec, setting = specs[-1], item
         else:
             spec = RunSpec(head.strip())
             specs.append(spec)
-        if not settings:
-            continue
-        name, eq, value = settings.partition("=")
-        if not eq or not name.strip():
-            raise ValueError(
-                f"architectures: expected NAME=VALUE after {spec.architecture!r}, "
-                f"got {settings!r}"
-            )
-        spec.params[name.strip()] = parse_value(value)
+        if setting:
+            name, eq, value = setting.partition("=")
+            if not eq or not name.strip():
+                raise ValueError(
+                    f"architectures: expected NAME=VALUE after "
+                    f"{spec.architecture!r}, got {setting!r}"
+                )
+            spec.params[name.strip()] = parse_value(value)
     if not specs:
         raise ValueError(f"architectures: no architecture in {text!r}")
     return specs
