@@ -96,36 +96,15 @@ def check_device(device: str) -> None:
         return
     if not torch.cuda.is_available():
         built = "" if torch.version.cuda else ", a build without CUDA"
-        raise FieldValueError(
-            f"device is {device!r}, but CUDA is not available here (torch "
-            f"{torch.__version__}{built}); use --device cpu",
-            "device",
-            device,
+        problem = (
+            f"CUDA is not available here (torch {torch.__version__}{built}); "
+            "use --device cpu"
         )
-    index = torch.device(device).index
-    if index is not None and index >= torch.cuda.device_count():
-        raise FieldValueError(
-            f"device is {device!r}, but this machine has "
-            f"{torch.cuda.device_count()} CUDA device(s)",
-            "device",
-            device,
-        )
-
-
-def _is_interrupt(exc: BaseException) -> bool:
-    # SAELens's language-model runner turns SIGINT into its InterruptedException.
-    return isinstance(exc, KeyboardInterrupt) or (
-        type(exc).__name__ == "InterruptedException"
-    )
-
-
-def _close_progress_bars() -> None:
-    """Close SAELens's live tqdm bars, so that a message after an interrupt is the
-    last line, not glued to a bar or redrawn over."""
-    tqdm = sys.modules.get("tqdm")
-    if tqdm is not None:
-        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
-            bar.close()
+    elif (torch.device(device).index or 0) >= torch.cuda.device_count():
+        problem = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    else:
+        return
+    raise FieldValueError(f"device is {device!r}, but {problem}", "device", device)
 
 
 def run_compare(
@@ -151,15 +130,13 @@ def run_compare(
             embedded default.
 
     Returns:
-        The results.json payload: ``mode``, ``config``, ``data`` (what the source
-        was), ``skipped``, ``complete`` (every run finished), ``results`` (one dict
-        per run and seed) and ``summary`` (one dict per run: mean and std over
-        seeds).
+        The results.json payload (``docs/compare.md`` lists its keys).
     """
     import torch
 
     from sae_lens_sampled.benchmark.loop import compare_runs
     from sae_lens_sampled.benchmark.specs import resolve_runs
+    from sae_lens_sampled.benchmark.summary import summarize
 
     cfg = (
         dataclasses.replace(config, **settings) if config else CompareConfig(**settings)
@@ -177,6 +154,23 @@ def run_compare(
     sigint = signal.getsignal(signal.SIGINT)
     results: list[dict[str, Any]] = []
     planned = len(runs) * cfg.seeds
+
+    def make_payload() -> dict[str, Any]:
+        """results.json's content for the runs finished so far."""
+        return {
+            "mode": source.mode,
+            "config": cfg.to_dict(),
+            "data": data,
+            "skipped": skipped,
+            "complete": len(results) == planned,
+            "results": results,
+            "summary": summarize(results),
+        }
+
+    def save() -> None:
+        if output is not None:
+            write_outputs(make_payload(), output)
+
     try:
         source = make_source(
             cfg,
@@ -196,20 +190,20 @@ def run_compare(
                 f"{data['train_rows']:,} rows ({data['epochs_per_run']:.2f} "
                 "epochs per run)"
             )
-
-        def save() -> None:
-            if output is not None:
-                payload = make_payload(
-                    cfg, source.mode, data, skipped, results, planned
-                )
-                write_outputs(payload, output)
-
         compare_runs(cfg, source, runs, output, results, finished, save)
         save()  # also when every run was kept from an earlier results.json
     except BaseException as exc:
-        if not _is_interrupt(exc):
+        # SAELens's language-model runner turns SIGINT into its InterruptedException.
+        if not isinstance(exc, KeyboardInterrupt) and (
+            type(exc).__name__ != "InterruptedException"
+        ):
             raise
-        _close_progress_bars()
+        # Close SAELens's live tqdm bars, so that the message is the last line, not
+        # glued to a bar or redrawn over.
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is not None:
+            for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+                bar.close()
         kept = (
             f"kept in {output / 'results.json'}; continue with --resume"
             if output is not None and results
@@ -224,7 +218,7 @@ def run_compare(
         torch.set_num_threads(threads)
         signal.signal(signal.SIGINT, sigint)
 
-    payload = make_payload(cfg, source.mode, data, skipped, results, planned)
+    payload = make_payload()
     print()
     print(terminal_table(payload))
     if source.probing is not None:  # sparse probing: baselines, table, plot
@@ -238,26 +232,17 @@ def run_compare(
     return payload
 
 
-def make_payload(
-    cfg: CompareConfig,
-    mode: str,
-    data: dict[str, Any],
-    skipped: list[str],
-    results: list[dict[str, Any]],
-    planned: int,
-) -> dict[str, Any]:
-    """results.json's content for the runs finished so far (of ``planned``)."""
-    from sae_lens_sampled.benchmark.summary import summarize
+def write_plot_files(payload: dict[str, Any], output: Path) -> None:
+    from sae_lens_sampled.benchmark.report import write_plots
 
-    return {
-        "mode": mode,
-        "config": cfg.to_dict(),
-        "data": data,
-        "skipped": skipped,
-        "complete": len(results) == planned,
-        "results": results,
-        "summary": summarize(results),
-    }
+    try:
+        for path in write_plots(payload["summary"], output, about=describe(payload)):
+            print(f"plot: {path}")
+    except ImportError:
+        print(
+            "note: matplotlib is not installed, so no plots were written; "
+            "pip install 'sae-lens-sampled[plot]'"
+        )
 
 
 def terminal_table(payload: dict[str, Any]) -> str:
@@ -303,19 +288,6 @@ def describe(payload: dict[str, Any]) -> str:
         f"{what}; k={cfg['k']:g}, d_sae={cfg['d_sae']}, {cfg['steps']} steps, "
         f"{seed_text}"
     )
-
-
-def write_plot_files(payload: dict[str, Any], output: Path) -> None:
-    from sae_lens_sampled.benchmark.report import write_plots
-
-    try:
-        for path in write_plots(payload["summary"], output, about=describe(payload)):
-            print(f"plot: {path}")
-    except ImportError:
-        print(
-            "note: matplotlib is not installed, so no plots were written; "
-            "pip install 'sae-lens-sampled[plot]'"
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -455,21 +427,12 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
             if name == "eval_samples" and args.activations is not None:
                 continue
             settings.setdefault(name, value)
-    lm_settings = {}
     for item in args.lm:
         name, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--lm must be FIELD=VALUE, got {item!r}")
-        lm_settings[name.strip()] = parse_value(value)
-    if lm_settings:
-        settings["lm_settings"] = lm_settings
+        settings.setdefault("lm_settings", {})[name.strip()] = parse_value(value)
     return settings
-
-
-def _debugging() -> bool:
-    """``sae-lens-sampled --debug compare``: errors keep their traceback."""
-    cli = sys.modules.get("sae_lens_sampled.cli")
-    return cli is not None and bool(cli.debugging())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -488,7 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         run_compare(cfg)
     except ValueError as error:
-        if _debugging():
+        # ``sae-lens-sampled --debug compare``: errors keep their traceback.
+        cli = sys.modules.get("sae_lens_sampled.cli")
+        if cli is not None and cli.debugging():
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2

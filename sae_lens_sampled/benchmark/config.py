@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,52 +30,47 @@ DEFAULT_EVAL_SAMPLES = 65_536
 
 @dataclass
 class CompareConfig:
-    """Settings of a comparison.
+    """Settings of a comparison (``docs/compare.md`` describes the modes).
 
     Args:
-        runs (list[RunSpec]): Architectures and their settings (default: topk,
-            batchtopk, sampled x3, feature_choice, mutual_choice).
+        runs (list[RunSpec]): Architectures and their settings (default:
+            :data:`~sae_lens_sampled.benchmark.specs.DEFAULT_RUNS`).
         k (float): Mean active features per token, shared by every run (whole number
             when ``topk`` is in the set).
         d_sae (int): Number of SAE features.
         steps (int): Training steps per run.
-        batch_size (int): Training batch size in tokens (samples); batch-rule evals
-            use it too, so their budget matches training.
+        batch_size (int): Training batch size in tokens; batch-rule evals use it
+            too, so their budget matches training.
         lr (float): Adam learning rate (the last fifth of training decays it 10x).
-        seed (int): First seed. Seed ``s`` drives the data (synthetic model and eval
-            samples; the shuffling of an activations file), the initialisation and
-            the Sampled-SAE pool draws: torch's global RNG is set to ``s`` at the
-            start of each run.
-        seeds (int): Number of seeds: every run is repeated with seeds ``seed``,
-            ``seed + 1``, ..., ``seed + seeds - 1``; the summary reports mean and
-            standard deviation over them.
-        eval_samples (int | None): Tokens (samples) per evaluation. None: 65,536,
-            or in activations mode a tenth of the file's rows (at most 65,536).
+        seed (int): First seed. Seed ``s`` drives the data (synthetic model, eval
+            samples, shuffling of an activations file), the initialisation and the
+            Sampled-SAE pool draws (torch's global RNG, set at each run's start).
+        seeds (int): Every run is repeated with seeds ``seed`` to ``seed + seeds -
+            1``; the summary reports mean and standard deviation over them.
+        eval_samples (int | None): Tokens per evaluation. None: 65,536, or in
+            activations mode a tenth of the file's rows (at most 65,536).
         calibrate (bool): Also measure every plugin run per token after
             ``calibrate_thresholds`` on held-out samples (synthetic mode only;
             ``*_calibrated`` columns). Off by default: the thresholds learned in
             training already match the batch rule's firing rates.
         output (str | None): Directory for results.json, table.md, table.csv,
             plots and the trained inference SAEs (``saes/``); None writes nothing.
-            A directory that already holds files is refused unless ``resume`` or
-            ``overwrite``.
-        resume (bool): Continue the comparison in ``output``: runs already in its
-            results.json (same label and seed) are kept, not retrained; its
-            settings must match these (except runs, seeds, output, plots, device
-            and threads).
+            One that already holds files needs ``resume`` or ``overwrite``.
+        resume (bool): Keep the runs (label and seed) already in ``output``'s
+            results.json instead of retraining them; its settings must match these
+            (except runs, seeds, output, plots, device and threads).
         overwrite (bool): Delete what an earlier comparison wrote in ``output``
             (results, tables, plots, ``saes/``) before starting.
         plots (bool): Write PNG plots (needs matplotlib, the ``plot`` extra).
         device (str): Torch device.
-        threads (int | None): CPU threads for torch during the comparison; None
-            uses 1 in synthetic and activations mode (the SAEs are too small to
-            gain from more, and spare threads spin when the cores are shared) and
-            torch's setting in language-model mode.
-        dead_feature_window (int): SAELens trainer setting, in steps: a feature not
-            selected for this many steps is dead for the aux-k loss.
+        threads (int | None): CPU threads for torch; None uses 1 in synthetic and
+            activations mode (the SAEs are too small to gain from more, and spare
+            threads spin when the cores are shared) and torch's setting in
+            language-model mode.
+        dead_feature_window (int): SAELens trainer setting: a feature not selected
+            for this many steps is dead for the aux-k loss.
         normalize_activations (str): SAELens's ``normalize_activations`` for every
-            run (``none``, ``expected_average_only_in``, ``constant_norm_rescale``,
-            ``layer_norm``, ``covariance_whitening``); a run spec may override it.
+            run (:data:`NORMALIZE_OPTIONS`); a run spec may override it.
         data (str): Synthetic mode's data set: ``default`` or ``lottery`` (the
             rarest features far stronger than the frequent ones).
         activations (str | None): Activations mode: a directory written by
@@ -96,11 +92,7 @@ class CompareConfig:
             ``PATH:NAME``); rows are mean-pooled into groups before probing.
     """
 
-    runs: list[RunSpec] = field(
-        default_factory=lambda: [
-            RunSpec(s.architecture, dict(s.params)) for s in DEFAULT_RUNS
-        ]
-    )
+    runs: list[RunSpec] = field(default_factory=lambda: copy.deepcopy([*DEFAULT_RUNS]))
     k: float = 6
     d_sae: int = 256
     steps: int = 1500
@@ -131,19 +123,13 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
-        check_range("d_sae", self.d_sae, low=1)
-        check_range("steps", self.steps, low=1)
-        check_range("batch_size", self.batch_size, low=1)
         check_range("lr", self.lr, low=0, low_inclusive=False)
         check_range("seed", self.seed, low=0)
-        check_range("seeds", self.seeds, low=1)
-        if self.eval_samples is not None:
-            check_range("eval_samples", self.eval_samples, low=1)
-        check_range("dead_feature_window", self.dead_feature_window, low=1)
-        if self.threads is not None:
-            check_range("threads", self.threads, low=1)
-        if self.context_size is not None:
-            check_range("context_size", self.context_size, low=1)
+        counts = ("d_sae", "steps", "batch_size", "seeds", "eval_samples")
+        for name in (*counts, "dead_feature_window", "threads", "context_size"):
+            value = getattr(self, name)
+            if value is not None:  # None: the mode's default
+                check_range(name, value, low=1)
         check_choice(
             "normalize_activations", self.normalize_activations, NORMALIZE_OPTIONS
         )

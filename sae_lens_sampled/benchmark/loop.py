@@ -1,15 +1,15 @@
 """The training-and-evaluation loop of ``compare``, the same for every data source.
 
 For each seed and each run: build the SAE config, seed torch, train through the
-source (SAELens's runner or trainer), export the inference SAE in memory, evaluate
-it per token, under the training SAE's batch rule and, with ``calibrate`` (where the
-source offers calibration samples), per token after ``calibrate_thresholds``, add the ground-truth metrics and
-save the inference SAE.
+source, export the inference SAE in memory, evaluate it per token, under the
+training SAE's batch rule and, with ``calibrate``, per token after
+``calibrate_thresholds``; add the ground-truth metrics and save the inference SAE.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -65,50 +65,41 @@ def compare_runs(
     source: DataSource,
     runs: list[RunSpec],
     output: Path | None,
-    results: list[dict[str, Any]] | None = None,
-    finished: dict[tuple[str, int], dict[str, Any]] | None = None,
-    on_result: Callable[[], None] | None = None,
-) -> list[dict[str, Any]]:
-    """One result per run and seed, seed by seed, appended to ``results``.
-
-    A run whose (label, seed) is in ``finished`` is not trained again: its result
-    is taken from there. ``on_result`` is called after each result is appended
-    (to write what is finished so far).
-    """
+    results: list[dict[str, Any]],
+    finished: dict[tuple[str, int], dict[str, Any]],
+    on_result: Callable[[], None],
+) -> None:
+    """Append one result per run and seed to ``results``, seed by seed, and call
+    ``on_result`` after each (to write what is finished so far). A run whose
+    (label, seed) is in ``finished`` is not trained again: its result is taken
+    from there."""
     check_runs(cfg, source, runs)
-    results = [] if results is None else results
-    finished = finished or {}
     seeds = cfg.seed_list
     for seed in seeds:
         started = False
         for index, spec in enumerate(runs, start=1):
             tag = f"[seed {seed}] " if len(seeds) > 1 else ""
+            tag += f"[{index}/{len(runs)}] {spec.label}"
             kept = finished.get((spec.label, seed))
             if kept is not None:
-                print(
-                    f"{tag}[{index}/{len(runs)}] {spec.label}: kept from results.json"
-                )
+                print(f"{tag}: kept from results.json")
                 results.append(kept)
                 continue
-            print(f"{tag}[{index}/{len(runs)}] {spec.label}", flush=True)
+            print(tag, flush=True)
             if not started:
                 source.start_seed(seed)
                 started = True
-            run_dir = None
-            if output is not None:
-                run_dir = output / "saes"
-                if len(seeds) > 1:
-                    run_dir = run_dir / f"seed{seed}"
-                run_dir = run_dir / run_dir_name(index, spec)
+            # One seed saves its runs in saes/ itself, several in saes/seed<N>/.
+            seed_dir = Path("saes", f"seed{seed}") if len(seeds) > 1 else Path("saes")
+            sae_dir = seed_dir / run_dir_name(index, spec)
+            run_dir = output / sae_dir if output is not None else None
             result = train_and_evaluate(cfg, source, spec, seed, run_dir)
-            if output is not None and run_dir is not None:
+            if output is not None:
                 # Where this run's SAE is (a resumed comparison may lay them out
                 # differently from the runs it kept).
-                result["sae_dir"] = run_dir.relative_to(output).as_posix()
+                result["sae_dir"] = sae_dir.as_posix()
             results.append(result)
-            if on_result is not None:
-                on_result()
-    return results
+            on_result()
 
 
 def health_fields(sae: Any, l0: float | None, k: float) -> dict[str, Any]:
@@ -116,15 +107,13 @@ def health_fields(sae: Any, l0: float | None, k: float) -> dict[str, Any]:
     plugin's SAEs track it) and the measured per-token L0 against k; each problem
     with its cause and the setting to change."""
     health = getattr(sae, "health", None)
-    trained = health() if health is not None else None
-    change = trained.mse_change if trained is not None else None
-    window = trained.window_steps if trained is not None else WINDOW_STEPS
-    report = HealthReport(change, window, l0, k)
-    if trained is not None:
-        report.mse_advice = trained.mse_advice
+    if health is None:
+        report = HealthReport(None, WINDOW_STEPS, l0, k)
+    else:
+        report = dataclasses.replace(health(), l0_per_token=l0, k=k)
     gain = getattr(sae.cfg, "threshold_gain", None)
     return {
-        "mse_window_change": change,
+        "mse_window_change": report.mse_change,
         "health_flags": report.flags(),
         "health": report.problems(threshold_gain=gain),
     }
@@ -153,22 +142,22 @@ def train_and_evaluate(
     per_token = source.evaluate(inference)
     result.update(rule_fields(per_token, ""))
     calibrated = None
-    plugin = inference if isinstance(inference, BatchLevelSAE) else None
-    wanted = cfg.calibrate and plugin is not None
-    batches = source.calibration_batches() if wanted else None
-    if plugin is not None and batches is not None:
-        # Per-token thresholds re-fitted so each feature fires as often as under
-        # the batch rule, on samples that are neither training nor eval data.
-        recalibrated = copy.deepcopy(plugin)
-        with warnings.catch_warnings():  # rare features: expected on few samples
-            warnings.simplefilter("ignore")
-            calibrate_thresholds(
-                recalibrated,
-                batches,
-                batch_size=cfg.batch_size,
-                pool_draws=CALIBRATION_POOL_DRAWS,
-            )
-        calibrated = source.evaluate(recalibrated)
+    if cfg.calibrate and isinstance(inference, BatchLevelSAE):
+        batches = source.calibration_batches()
+        if batches is not None:
+            # Per-token thresholds re-fitted so each feature fires as often as
+            # under the batch rule, on samples that are neither training nor eval
+            # data.
+            recalibrated = copy.deepcopy(inference)
+            with warnings.catch_warnings():  # rare features: expected on few rows
+                warnings.simplefilter("ignore")
+                calibrate_thresholds(
+                    recalibrated,
+                    batches,
+                    batch_size=cfg.batch_size,
+                    pool_draws=CALIBRATION_POOL_DRAWS,
+                )
+            calibrated = source.evaluate(recalibrated)
     result.update(rule_fields(calibrated, "_calibrated"))
     view = batch_rule_view(sae)
     batch = source.evaluate(view) if view is not None else None

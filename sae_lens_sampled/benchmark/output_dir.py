@@ -17,8 +17,10 @@ RESULTS_FILENAME = "results.json"
 SAES_DIRNAME = "saes"
 TABLE_MARKDOWN = "table.md"
 TABLE_CSV = "table.csv"
-# Files compare writes beside results.json (plots: report.py's names).
-WRITTEN_FILES = (RESULTS_FILENAME, TABLE_MARKDOWN, TABLE_CSV, "ev_vs_l0.png", "mcc.png")
+TRADEOFF_PLOT = "ev_vs_l0.png"
+MCC_PLOT = "mcc.png"
+# Files compare writes beside results.json.
+WRITTEN_FILES = (RESULTS_FILENAME, TABLE_MARKDOWN, TABLE_CSV, TRADEOFF_PLOT, MCC_PLOT)
 WRITTEN_PATTERNS = ("spectrum_*.png",)
 
 # Settings that may differ between a comparison and its resumption: which runs and

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sae_lens_sampled.benchmark.metrics import SUMMARY_METRICS
 from sae_lens_sampled.benchmark.output_dir import (
+    MCC_PLOT,
     RESULTS_FILENAME,
     TABLE_CSV,
     TABLE_MARKDOWN,
+    TRADEOFF_PLOT,
 )
 from sae_lens_sampled.benchmark.probing import K_PROBE
 from sae_lens_sampled.benchmark.summary import (
@@ -21,9 +22,6 @@ from sae_lens_sampled.benchmark.summary import (
     reference_entry,
     spectrum_series,
 )
-
-TRADEOFF_PLOT = "ev_vs_l0.png"
-MCC_PLOT = "mcc.png"
 
 # (header, result key, format) of the terminal table; a column empty in every row is
 # left out.
@@ -83,12 +81,6 @@ HEALTH_LEGEND = (
 )
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    return fmt.format(value)
-
-
 def spread_cell(mean: Any, std: Any, fmt: str) -> str:
     if mean is None:
         return "-"
@@ -127,7 +119,7 @@ def table_cells(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
     columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in results)]
     header = ["run", *(name for name, _, _ in columns)]
     rows = [
-        [r["label"], *(_cell(r.get(key), fmt) for _, key, fmt in columns)]
+        [r["label"], *(spread_cell(r.get(key), None, fmt) for _, key, fmt in columns)]
         for r in results
     ]
     return _with_health(header, rows, results)
@@ -157,32 +149,24 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return _layout(*table_cells(results))
 
 
-def _mean_format(fmt: str) -> str:
-    # Counts (dead features) averaged over seeds keep one decimal.
-    return "{:.1f}" if fmt == "{:.0f}" else fmt
-
-
 def summary_cells(
     summary: Sequence[dict[str, Any]],
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of :func:`format_summary_table`."""
+    # Counts (dead features) averaged over seeds keep one decimal.
     columns = [
-        c for c in COLUMNS if any(e.get(c[1] + "_mean") is not None for e in summary)
+        (name, key, "{:.1f}" if fmt == "{:.0f}" else fmt)
+        for name, key, fmt in COLUMNS
+        if any(e.get(key + "_mean") is not None for e in summary)
     ]
     header = ["run", "seeds", *(name for name, _, _ in columns)]
-    rows = [
-        [
-            e["label"],
-            str(e["n_seeds"]),
-            *(
-                spread_cell(
-                    e.get(key + "_mean"), e.get(key + "_std"), _mean_format(fmt)
-                )
-                for _, key, fmt in columns
-            ),
+    rows = []
+    for e in summary:
+        cells = [
+            spread_cell(e.get(key + "_mean"), e.get(key + "_std"), fmt)
+            for _, key, fmt in columns
         ]
-        for e in summary
-    ]
+        rows.append([e["label"], str(e["n_seeds"]), *cells])
     return _with_health(header, rows, summary)
 
 
@@ -242,27 +226,14 @@ def write_tables(payload: dict[str, Any], output: Path, about: str) -> list[Path
     return [markdown, table_csv]
 
 
-def mean_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Summary entries as result-like rows: ``<metric>`` holds the mean over seeds,
-    ``<metric>_std`` the spread."""
-    rows = []
-    for entry in summary:
-        row: dict[str, Any] = {"label": entry["label"]}
-        for name in SUMMARY_METRICS:
-            row[name] = entry.get(name + "_mean")
-            row[name + "_std"] = entry.get(name + "_std")
-        rows.append(row)
-    return rows
-
-
 def write_plots(
     summary: Sequence[dict[str, Any]], output: Path, *, about: str | None = None
 ) -> list[Path]:
     """EV vs L0 (per-token and batch rule), MCC per run and one
     ``spectrum_<field>.png`` per spectrum (:func:`spectrum_series`), from the
-    summary over seeds; needs matplotlib. ``about`` (the data, k, d_sae and seeds)
-    heads every plot's title. Error bars (standard deviation over seeds) are drawn
-    only where a run has several seeds; a spectrum has a panel per measured metric.
+    summary over seeds; ``about`` (the data, k, d_sae and seeds) heads every title.
+    Error bars (standard deviation over seeds) are drawn only where a run has
+    several seeds; a spectrum has a panel per measured metric.
 
     Raises ImportError when matplotlib is missing.
     """
@@ -272,13 +243,12 @@ def write_plots(
     import matplotlib.pyplot as plt
 
     output.mkdir(parents=True, exist_ok=True)
-    rows = mean_rows(summary)
-    paths = [_plot_tradeoff(plt, rows, output / TRADEOFF_PLOT, about)]
-    if any(r.get("mcc") is not None for r in rows):
-        paths.append(_plot_mcc(plt, rows, output / MCC_PLOT, about))
+    paths = [_plot_tradeoff(plt, summary, output / TRADEOFF_PLOT, about)]
+    if any(e.get("mcc_mean") is not None for e in summary):
+        paths.append(_plot_mcc(plt, summary, output / MCC_PLOT, about))
     reference = reference_entry(summary)
     for field, series in spectrum_series(summary).items():
-        path = output / spectrum_filename(field)
+        path = output / f"spectrum_{field}.png"
         paths.append(_plot_spectrum(plt, field, series, reference, path, about))
     return paths
 
@@ -296,41 +266,9 @@ def _title(about: str | None, text: str) -> str:
     return text if about is None else f"{about}\n{text}"
 
 
-def spectrum_filename(field: str) -> str:
-    return f"spectrum_{field}.png"
-
-
 # Explained variances below this are drawn on it (a "v" marker, value printed), so
 # that one failed run does not squash the others.
 EV_FLOOR = -0.5
-
-
-def _point(r: dict[str, Any], l0_key: str, ev_key: str) -> tuple[float, float] | None:
-    if r.get(l0_key) is None or r.get(ev_key) is None:
-        return None
-    return r[l0_key], r[ev_key]
-
-
-def _draw(
-    ax: Any,
-    point: tuple[float, float],
-    color: Any,
-    *,
-    filled: bool,
-    label: str | None = None,
-) -> None:
-    l0, ev = point
-    clipped = ev < EV_FLOOR
-    ax.scatter(
-        l0,
-        max(ev, EV_FLOOR),
-        marker="v" if clipped else "o",
-        facecolors=color if filled else "none",
-        edgecolors=color,
-        label=label,
-    )
-    if clipped:
-        _print_value(ax, l0, EV_FLOOR, ev, color)
 
 
 def _print_value(ax: Any, x: float, y: float, value: float, color: Any) -> None:
@@ -346,28 +284,39 @@ def _print_value(ax: Any, x: float, y: float, value: float, color: Any) -> None:
 
 
 def _plot_tradeoff(
-    plt: Any, results: Sequence[dict[str, Any]], path: Path, about: str | None
+    plt: Any, summary: Sequence[dict[str, Any]], path: Path, about: str | None
 ) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab10")
-    for i, r in enumerate(results):
+    for i, e in enumerate(summary):
         color = colors(i % 10)
-        token = _point(r, "l0", "explained_variance")
-        batch = _point(r, "l0_batch", "explained_variance_batch")
-        if token is not None:
-            _draw(ax, token, color, filled=True, label=r["label"])
-        if batch is not None:
-            _draw(ax, batch, color, filled=False)
-        if token is not None and batch is not None:
+        points = {}  # rule -> (mean L0, mean EV drawn at EV_FLOOR or above)
+        for rule in ("", "_batch"):
+            l0, ev = e.get(f"l0{rule}_mean"), e.get(f"explained_variance{rule}_mean")
+            if l0 is None or ev is None:
+                continue
+            points[rule] = (l0, max(ev, EV_FLOOR))
+            ax.scatter(
+                *points[rule],
+                marker="v" if ev < EV_FLOOR else "o",
+                facecolors=color if rule == "" else "none",
+                edgecolors=color,
+                label=e["label"] if rule == "" else None,
+            )
+            if ev < EV_FLOOR:
+                _print_value(ax, l0, EV_FLOOR, ev, color)
+        if len(points) == 2:
             # From the batch rule (training) to per-token inference: the arrow's
             # length is the drift the learned thresholds introduce.
             ax.annotate(
                 "",
-                xy=(token[0], max(token[1], EV_FLOOR)),
-                xytext=(batch[0], max(batch[1], EV_FLOOR)),
+                xy=points[""],
+                xytext=points["_batch"],
                 arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6},
             )
-    l0s = [r[key] for r in results for key in ("l0", "l0_batch") if r.get(key)]
+    l0s = [
+        e[key] for e in summary for key in ("l0_mean", "l0_batch_mean") if e.get(key)
+    ]
     if l0s and max(l0s) > 20 * min(l0s):
         ax.set_xscale("log")
     ax.set_xlabel("L0 (mean active features per token)")
@@ -386,14 +335,14 @@ def _plot_tradeoff(
 
 
 def _plot_mcc(
-    plt: Any, results: Sequence[dict[str, Any]], path: Path, about: str | None
+    plt: Any, summary: Sequence[dict[str, Any]], path: Path, about: str | None
 ) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    labels = [r["label"] for r in results]
-    values = [r["mcc"] if r.get("mcc") is not None else 0.0 for r in results]
+    labels = [e["label"] for e in summary]
+    values = [e.get("mcc_mean") or 0.0 for e in summary]
     # A standard deviation exists only over two seeds or more: one seed, no bars.
-    spread = any(r.get("mcc_std") is not None for r in results)
-    errors = [r.get("mcc_std") or 0.0 for r in results] if spread else None
+    spread = any(e.get("mcc_std") is not None for e in summary)
+    errors = [e.get("mcc_std") or 0.0 for e in summary] if spread else None
     ax.bar(range(len(labels)), values, yerr=errors, capsize=3, color="tab:blue")
     ax.set_title(_title(about, "MCC with the ground-truth features"), fontsize=9)
     ax.set_xticks(range(len(labels)))
@@ -404,31 +353,19 @@ def _plot_mcc(
     return save_figure(plt, fig, path, dpi=120)
 
 
-# (title, [(metric, line style, what)]) of the spectrum panels.
-SPECTRUM_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
-    (
-        "explained variance",
-        (
-            ("explained_variance", "-", "per token"),
-            ("explained_variance_batch", "--", "batch rule"),
-        ),
-    ),
-    ("MCC", (("mcc", "-", "per token"),)),
-    (
-        "absorption",
-        (
-            ("absorption", "-", "per token"),
-            ("absorption_batch", "--", "batch rule"),
-        ),
-    ),
-    (
-        "dead features",
-        (
-            ("dead_features", "-", "per token"),
-            ("dead_features_batch", "--", "batch rule"),
-        ),
-    ),
+# (title, metrics) of the spectrum panels; a ``_batch`` metric (the batch rule) is
+# drawn dashed beside the per-token one.
+SPECTRUM_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("explained variance", ("explained_variance", "explained_variance_batch")),
+    ("MCC", ("mcc",)),
+    ("absorption", ("absorption", "absorption_batch")),
+    ("dead features", ("dead_features", "dead_features_batch")),
 )
+
+
+def _style(name: str) -> tuple[str, str]:
+    """Line style and what it shows: dashed for the batch rule."""
+    return ("--", "batch rule") if name.endswith("_batch") else ("-", "per token")
 
 
 def _draw_series(
@@ -460,22 +397,6 @@ def _draw_series(
             _print_value(ax, x, low, y, color)
 
 
-def measured_panels(
-    series: Sequence[SpectrumSeries], reference: dict[str, Any] | None
-) -> list[tuple[str, tuple[tuple[str, str, str], ...]]]:
-    """The panels of :data:`SPECTRUM_PANELS` with a value in a series or the
-    reference (activations mode measures neither MCC nor absorption)."""
-    entries = [e for one in series for e in one.entries]
-    entries += [reference] if reference is not None else []
-    return [
-        (title, metrics)
-        for title, metrics in SPECTRUM_PANELS
-        if any(
-            e.get(name + "_mean") is not None for e in entries for name, _, _ in metrics
-        )
-    ]
-
-
 def _plot_spectrum(
     plt: Any,
     field: str,
@@ -484,7 +405,15 @@ def _plot_spectrum(
     path: Path,
     about: str | None = None,
 ) -> Path:
-    panels = measured_panels(series, reference)
+    # The panels with a value in a series or the reference (activations mode
+    # measures neither MCC nor absorption).
+    entries = [e for one in series for e in one.entries]
+    entries += [reference] if reference is not None else []
+    panels = [
+        (title, metrics)
+        for title, metrics in SPECTRUM_PANELS
+        if any(e.get(name + "_mean") is not None for e in entries for name in metrics)
+    ]
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4 * len(panels), 4.2), sharex=True, squeeze=False
     )
@@ -492,42 +421,36 @@ def _plot_spectrum(
     all_values = [v for s in series for v in s.values]
     n_seeds = max(e["n_seeds"] for s in series for e in s.entries)
     for ax, (title, metrics) in zip(axes[0], panels, strict=True):
+        floor = EV_FLOOR if title == "explained variance" else None
         drawn: list[float] = []
         for i, one in enumerate(series):
-            for name, style, what in metrics:
-                means = [e.get(name + "_mean") for e in one.entries]
-                if all(m is None for m in means):
-                    continue
+            for name in metrics:
                 points = [
-                    (x, m, e.get(name + "_std"))
-                    for x, m, e in zip(one.values, means, one.entries, strict=True)
-                    if m is not None
+                    (x, e[name + "_mean"], e.get(name + "_std"))
+                    for x, e in zip(one.values, one.entries, strict=True)
+                    if e.get(name + "_mean") is not None
                 ]
+                if not points:
+                    continue
                 xs, ys, errs = zip(*points, strict=True)
+                style, what = _style(name)
                 label = one.label if len(metrics) == 1 else f"{one.label}, {what}"
-                floor = EV_FLOOR if title == "explained variance" else None
                 _draw_series(ax, xs, ys, errs, style, colors(i % 10), label, floor)
                 drawn.extend(ys)
-        for name, style, what in metrics:
+        for name in metrics:
             value = reference.get(name + "_mean") if reference else None
-            if value is None:
+            if reference is None or value is None:
                 continue
-            assert reference is not None
-            ax.axhline(
-                value,
-                color="black",
-                linestyle=style,
-                alpha=0.6,
-                label=f"{reference['label']} ({what})"
-                if len(metrics) > 1
-                else reference["label"],
-            )
+            style, what = _style(name)
+            label = reference["label"]
+            label += f" ({what})" if len(metrics) > 1 else ""
+            ax.axhline(value, color="black", linestyle=style, alpha=0.6, label=label)
             spread = reference.get(name + "_std")
             if spread:
                 ax.axhspan(value - spread, value + spread, color="black", alpha=0.08)
             drawn.append(value)
-        if title == "explained variance" and drawn and min(drawn) < EV_FLOOR:
-            ax.set_ylim(EV_FLOOR - 0.05, max(1.0, *drawn) + 0.05)
+        if floor is not None and drawn and min(drawn) < floor:
+            ax.set_ylim(floor - 0.05, max(1.0, *drawn) + 0.05)
         if min(all_values) > 0:
             ax.set_xscale("log")
         # The runs' own values as ticks, written plainly (not as 4 x 10^0).

@@ -8,6 +8,7 @@ holding ``=`` but no ``:`` continues the previous spec's settings, so
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -58,14 +59,6 @@ DEFAULT_RUNS: tuple[RunSpec, ...] = (
 )
 
 
-def optional_architectures() -> list[str]:
-    """The plugin's architectures (from its registry): one missing from SAELens's
-    registry is skipped with a note instead of failing."""
-    from sae_lens_sampled._registry import architecture_keys
-
-    return architecture_keys()
-
-
 def parse_value(text: str) -> Any:
     """``"4"`` -> 4, ``"1.5"`` -> 1.5, ``"true"`` -> True, ``"none"`` -> None."""
     lowered = text.strip().lower()
@@ -82,51 +75,47 @@ def parse_value(text: str) -> Any:
 
 
 def parse_run_specs(text: str) -> list[RunSpec]:
-    """Parse ``"topk,sampled:pool_factor=4,score=entropy"`` into run specs.
-
-    ``default`` expands to :data:`DEFAULT_RUNS`.
-    """
+    """Parse ``"topk,sampled:pool_factor=4,score=entropy"`` into run specs;
+    ``default`` expands to :data:`DEFAULT_RUNS`."""
     specs: list[RunSpec] = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
             continue
-        head, sep, settings = item.partition(":")
-        if not sep and "=" in item:
+        if item == "default":
+            specs.extend(copy.deepcopy(DEFAULT_RUNS))
+            continue
+        head, sep, setting = item.partition(":")
+        if not sep and "=" in item:  # a further setting of the previous spec
             if not specs:
                 raise ValueError(
                     f"architectures: setting {item!r} comes before any architecture"
                 )
-            settings, head = item, ""
-            spec = specs[-1]
-        elif head == "default" and not sep:
-            specs.extend(RunSpec(s.architecture, dict(s.params)) for s in DEFAULT_RUNS)
-            continue
+            spec, setting = specs[-1], item
         else:
             spec = RunSpec(head.strip())
             specs.append(spec)
-        if not settings:
-            continue
-        name, eq, value = settings.partition("=")
-        if not eq or not name.strip():
-            raise ValueError(
-                f"architectures: expected NAME=VALUE after {spec.architecture!r}, "
-                f"got {settings!r}"
-            )
-        spec.params[name.strip()] = parse_value(value)
+        if setting:
+            name, eq, value = setting.partition("=")
+            if not eq or not name.strip():
+                raise ValueError(
+                    f"architectures: expected NAME=VALUE after "
+                    f"{spec.architecture!r}, got {setting!r}"
+                )
+            spec.params[name.strip()] = parse_value(value)
     if not specs:
         raise ValueError(f"architectures: no architecture in {text!r}")
     return specs
 
 
 def resolve_runs(specs: list[RunSpec]) -> tuple[list[RunSpec], list[str]]:
-    """Drop optional architectures that are not registered; reject unknown keys.
-
-    Returns the runs to do and a note for each skipped one.
-    """
+    """The runs to do and a note for each skipped one: a plugin architecture missing
+    from SAELens's registry is skipped; an unknown key is refused."""
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
-    optional = optional_architectures()
+    from sae_lens_sampled._registry import architecture_keys
+
+    optional = architecture_keys()
     runs: list[RunSpec] = []
     notes: list[str] = []
     for spec in specs:
@@ -148,23 +137,9 @@ def resolve_runs(specs: list[RunSpec]) -> tuple[list[RunSpec], list[str]]:
     return runs, notes
 
 
-def _field_is_int(cfg_class: type, name: str) -> bool:
-    hints = typing.get_type_hints(cfg_class)
-    return hints.get(name) is int
-
-
 def _accepts_none(cfg_class: type, name: str) -> bool:
     hint = typing.get_type_hints(cfg_class).get(name)
     return hint is None or hint is type(None) or type(None) in typing.get_args(hint)
-
-
-def _spec_settings(cfg_class: type, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` with ``none`` read as the string ``"none"`` for fields that take
-    no None (``aux_loss=none``), since :func:`parse_value` reads it as None."""
-    return {
-        name: "none" if value is None and not _accepts_none(cfg_class, name) else value
-        for name, value in params.items()
-    }
 
 
 def build_sae_config(
@@ -191,13 +166,15 @@ def build_sae_config(
     if normalize_activations != "none":
         settings["normalize_activations"] = normalize_activations
     if "k" in names:
-        if _field_is_int(cfg_class, "k"):
-            if k != int(k):
-                raise ValueError(
-                    f"k must be a whole number for {spec.architecture!r}, got {k!r}"
-                )
-            settings["k"] = int(k)
-        else:
-            settings["k"] = float(k)
-    settings.update(_spec_settings(cfg_class, spec.params))
+        whole = typing.get_type_hints(cfg_class).get("k") is int
+        if whole and k != int(k):
+            raise ValueError(
+                f"k must be a whole number for {spec.architecture!r}, got {k!r}"
+            )
+        settings["k"] = int(k) if whole else float(k)
+    for name, value in spec.params.items():
+        # parse_value reads ``none`` as None; a field that takes no None gets the
+        # string (``aux_loss=none``).
+        none_text = value is None and not _accepts_none(cfg_class, name)
+        settings[name] = "none" if none_text else value
     return cfg_class(**settings)

@@ -68,32 +68,20 @@ def available_architectures() -> list[str]:
     return [*SAELENS_ARCHITECTURES, *plugins]
 
 
-def _coefficients(sae: Any) -> dict[str, float]:
-    return {
-        name: float(getattr(value, "value", value))
-        for name, value in sae.get_coefficients().items()
-    }
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def make_step(sae: Any, x: torch.Tensor, bf16: bool) -> Any:
     """One training step as SAELens's trainer runs it (autocast around the forward)."""
     import torch
     from sae_lens.saes.sae import TrainStepInput
 
-    device_type = x.device.type
     dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
-    coefficients = _coefficients(sae)
+    coefficients = {
+        name: float(getattr(value, "value", value))
+        for name, value in sae.get_coefficients().items()
+    }
     step_count = [0]
 
     def step() -> None:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             output = sae.training_forward_pass(
                 TrainStepInput(
                     sae_in=x,
@@ -132,18 +120,13 @@ def make_floor_step(shape: Shape, x: torch.Tensor, bf16: bool) -> Any:
     return step
 
 
-def _timed(step: Any, device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def time_steps(
     steps: dict[str, Any], repeats: int, device: str, warmup: int = 1
 ) -> dict[str, list[float]]:
     """Interleaved timings: each round runs every step once, in a rotating order."""
+    import torch
+
+    cuda = device.startswith("cuda")
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -152,7 +135,13 @@ def time_steps(
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_timed(steps[name], device))
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[name]()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -240,10 +229,8 @@ def run_benchmark(
                 result.tokens_per_s = shape.batch / medians[name]
             shape_result.results[name] = result
         if memory:
-            for name in shape_result.results:
-                shape_result.results[name].peak_bytes = measure_peak_bytes(
-                    name, shape, device, bf16
-                )
+            for name, result in shape_result.results.items():
+                result.peak_bytes = measure_peak_bytes(name, shape, device, bf16)
             base = shape_result.results[BASELINE].peak_bytes
             for result in shape_result.results.values():
                 if base and result.peak_bytes is not None:

@@ -44,14 +44,9 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @dataclass
 class SpectrumSeries:
-    """Runs of one architecture that differ only in ``field``.
-
-    Attributes:
-        architecture: The architecture key.
-        field: The numeric setting that varies.
-        fixed: The settings every run of the series shares.
-        entries: Summary entries, sorted by the value of ``field``.
-    """
+    """Runs of one architecture that differ only in the numeric setting ``field``:
+    their summary ``entries``, sorted by ``field``, and the settings they share
+    (``fixed``)."""
 
     architecture: str
     field: str
@@ -81,8 +76,7 @@ def spectrum_series(
     """Series of at least two runs of one architecture whose settings differ in a
     single numeric field, keyed by that field (e.g. ``pool_factor``)."""
     found: dict[str, list[SpectrumSeries]] = {}
-    architectures = dict.fromkeys(entry["architecture"] for entry in summary)
-    for architecture in architectures:
+    for architecture in dict.fromkeys(entry["architecture"] for entry in summary):
         entries = [e for e in summary if e["architecture"] == architecture]
         fields = dict.fromkeys(
             name
