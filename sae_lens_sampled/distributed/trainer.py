@@ -1,10 +1,7 @@
 """``DistributedSAETrainer``: SAELens's ``SAETrainer`` for data-parallel training.
 
-Run inside an initialised ``torch.distributed`` process group (gloo on CPU, NCCL on
-GPUs); ``cfg`` describes the global run and each rank's ``data_provider`` yields its
-``train_batch_size_samples // world_size`` rows. ``docs/distributed.md`` says what
-each step exchanges and why the result equals one process's ("The guarantee").
-Without a process group it trains like SAELens's ``SAETrainer``.
+``docs/distributed.md`` says what each step exchanges and why the result equals one
+process's ("The guarantee"). Without a process group it trains like ``SAETrainer``.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ from sae_lens.training.types import DataProvider
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from sae_lens_sampled.checks import check_range
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import sum_counts
 from sae_lens_sampled.distributed.same_config import (
@@ -149,8 +147,6 @@ def replica_spread(module: torch.nn.Module, comm: Comm) -> float:
     """Largest difference of any parameter or buffer entry between ranks (debug)."""
     spread = 0.0
     for tensor in [*module.parameters(), *module.buffers()]:
-        if not tensor.is_floating_point():
-            tensor = tensor.double()
         finite = torch.nan_to_num(tensor.detach().double(), posinf=0.0, neginf=0.0)
         high = comm.all_reduce(finite.clone(), "max", "checks")
         low = comm.all_reduce(finite.clone(), "min", "checks")
@@ -201,10 +197,7 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
             )
         if oversample < 1:
             raise ValueError(f"oversample must be >= 1, got {oversample}")
-        if check_replicas_every < 0:
-            raise ValueError(
-                f"check_replicas_every must be >= 0, got {check_replicas_every}"
-            )
+        check_range("check_replicas_every", check_replicas_every, low=0)
         self.local_batch_size = cfg.train_batch_size_samples // world
         self.oversample = oversample
         self.check_replicas_every = check_replicas_every
@@ -419,24 +412,14 @@ def global_batch_metrics(output: TrainStepOutput, comm: Comm) -> dict[str, float
     """
     names = list(output.losses)
     sae_in = output.sae_in.double()
-    sae_out = output.sae_out.double()
-    n_tokens = sae_in.shape[0]
-    errors = (sae_out - sae_in).pow(2).sum(dim=-1)
+    errors = (output.sae_out.double() - sae_in).pow(2).sum(dim=-1)
+    losses = [float(output.loss)] + [float(output.losses[n]) for n in names]
+    scalars = torch.tensor([*losses, float(sae_in.shape[0])], dtype=torch.float64)
+    active = (output.feature_acts != 0).sum().double()
     first = torch.cat(
         [
-            torch.tensor(
-                [float(output.loss)] + [float(output.losses[n]) for n in names],
-                dtype=torch.float64,
-            ).to(sae_in.device),
-            torch.stack(
-                [
-                    torch.tensor(float(n_tokens), dtype=torch.float64).to(
-                        sae_in.device
-                    ),
-                    errors.sum(),
-                    (output.feature_acts != 0).sum().double(),
-                ]
-            ),
+            scalars.to(sae_in.device),
+            torch.stack([errors.sum(), active]),
             sae_in.sum(dim=0),
         ]
     )
