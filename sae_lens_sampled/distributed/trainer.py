@@ -115,9 +115,9 @@ def describe_training(sae: TrainingSAE[Any], cfg: SAETrainerConfig) -> Descripti
         for name, value in describe_dataclass(cfg, "trainer.")
         if not name.startswith(("trainer.logger.", "trainer.checkpoint_path"))
     ]
+    architecture = {"architecture": sae.cfg.architecture()}
     return [
-        *describe_settings({"architecture": sae.cfg.architecture()}, "sae."),
-        *describe_settings(sae_settings, "sae."),
+        *describe_settings({**architecture, **sae_settings}, "sae."),
         *describe_state(sae),
         *trainer,
     ]
