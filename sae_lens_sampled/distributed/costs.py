@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import feature_choice_layout_bytes
+from sae_lens_sampled.distributed.launch import spawn
 from sae_lens_sampled.shape import Shape
 
 if TYPE_CHECKING:
@@ -160,7 +162,6 @@ def traffic_table(
 def _measure_worker(
     rank: int, world: int, device: str, shapes: list[Shape], out: str
 ) -> None:
-    from sae_lens_sampled.distributed.comm import Comm
     from sae_lens_sampled.distributed.step import DataParallelStep
     from sae_lens_sampled.sparse import SparseCodes, column_stats
 
@@ -198,8 +199,6 @@ def measure_traffic(
 ) -> list[list[dict[str, Any]]]:
     """Counted bytes per category for one selection step on ``world`` local ranks:
     one list of results per rank."""
-    from sae_lens_sampled.distributed.launch import spawn
-
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "traffic.json")
         spawn(_measure_worker, world, device, (list(shapes), out))
@@ -214,40 +213,34 @@ def measure_traffic(
 
 
 def _time_training(
-    arch: str, shape: Shape, device: str, n_steps: int, warmup: int
+    arch: str, shape: Shape, n_steps: int, warmup: int = 2
 ) -> list[float]:
-    """Seconds of each of ``n_steps`` training steps (after ``warmup``) of this rank."""
+    """Seconds of each of ``n_steps`` training steps (after ``warmup``) of this rank,
+    on the CPU."""
     from sae_lens.config import SAETrainerConfig
 
-    from sae_lens_sampled.distributed.comm import Comm
     from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
     from sae_lens_sampled.shape import build_sae
 
     comm = Comm()
     rows = shape.batch // comm.world_size
-    sae = build_sae(arch, shape, device)
+    sae = build_sae(arch, shape, "cpu")
     total = n_steps + warmup
     cfg = SAETrainerConfig(
         total_training_samples=shape.batch * total,
         train_batch_size_samples=shape.batch,
         lr=1e-4,
         lr_end=1e-4,
-        device=device,
+        device="cpu",
     )
     generator = torch.Generator().manual_seed(comm.rank)
-    batches = [
-        torch.randn(rows, shape.d_in, generator=generator).to(device) for _ in range(4)
-    ]
+    batches = [torch.randn(rows, shape.d_in, generator=generator) for _ in range(4)]
     trainer = DistributedSAETrainer(cfg, sae, iter([]))
     times = []
     for index in range(total):
         comm.barrier()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         start = time.perf_counter()
         trainer.step(batches[index % len(batches)])
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         comm.barrier()
         times.append(time.perf_counter() - start)
     return times[warmup:]
@@ -256,13 +249,13 @@ def _time_training(
 def _timing_worker(
     rank: int,
     _world: int,
-    device: str,
+    _device: str,
     archs: list[str],
     shape: Shape,
     n_steps: int,
     out: str,
 ) -> None:
-    results = {arch: _time_training(arch, shape, device, n_steps, 2) for arch in archs}
+    results = {arch: _time_training(arch, shape, n_steps) for arch in archs}
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -273,8 +266,6 @@ def measure_timing(
 ) -> dict[str, dict[str, list[float]]]:
     """Step times of one process (1 thread, then 2 threads) and of ``world`` gloo
     ranks (1 thread each), in alternating rounds so that background load hits all."""
-    from sae_lens_sampled.distributed.launch import spawn
-
     threads = torch.get_num_threads()
     one = "1 process, 1 thread"
     threaded = f"1 process, {world} threads"
@@ -287,7 +278,7 @@ def measure_timing(
             for label, n_threads in ((one, 1), (threaded, world)):
                 torch.set_num_threads(n_threads)
                 for arch in archs:
-                    runs[label][arch] += _time_training(arch, shape, "cpu", n_steps, 2)
+                    runs[label][arch] += _time_training(arch, shape, n_steps)
             torch.set_num_threads(1)
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "timing.json")

@@ -386,10 +386,3 @@ def global_feature_choice_mask(
     mask = torch.zeros_like(acts, dtype=torch.bool)
     mask[cand_rows[keep], cand_cols[keep]] = True
     return mask
-
-
-def sum_counts(counts: torch.Tensor, comm: Comm) -> torch.Tensor:
-    """Per-feature counts summed over ranks, sent as int32 (a step's count of
-    tokens fits), returned in ``counts``' dtype."""
-    summed = comm.all_reduce(counts.to(torch.int32), "sum", "stats")
-    return summed.to(counts.dtype)

@@ -26,7 +26,6 @@ from sae_lens_sampled.distributed.global_select import (
     global_feature_choice_mask,
     global_feature_scores,
     global_topk_indices,
-    sum_counts,
 )
 from sae_lens_sampled.global_batch import GlobalBatch, Rule
 from sae_lens_sampled.selection import batch_budget, pool_from_scores
@@ -124,7 +123,7 @@ class DataParallelStep:
                 f"expected {self.local_tokens}"
             )
         smallest = self.comm.all_reduce(smallest.clone(), "min", "stats")
-        return sum_counts(counts, self.comm), smallest, self.n_tokens
+        return self.sum_counts(counts), smallest, self.n_tokens
 
     @torch.no_grad()
     def sum_floats(self, values: torch.Tensor) -> torch.Tensor:
@@ -132,7 +131,9 @@ class DataParallelStep:
 
     @torch.no_grad()
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        return sum_counts(counts, self.comm)
+        # Sent as int32: a step's count of tokens fits.
+        summed = self.comm.all_reduce(counts.to(torch.int32), "sum", "stats")
+        return summed.to(counts.dtype)
 
     @torch.no_grad()
     def any_positive(self, flags: torch.Tensor) -> torch.Tensor:

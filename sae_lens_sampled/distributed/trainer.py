@@ -27,7 +27,6 @@ from typing_extensions import override
 
 from sae_lens_sampled.checks import check_range
 from sae_lens_sampled.distributed.comm import Comm
-from sae_lens_sampled.distributed.global_select import sum_counts
 from sae_lens_sampled.distributed.same_config import (
     Description,
     check_same_settings,
@@ -86,12 +85,11 @@ class GlobalActivationScaler(ActivationScaler):
         cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         eigenvalues = eigenvalues.clamp(min=0) + eps
+        inverse = eigenvalues.sqrt().unsqueeze(1) * eigenvectors.T
         self.whitening = ActivationWhitening(
             mean=mean.cpu(),
             matrix=(eigenvectors * eigenvalues.rsqrt()).contiguous().cpu(),
-            inverse_matrix=(eigenvalues.sqrt().unsqueeze(1) * eigenvectors.T)
-            .contiguous()
-            .cpu(),
+            inverse_matrix=inverse.contiguous().cpu(),
         )
 
     def _device(self) -> torch.device:
@@ -312,7 +310,7 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
                     is_logging_step=self._is_logging_step(),
                 ),
             )
-        self._update_firing_statistics(output.feature_acts)
+        self._update_firing_statistics(output.feature_acts, step)
         output.loss.backward()
         params = list(sae.parameters())
         average_gradients(params, self.comm)
@@ -336,11 +334,13 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
             )
 
     @torch.no_grad()
-    def _update_firing_statistics(self, feature_acts: torch.Tensor) -> None:
+    def _update_firing_statistics(
+        self, feature_acts: torch.Tensor, step: DataParallelStep
+    ) -> None:
         fired = (feature_acts != 0).sum(dim=-2)
         if fired.is_sparse:
             fired = fired.to_dense()
-        fired = sum_counts(fired, self.comm)
+        fired = step.sum_counts(fired)
         self.n_forward_passes_since_fired += 1
         self.n_forward_passes_since_fired[fired > 0] = 0
         self.act_freq_scores += fired.to(self.act_freq_scores.dtype)
@@ -361,10 +361,7 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
         self, output: TrainStepOutput, n_training_samples: int
     ) -> dict[str, Any]:
         """SAELens's training log, with batch metrics over the global batch.
-
-        Collective: every rank must call it. Architecture metrics read the SAE's
-        state, which is the same on every rank; rank 0's are logged.
-        """
+        Collective: every rank must call it."""
         log_dict = super().build_train_step_log_dict(output, n_training_samples)
         if not self.comm.active:
             return log_dict
@@ -406,10 +403,7 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
 @torch.no_grad()
 def global_batch_metrics(output: TrainStepOutput, comm: Comm) -> dict[str, float]:
     """Loss, explained variance and L0 of the global batch (two small all-reduces).
-
-    Each rank's loss terms are means over its rows; with equal shards their mean over
-    ranks is the global mean. Explained variance uses the global mean input.
-    """
+    With equal shards the mean of the ranks' loss means is the global mean."""
     names = list(output.losses)
     sae_in = output.sae_in.double()
     errors = (output.sae_out.double() - sae_in).pow(2).sum(dim=-1)
