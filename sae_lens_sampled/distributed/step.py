@@ -1,13 +1,10 @@
 """The seam between the plugin's training SAEs and data-parallel selection.
 
-A :class:`DataParallelStep` describes one training step over a batch split across
-ranks and implements :class:`~sae_lens_sampled.global_batch.GlobalBatch` over it.
-While :func:`data_parallel_step` holds it on an SAE (``sae.data_parallel``), the SAE
-runs its batch rule (the one its registry entry names, as in one process) against
-the step, and takes the per-feature statistics of its state updates from the global
-batch. The trainer sets it around ``training_forward_pass`` only, so ``encode``
-called anywhere else (evals on one rank, ``HookedSAETransformer``) never runs a
-collective.
+While :func:`data_parallel_step` holds a :class:`DataParallelStep` on an SAE
+(``sae.data_parallel``), the SAE runs its batch rule and takes the statistics of its
+state updates from the global batch. The trainer sets it around
+``training_forward_pass`` only, so ``encode`` called anywhere else (evals on one
+rank, ``HookedSAETransformer``) never runs a collective.
 """
 
 from __future__ import annotations

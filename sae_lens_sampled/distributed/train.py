@@ -243,13 +243,12 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
 def process_group(device: str) -> Iterator[Comm]:
     """The default process group, initialised from torchrun's environment if needed
     (NCCL for CUDA, gloo otherwise) and destroyed on exit if it was made here."""
-    made_here = False
-    if not dist.is_initialized():
+    made_here = not dist.is_initialized()
+    if made_here:
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-        made_here = True
     try:
         yield Comm()
     finally:

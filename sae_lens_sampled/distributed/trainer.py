@@ -156,14 +156,13 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
     """SAELens's ``SAETrainer`` over a batch split across ``torch.distributed`` ranks.
 
     Args:
-        cfg: SAELens's trainer config for the global run
-            (``train_batch_size_samples`` is the global batch; it must be a multiple
-            of the world size).
-        sae: The training SAE (one of the plugin's, or any architecture with a rule
-            registered by :func:`~.step.register_data_parallel_rule`).
+        cfg: SAELens's trainer config for the global run (``train_batch_size_samples``
+            is the global batch, a multiple of the world size).
+        sae: One of the plugin's SAEs, or any architecture with a rule registered by
+            :func:`~.step.register_data_parallel_rule`.
         data_provider: This rank's batches of ``train_batch_size_samples //
             world_size`` rows.
-        evaluator: SAELens evaluator; run on rank 0 only.
+        evaluator: Run on rank 0 only.
         save_checkpoint_fn: Called on every rank at each checkpoint.
         group: Process group (default: the default group if initialised).
         comm: A :class:`~.comm.Comm` to use instead of one over ``group``.
@@ -363,23 +362,17 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
         """SAELens's training log, with batch metrics over the global batch.
         Collective: every rank must call it."""
         log_dict = super().build_train_step_log_dict(output, n_training_samples)
-        if not self.comm.active:
-            return log_dict
-        log_dict.update(global_batch_metrics(output, self.comm))
+        if self.comm.active:
+            log_dict.update(global_batch_metrics(output, self.comm))
         return log_dict
 
     @override
     @torch.no_grad()
     def _run_and_log_evals(self) -> None:
-        every = (
-            self.cfg.logger.wandb_log_frequency
-            * self.cfg.logger.eval_every_n_wandb_logs
-        )
-        if (self.n_training_steps + 1) % every != 0 or not self.is_main:
-            return
         # Rank 0 alone: encode in eval mode runs no collective (the data-parallel
         # step is only set inside training_forward_pass).
-        super()._run_and_log_evals()  # type: ignore[no-untyped-call]  # SAELens: unannotated
+        if self.is_main:
+            super()._run_and_log_evals()  # type: ignore[no-untyped-call]  # SAELens: unannotated
 
     @override
     def save_checkpoint(
