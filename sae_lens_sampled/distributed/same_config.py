@@ -14,8 +14,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from sae_lens_sampled.distributed.comm import Comm
 
 Description = list[tuple[str, str]]
@@ -53,14 +51,6 @@ def describe_dataclass(config: Any, prefix: str) -> Description:
             value = dataclasses.asdict(value)
         settings[field.name] = value
     return describe_settings(settings, prefix)
-
-
-def describe_state(module: torch.nn.Module, prefix: str = "state.") -> Description:
-    """Shape and dtype of every parameter and buffer of ``module``."""
-    return [
-        (f"{prefix}{name}", f"{list(tensor.shape)} {str(tensor.dtype)[6:]}")
-        for name, tensor in module.state_dict().items()
-    ]
 
 
 def first_difference(

@@ -32,7 +32,6 @@ from sae_lens_sampled.distributed.same_config import (
     check_same_settings,
     describe_dataclass,
     describe_settings,
-    describe_state,
 )
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
 
@@ -114,18 +113,15 @@ def describe_training(sae: TrainingSAE[Any], cfg: SAETrainerConfig) -> Descripti
         if not name.startswith(("trainer.logger.", "trainer.checkpoint_path"))
     ]
     architecture = {"architecture": sae.cfg.architecture()}
+    state = [  # the shape and dtype of every parameter and buffer
+        (f"state.{name}", f"{list(tensor.shape)} {str(tensor.dtype)[6:]}")
+        for name, tensor in sae.state_dict().items()
+    ]
     return [
         *describe_settings({**architecture, **sae_settings}, "sae."),
-        *describe_state(sae),
+        *state,
         *trainer,
     ]
-
-
-@torch.no_grad()
-def broadcast_module_state(module: torch.nn.Module, comm: Comm) -> None:
-    """Overwrite every parameter and buffer with rank 0's."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        comm.broadcast(tensor.data, 0, "setup")
 
 
 @torch.no_grad()
@@ -138,18 +134,6 @@ def average_gradients(parameters: list[torch.nn.Parameter], comm: Comm) -> None:
             param.grad = torch.zeros_like(param)
         comm.all_reduce(param.grad, "sum", "gradients")
         param.grad.div_(comm.world_size)
-
-
-@torch.no_grad()
-def replica_spread(module: torch.nn.Module, comm: Comm) -> float:
-    """Largest difference of any parameter or buffer entry between ranks (debug)."""
-    spread = 0.0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        finite = torch.nan_to_num(tensor.detach().double(), posinf=0.0, neginf=0.0)
-        high = comm.all_reduce(finite.clone(), "max", "checks")
-        low = comm.all_reduce(finite.clone(), "min", "checks")
-        spread = max(spread, float((high - low).max()) if tensor.numel() else 0.0)
-    return spread
 
 
 class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
@@ -202,7 +186,9 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
             self.comm, describe_training(sae, cfg), "SAE and trainer config"
         )
         sae.to(cfg.device)
-        broadcast_module_state(sae, self.comm)
+        with torch.no_grad():  # every parameter and buffer from rank 0
+            for tensor in [*sae.parameters(), *sae.buffers()]:
+                self.comm.broadcast(tensor.data, 0, "setup")
         super().__init__(cfg, sae, data_provider, evaluator, save_checkpoint_fn)
         self.activation_scaler = GlobalActivationScaler(self.comm)
 
@@ -267,15 +253,22 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
         if log_dict and self.cfg.logger.log_to_wandb and self.is_main:
             wandb.log(log_dict, step=self.n_training_steps)
 
+    @torch.no_grad()
     def _check_replicas(self) -> None:
         every = self.check_replicas_every
-        if every and self.n_training_steps % every == 0:
-            spread = replica_spread(self.sae, self.comm)
-            if spread != 0:
-                raise RuntimeError(
-                    f"SAE replicas differ between ranks after step "
-                    f"{self.n_training_steps} (max difference {spread:.3g})"
-                )
+        if not every or self.n_training_steps % every != 0:
+            return
+        spread = 0.0  # the largest difference of any entry between ranks
+        for tensor in [*self.sae.parameters(), *self.sae.buffers()]:
+            finite = torch.nan_to_num(tensor.detach().double(), posinf=0.0, neginf=0.0)
+            high = self.comm.all_reduce(finite.clone(), "max", "checks")
+            low = self.comm.all_reduce(finite.clone(), "min", "checks")
+            spread = max(spread, float((high - low).max()) if tensor.numel() else 0.0)
+        if spread != 0:
+            raise RuntimeError(
+                f"SAE replicas differ between ranks after step "
+                f"{self.n_training_steps} (max difference {spread:.3g})"
+            )
 
     @override
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
