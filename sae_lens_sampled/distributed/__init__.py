@@ -1,10 +1,5 @@
-"""Data-parallel training with exact global-batch selection.
-
-``DistributedSAETrainer`` trains any of the plugin's architectures over a batch split
-across ``torch.distributed`` ranks so that W ranks train the same SAE as one process
-fed the concatenated batch; ``torchrun --nproc_per_node N -m sae_lens_sampled train
-...`` runs SAELens's training CLI that way.
-"""
+"""Data-parallel training with exact global-batch selection: W ranks train the same
+SAE as one process fed the concatenated batch (``docs/distributed.md``)."""
 
 from sae_lens_sampled.distributed.comm import Comm, TrafficCounter
 from sae_lens_sampled.distributed.same_config import ConfigMismatchError

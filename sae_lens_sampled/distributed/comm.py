@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
+from sae_lens_sampled.checks import check_choice
 
 
 @dataclass
@@ -39,15 +39,9 @@ class TrafficCounter:
 
 
 class Comm:
-    """Collectives over ``group`` (the default group if one is initialised).
-
-    Args:
-        group: A ``torch.distributed`` process group, or ``None`` for the default
-            group when one is initialised, else a single process.
-        counter: Where traffic is recorded (a fresh counter if not given).
-        always: Run the collectives even in a group of one rank (to exercise a
-            backend on a single device); by default a one-rank group skips them.
-    """
+    """Collectives over ``group`` (``None``: the default group if one is initialised,
+    else a single process), counted in ``counter``. A one-rank group skips the
+    collectives unless ``always`` (to exercise a backend on a single device)."""
 
     def __init__(
         self,
@@ -63,27 +57,21 @@ class Comm:
             self.active = False
         self.counter = TrafficCounter() if counter is None else counter
 
-    def _op(self, op: str) -> Any:
-        if op not in _OPS:
-            raise ValueError(f"op must be one of {tuple(_OPS)}, got {op!r}")
-        return getattr(dist.ReduceOp, _OPS[op])
-
     def all_reduce(
         self, tensor: torch.Tensor, op: str = "sum", category: str = "stats"
     ) -> torch.Tensor:
-        """Reduce ``tensor`` in place over all ranks and return it."""
+        """Reduce ``tensor`` (``op``: sum, min or max) in place over all ranks."""
         if not self.active:
             return tensor
+        check_choice("op", op, ("sum", "min", "max"))
         w = self.world_size
         self.counter.add(category, 2 * (w - 1) / w * tensor.numel() * tensor.itemsize)
-        dist.all_reduce(tensor, op=self._op(op), group=self.group)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()), group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, category: str) -> torch.Tensor:
-        """``[world_size, *tensor.shape]``: every rank's ``tensor``, in rank order.
-
-        Every rank must pass a tensor of the same shape and dtype.
-        """
+        """``[world_size, *tensor.shape]``: every rank's ``tensor`` (of one shape and
+        dtype on all ranks), in rank order."""
         tensor = tensor.contiguous()
         if not self.active:
             return tensor.unsqueeze(0)

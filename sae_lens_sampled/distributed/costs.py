@@ -27,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_lens_sampled.distributed.comm import Comm
+from sae_lens_sampled.distributed.global_select import feature_choice_layout_bytes
+from sae_lens_sampled.distributed.launch import spawn
 from sae_lens_sampled.shape import Shape
 
 if TYPE_CHECKING:
@@ -45,15 +48,6 @@ def _ring_all_reduce(n_bytes: float, world: int) -> float:
     return 2 * (world - 1) / world * n_bytes
 
 
-def topk_bytes(
-    budget: int, local_entries: int, world: int, oversample: float, act_bytes: int
-) -> float:
-    """Global top-``budget``: the candidate all-gather plus the tie-count all-gather
-    (no fallback round)."""
-    candidates = min(budget, local_entries, math.ceil(oversample * budget / world))
-    return (world - 1) * (candidates * act_bytes + 16)
-
-
 @dataclass(frozen=True)
 class RingTraffic:
     """The bytes of each ``GlobalBatch`` exchange for one of ``world`` ranks holding
@@ -65,24 +59,19 @@ class RingTraffic:
     act_bytes: int = 4
 
     def batch_topk(self, budget: int, width: int) -> float:
-        local_entries = self.rows * width
-        return topk_bytes(
-            budget, local_entries, self.world, self.oversample, self.act_bytes
-        )
+        # The candidate all-gather and the tie counts' (no fallback round).
+        share = math.ceil(self.oversample * budget / self.world)
+        candidates = min(budget, self.rows * width, share)
+        return (self.world - 1) * (candidates * self.act_bytes + 16)
 
     def feature_scores(self, d_sae: int, score: str) -> float:
-        # float64 sums per feature all-reduced: two for entropy, one for the norms
-        sums = 16 if score == "entropy" else 8
-        return _ring_all_reduce(sums * d_sae, self.world)
+        # float64 sums per feature: two for entropy, one for the norms
+        return _ring_all_reduce((16 if score == "entropy" else 8) * d_sae, self.world)
 
     def draw_pool(self, size: int) -> float:
         return 8.0 * size  # the pool's int64 indices, broadcast
 
     def column_topk(self, capacities: torch.Tensor) -> float:
-        from sae_lens_sampled.distributed.global_select import (
-            feature_choice_layout_bytes,
-        )
-
         # L = sum_j min(m_j, rows) candidates per rank; the cheaper layout
         candidates = int(capacities.clamp(max=self.rows).sum())
         layouts = feature_choice_layout_bytes(
@@ -173,7 +162,6 @@ def traffic_table(
 def _measure_worker(
     rank: int, world: int, device: str, shapes: list[Shape], out: str
 ) -> None:
-    from sae_lens_sampled.distributed.comm import Comm
     from sae_lens_sampled.distributed.step import DataParallelStep
     from sae_lens_sampled.sparse import SparseCodes, column_stats
 
@@ -211,8 +199,6 @@ def measure_traffic(
 ) -> list[list[dict[str, Any]]]:
     """Counted bytes per category for one selection step on ``world`` local ranks:
     one list of results per rank."""
-    from sae_lens_sampled.distributed.launch import spawn
-
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "traffic.json")
         spawn(_measure_worker, world, device, (list(shapes), out))
@@ -227,40 +213,34 @@ def measure_traffic(
 
 
 def _time_training(
-    arch: str, shape: Shape, device: str, n_steps: int, warmup: int
+    arch: str, shape: Shape, n_steps: int, warmup: int = 2
 ) -> list[float]:
-    """Seconds of each of ``n_steps`` training steps (after ``warmup``) of this rank."""
+    """Seconds of each of ``n_steps`` training steps (after ``warmup``) of this rank,
+    on the CPU."""
     from sae_lens.config import SAETrainerConfig
 
-    from sae_lens_sampled.distributed.comm import Comm
     from sae_lens_sampled.distributed.trainer import DistributedSAETrainer
     from sae_lens_sampled.shape import build_sae
 
     comm = Comm()
     rows = shape.batch // comm.world_size
-    sae = build_sae(arch, shape, device)
+    sae = build_sae(arch, shape, "cpu")
     total = n_steps + warmup
     cfg = SAETrainerConfig(
         total_training_samples=shape.batch * total,
         train_batch_size_samples=shape.batch,
         lr=1e-4,
         lr_end=1e-4,
-        device=device,
+        device="cpu",
     )
     generator = torch.Generator().manual_seed(comm.rank)
-    batches = [
-        torch.randn(rows, shape.d_in, generator=generator).to(device) for _ in range(4)
-    ]
+    batches = [torch.randn(rows, shape.d_in, generator=generator) for _ in range(4)]
     trainer = DistributedSAETrainer(cfg, sae, iter([]))
     times = []
     for index in range(total):
         comm.barrier()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         start = time.perf_counter()
         trainer.step(batches[index % len(batches)])
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         comm.barrier()
         times.append(time.perf_counter() - start)
     return times[warmup:]
@@ -269,13 +249,13 @@ def _time_training(
 def _timing_worker(
     rank: int,
     _world: int,
-    device: str,
+    _device: str,
     archs: list[str],
     shape: Shape,
     n_steps: int,
     out: str,
 ) -> None:
-    results = {arch: _time_training(arch, shape, device, n_steps, 2) for arch in archs}
+    results = {arch: _time_training(arch, shape, n_steps) for arch in archs}
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -286,27 +266,26 @@ def measure_timing(
 ) -> dict[str, dict[str, list[float]]]:
     """Step times of one process (1 thread, then 2 threads) and of ``world`` gloo
     ranks (1 thread each), in alternating rounds so that background load hits all."""
-    from sae_lens_sampled.distributed.launch import spawn
-
     threads = torch.get_num_threads()
+    one = "1 process, 1 thread"
+    threaded = f"1 process, {world} threads"
+    ranks = f"{world} ranks, 1 thread each"
     runs: dict[str, dict[str, list[float]]] = {
-        "1 process, 1 thread": {a: [] for a in archs},
-        f"1 process, {world} threads": {a: [] for a in archs},
-        f"{world} ranks, 1 thread each": {a: [] for a in archs},
+        label: {a: [] for a in archs} for label in (one, threaded, ranks)
     }
     try:
         for _ in range(rounds):
-            for label, n_threads in ((list(runs)[0], 1), (list(runs)[1], world)):
+            for label, n_threads in ((one, 1), (threaded, world)):
                 torch.set_num_threads(n_threads)
                 for arch in archs:
-                    runs[label][arch] += _time_training(arch, shape, "cpu", n_steps, 2)
+                    runs[label][arch] += _time_training(arch, shape, n_steps)
             torch.set_num_threads(1)
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "timing.json")
                 spawn(_timing_worker, world, "cpu", (list(archs), shape, n_steps, out))
                 with open(out) as f:
                     for arch, times in json.load(f).items():
-                        runs[list(runs)[2]][arch] += times
+                        runs[ranks][arch] += times
     finally:
         torch.set_num_threads(threads)
     return runs
@@ -370,14 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     archs = args.arch or architecture_keys()
     runs = measure_timing(archs, args.shape, args.steps, args.rounds)
     print(f"{args.shape}, median seconds per step (and ratio to 1 process, 1 thread)")
-    base = {
-        arch: statistics.median(runs["1 process, 1 thread"][arch]) for arch in archs
-    }
+    base = runs["1 process, 1 thread"]
     for label, per_arch in runs.items():
         cells = []
         for arch in archs:
             median = statistics.median(per_arch[arch])
-            cells.append(f"{arch} {median:.3f} s ({median / base[arch]:.2f})")
+            ratio = median / statistics.median(base[arch])
+            cells.append(f"{arch} {median:.3f} s ({ratio:.2f})")
         print(f"{label:26s} " + "   ".join(cells))
     return 0
 

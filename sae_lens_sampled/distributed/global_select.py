@@ -10,29 +10,26 @@ Nothing here imports SAELens; ``comm`` is a :class:`~.comm.Comm`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from sae_lens_sampled.checks import check_choice
 from sae_lens_sampled.distributed.comm import Comm
-from sae_lens_sampled.selection import pool_from_scores
 
 SELECTION = "selection"
 _TOKEN_BITS = 32
 _TOKEN_MASK = (1 << _TOKEN_BITS) - 1
+FEATURE_CHOICE_LAYOUTS: tuple[str, ...] = ("auto", "all_gather", "all_to_all")
 
 
 def _top_entries(values: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``count`` largest entries of ``values`` (any shape) and their flat
-    indices, unordered.
+    """The ``count`` largest entries of ``values`` and their flat indices, unordered.
 
     On a 2-D matrix each row's ``2 * ceil(count / n_rows)`` largest entries are
     taken first and the top ``count`` found among them: exact unless some row's
     smallest candidate is above the result (that row may hide more), in which case
     the flat top-k runs. Costs far less than a flat top-k over the whole matrix.
     """
-    flat = values.reshape(-1)
     if values.dim() == 2 and count > 0:
         n_rows, n_cols = values.shape
         per_row = 2 * -(-count // n_rows)
@@ -43,7 +40,7 @@ def _top_entries(values: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.
                 row = top.indices // per_row
                 column = rows_top.indices.reshape(-1)[top.indices]
                 return top.values, row * n_cols + column
-    top = torch.topk(flat, count, sorted=False)
+    top = torch.topk(values.reshape(-1), count, sorted=False)
     return top.values, top.indices
 
 
@@ -73,48 +70,23 @@ def _local_top_entries(
     return top, indices, following
 
 
-@dataclass
-class _Threshold:
-    """A global k-th largest value, with this rank's candidates that found it."""
-
-    value: torch.Tensor
-    local_top: torch.Tensor  # this rank's sent values (padded with -inf)
-    local_indices: torch.Tensor  # their flat indices (-1 for padding)
-    sent_everything_tied: bool  # every local entry equal to value was sent
-
-
-def _threshold_from_candidates(
+def _candidate_threshold(
     values: torch.Tensor, budget: int, count: int, comm: Comm, sizes: list[int]
-) -> tuple[_Threshold, bool]:
-    """The ``budget``-th largest of every rank's top-``count``, and whether it is exact.
+) -> tuple[torch.Tensor, ...] | None:
+    """The ``budget``-th largest of every rank's top ``count``, with this rank's sent
+    values, their flat indices and its largest unsent value; None if not exact.
 
     Every entry a rank did not send is at most the smallest value it sent, so the
-    threshold is exact when no truncated rank sent only values above it.
+    threshold is exact unless a truncated rank sent only values above it.
     """
-    local_top, local_indices, following = _local_top_entries(values, count)
-    gathered = comm.all_gather(local_top, SELECTION)
+    top, indices, following = _local_top_entries(values, count)
+    gathered = comm.all_gather(top, SELECTION)
     threshold = torch.topk(gathered.flatten(), budget, sorted=False).values.min()
     truncated = torch.tensor([count < size for size in sizes], device=values.device)
     hiding = truncated & (gathered.amin(dim=1) > threshold)
-    exact = not bool(hiding.any())  # the same answer on every rank
-    everything_tied = bool(following < threshold)
-    found = _Threshold(threshold, local_top, local_indices, everything_tied)
-    return found, exact
-
-
-def _global_threshold(
-    values: torch.Tensor, k: int, comm: Comm, sizes: list[int], oversample: float
-) -> _Threshold:
-    total = sum(sizes)
-    if not 1 <= k <= total:
-        raise ValueError(f"k must be in [1, {total}], got {k}")
-    largest = max(sizes)
-    optimistic = min(k, largest, math.ceil(oversample * k / comm.world_size))
-    found, exact = _threshold_from_candidates(values, k, optimistic, comm, sizes)
-    if not exact:
-        full = min(k, largest)
-        found, _ = _threshold_from_candidates(values, k, full, comm, sizes)
-    return found
+    if bool(hiding.any()):  # the same answer on every rank
+        return None
+    return threshold, top, indices, following
 
 
 @torch.no_grad()
@@ -138,14 +110,19 @@ def global_topk_indices(
         return torch.empty(0, dtype=torch.long, device=acts.device)
     if budget >= sum(sizes):
         return (flat > 0).nonzero().squeeze(1)
-    found = _global_threshold(acts, budget, comm, sizes, oversample)
-    threshold, top, indices = found.value, found.local_top, found.local_indices
+    largest = max(sizes)
+    count = min(budget, largest, math.ceil(oversample * budget / comm.world_size))
+    found = _candidate_threshold(acts, budget, count, comm, sizes)
+    if found is None:  # every rank's top min(budget, entries) is always exact
+        found = _candidate_threshold(acts, budget, min(budget, largest), comm, sizes)
+    assert found is not None
+    threshold, top, indices, following = found
     # Every local entry above the threshold was sent (exactness), so the sent
     # entries name them.
     if threshold <= 0:  # host sync; the same branch on every rank
         return indices[top > 0]
     above = indices[top > threshold]
-    if found.sent_everything_tied:
+    if following < threshold:  # every local entry equal to the threshold was sent
         tied = indices[top == threshold].sort().values
     else:  # the smallest sent value equals the threshold: ties may hide unsent
         tied = (flat == threshold).nonzero().squeeze(1)
@@ -157,12 +134,24 @@ def global_topk_indices(
     return torch.cat([above, tied[:quota]])
 
 
-def _column_sums(acts: torch.Tensor, score: str, chunk_bytes: int) -> torch.Tensor:
-    """Per-feature float64 sums a score needs (``[1, d]`` or ``[2, d]``), summed over
-    row chunks so that no float64 copy larger than ``chunk_bytes`` is made."""
-    n_rows, width = acts.shape
-    rows = max(1, chunk_bytes // max(8 * width, 1))
-    sums = acts.new_zeros((2 if score == "entropy" else 1, width), dtype=torch.float64)
+@torch.no_grad()
+def global_feature_scores(
+    acts: torch.Tensor, score: str, comm: Comm, chunk_bytes: int = 1 << 28
+) -> torch.Tensor:
+    """Sampled-SAE column scores of the global batch, float64 ``[d_sae]``.
+
+    From per-feature float64 sums reduced over ranks (``T`` would otherwise lose
+    digits against ``S log S``): ``l2 = sqrt(sum a^2)``, ``squared_l2 = sum a^2``,
+    ``entropy = log S - T / S`` with ``S = sum a``, ``T = sum a log a`` (0 for an
+    all-zero column); ``uniform`` needs no exchange. Summed over row chunks so that
+    no float64 copy larger than ``chunk_bytes`` is made.
+    """
+    d_sae = acts.shape[-1]
+    if score == "uniform":
+        return torch.ones(d_sae, dtype=torch.float64, device=acts.device)
+    check_choice("score", score, ("l2", "squared_l2", "entropy", "uniform"))
+    rows = max(1, chunk_bytes // max(8 * d_sae, 1))
+    sums = acts.new_zeros((2 if score == "entropy" else 1, d_sae), dtype=torch.float64)
     for chunk in acts.split(rows):
         chunk64 = chunk.to(torch.float64)
         if score == "entropy":
@@ -170,26 +159,7 @@ def _column_sums(acts: torch.Tensor, score: str, chunk_bytes: int) -> torch.Tens
             sums[1] += torch.special.xlogy(chunk64, chunk64).sum(dim=0)
         else:
             sums[0] += chunk64.square().sum(dim=0)
-    return sums
-
-
-@torch.no_grad()
-def global_feature_scores(
-    acts: torch.Tensor, score: str, comm: Comm, chunk_bytes: int = 1 << 28
-) -> torch.Tensor:
-    """Sampled-SAE column scores of the global batch, float64 ``[d_sae]``.
-
-    From per-feature sums reduced over ranks: ``l2 = sqrt(sum a^2)``,
-    ``squared_l2 = sum a^2``, ``entropy = log S - T / S`` with ``S = sum a`` and
-    ``T = sum a log a`` (the entropy of the column normalised to sum 1; 0 for an
-    all-zero column); ``uniform`` needs no exchange. Sums are taken in float64
-    (``T`` would otherwise lose digits against ``S log S``).
-    """
-    d_sae = acts.shape[-1]
-    if score == "uniform":
-        return torch.ones(d_sae, dtype=torch.float64, device=acts.device)
-    check_choice("score", score, ("l2", "squared_l2", "entropy", "uniform"))
-    sums = comm.all_reduce(_column_sums(acts, score, chunk_bytes), "sum", SELECTION)
+    comm.all_reduce(sums, "sum", SELECTION)
     if score == "l2":
         return sums[0].sqrt()
     if score == "squared_l2":
@@ -200,35 +170,6 @@ def global_feature_scores(
     return torch.where(positive, safe.log() - weighted_log / safe, 0.0)
 
 
-@torch.no_grad()
-def shared_pool(
-    scores: torch.Tensor,
-    size: int,
-    mode: str,
-    generator: torch.Generator | None,
-    comm: Comm,
-    *,
-    beta: float = 1.0,
-    staleness: torch.Tensor | None = None,
-    explore: float = 0.0,
-) -> torch.Tensor:
-    """The Sampled-SAE pool (long ``[size]``), drawn on rank 0 and broadcast.
-
-    Rank 0 draws it as one process would (:func:`pool_from_scores`: sharpness ``beta``,
-    then, with ``staleness`` given, ``explore_size(size, explore)`` slots for the least
-    recently pooled features). Broadcasting ``size`` indices costs little and makes the
-    pool identical on every rank even if the ranks' scores differed in the last bit or
-    their RNGs drifted.
-    """
-    if comm.rank == 0:
-        pool = pool_from_scores(
-            scores, size, mode, generator, beta, explore=explore, staleness=staleness
-        )
-    else:
-        pool = torch.empty(size, dtype=torch.long, device=scores.device)
-    return comm.broadcast(pool, 0, SELECTION)
-
-
 def _check_key_dtype(acts: torch.Tensor) -> None:
     if acts.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(
@@ -236,6 +177,15 @@ def _check_key_dtype(acts: torch.Tensor) -> None:
             f"activations exactly; got {acts.dtype} (train the SAE in float32, or "
             "under bf16 autocast)"
         )
+
+
+def _pack_keys(
+    values: torch.Tensor, rows: torch.Tensor, first_token: int
+) -> torch.Tensor:
+    """:func:`token_keys` of the entries ``values`` found at local ``rows``."""
+    # + 0.0 turns -0.0 into +0.0, whose bits are 0
+    bits = (values.float().clamp_min(0) + 0.0).view(torch.int32).to(torch.int64)
+    return (bits << _TOKEN_BITS) | (_TOKEN_MASK - (first_token + rows))
 
 
 def token_keys(acts: torch.Tensor, first_token: int) -> torch.Tensor:
@@ -248,12 +198,8 @@ def token_keys(acts: torch.Tensor, first_token: int) -> torch.Tensor:
     n_rows = acts.shape[0]
     if first_token + n_rows > _TOKEN_MASK:
         raise ValueError(f"global batch too large for 32-bit token keys: {n_rows}")
-    # + 0.0 turns -0.0 into +0.0, whose bits are 0
-    bits = (acts.float().clamp_min(0) + 0.0).view(torch.int32).to(torch.int64)
-    tokens = torch.arange(
-        first_token, first_token + n_rows, device=acts.device, dtype=torch.int64
-    )
-    return (bits << _TOKEN_BITS) | (_TOKEN_MASK - tokens)[:, None]
+    rows = torch.arange(n_rows, device=acts.device, dtype=torch.int64)
+    return _pack_keys(acts, rows[:, None], first_token)
 
 
 def _depth_buckets(depths: torch.Tensor, n_rows: int) -> list[tuple[int, torch.Tensor]]:
@@ -263,19 +209,10 @@ def _depth_buckets(depths: torch.Tensor, n_rows: int) -> list[tuple[int, torch.T
         return []
     levels = torch.ceil(torch.log2(depths.clamp_min(1).double())).long()
     levels = torch.where(positive, levels, -1)
-    buckets = []
-    for level in levels[positive].unique().tolist():
-        columns = (levels == level).nonzero().squeeze(1)
-        buckets.append((min(n_rows, 1 << level), columns))
-    return buckets
-
-
-def _pack_keys(
-    values: torch.Tensor, rows: torch.Tensor, first_token: int
-) -> torch.Tensor:
-    """:func:`token_keys` of the entries ``values`` found at local ``rows``."""
-    bits = (values.float().clamp_min(0) + 0.0).view(torch.int32).to(torch.int64)
-    return (bits << _TOKEN_BITS) | (_TOKEN_MASK - (first_token + rows))
+    return [
+        (min(n_rows, 1 << level), (levels == level).nonzero().squeeze(1))
+        for level in levels[positive].unique().tolist()
+    ]
 
 
 def _column_top(
@@ -288,8 +225,7 @@ def _column_top(
     next values are equal and positive: which of the tied tokens make the cut then
     depends on the token, and that column is ranked on full keys.
     """
-    n_rows = block.shape[0]
-    probe = min(depth + 1, n_rows)
+    probe = min(depth + 1, block.shape[0])
     top = torch.topk(block, probe, dim=0)
     values, rows = top.values[:depth], top.indices[:depth]
     if probe > depth:
@@ -299,9 +235,8 @@ def _column_top(
         tied = ((cut > 0) & (last == after) & (last > 0)).nonzero().squeeze(1)
         if tied.numel():  # host sync
             keys = token_keys(block.index_select(1, tied), first_token)
-            fixed = torch.topk(keys, depth, dim=0).indices
             rows = rows.clone()
-            rows[:, tied] = fixed
+            rows[:, tied] = torch.topk(keys, depth, dim=0).indices
             values = block.gather(0, rows)
     return _pack_keys(values, rows, first_token), rows
 
@@ -348,11 +283,9 @@ def _segment_kth(
     segment_lengths: torch.Tensor,
     ks: torch.Tensor,
 ) -> torch.Tensor:
-    """Per column j, the ``ks[j]``-th largest of the keys whose column is j.
-
-    ``segment_lengths[j]`` is how many keys belong to column j; ``ks[j] = 0`` gives
-    the largest int64 (nothing passes ``>=`` it).
-    """
+    """Per column j, the ``ks[j]``-th largest of the ``segment_lengths[j]`` keys
+    whose column is j; ``ks[j] = 0`` gives the largest int64 (nothing passes ``>=``
+    it)."""
     order = torch.argsort(keys, descending=True, stable=True)
     order = order[torch.argsort(columns[order], stable=True)]
     ordered = keys[order]
@@ -363,11 +296,8 @@ def _segment_kth(
     return cut
 
 
-FEATURE_CHOICE_LAYOUTS: tuple[str, ...] = ("auto", "all_gather", "all_to_all")
-
-
 def feature_choice_layout_bytes(
-    n_candidates: int, d_sae: int, world_size: int
+    n_candidates: int, d_sae: int, world: int
 ) -> dict[str, float]:
     """Bytes one rank sends to find the cuts, for each exchange layout.
 
@@ -376,7 +306,6 @@ def feature_choice_layout_bytes(
     their features, owners find the cuts of their ``d_sae / W`` features, and the
     cuts are all-gathered.
     """
-    world = world_size
     block = -(-d_sae // world)
     return {
         "all_gather": 8.0 * n_candidates * (world - 1),
@@ -398,7 +327,6 @@ def _cuts_all_to_all(
     largest capacities (Zipf heads, adjacent in rank or index) spread over ranks.
     """
     rank, world = comm.rank, comm.world_size
-    d_sae = depths.numel()
     owner = cand_cols % world
     order = torch.argsort(owner, stable=True)
     # The layout is the same on every rank, so are these counts.
@@ -410,7 +338,7 @@ def _cuts_all_to_all(
     cut_mine = _segment_kth(
         received, my_cols.repeat(world), world * depths[rank::world], ks[rank::world]
     )
-    block = -(-d_sae // world)
+    block = -(-depths.numel() // world)
     padded = cut_mine.new_full((block,), torch.iinfo(torch.int64).max)
     padded[: cut_mine.numel()] = cut_mine
     gathered = comm.all_gather(padded, SELECTION)
@@ -441,11 +369,10 @@ def global_feature_choice_mask(
     check_choice("layout", layout, FEATURE_CHOICE_LAYOUTS)
     rank, world = comm.rank, comm.world_size
     n_rows_max = max(shard_rows)
-    first_token = sum(shard_rows[:rank])
     depths = capacities.clamp(0, n_rows_max)
     ks = capacities.clamp(0, sum(shard_rows))
     cand_keys, cand_cols, cand_rows = column_top_keys(
-        acts, depths, n_rows_max, first_token
+        acts, depths, n_rows_max, sum(shard_rows[:rank])
     )
     if layout == "auto":
         costs = feature_choice_layout_bytes(cand_keys.numel(), acts.shape[1], world)
@@ -459,18 +386,3 @@ def global_feature_choice_mask(
     mask = torch.zeros_like(acts, dtype=torch.bool)
     mask[cand_rows[keep], cand_cols[keep]] = True
     return mask
-
-
-@torch.no_grad()
-def reduce_column_stats(
-    counts: torch.Tensor, smallest: torch.Tensor, comm: Comm
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature counts summed and smallest values minimised over ranks (copies)."""
-    return sum_counts(counts, comm), comm.all_reduce(smallest.clone(), "min", "stats")
-
-
-def sum_counts(counts: torch.Tensor, comm: Comm) -> torch.Tensor:
-    """Per-feature counts summed over ranks, sent as int32 (a step's count of
-    tokens fits), returned in ``counts``' dtype."""
-    summed = comm.all_reduce(counts.to(torch.int32), "sum", "stats")
-    return summed.to(counts.dtype)

@@ -1,10 +1,5 @@
-"""Local process groups: W processes on this machine, one rank each.
-
-:func:`spawn` starts W local processes in a fresh process group (gloo on CPU, NCCL on
-CUDA, loopback rendezvous on a free port); ``python -m
-sae_lens_sampled.distributed.costs`` counts traffic and times steps with it, and the
-data-parallel tests and self-test train with it.
-"""
+"""Local process groups: W processes on this machine, one rank each, for the
+traffic and timing tools, the data-parallel tests and the self-test."""
 
 from __future__ import annotations
 
@@ -69,12 +64,11 @@ def spawn(
     attempts: int = 3,
     start_method: str | None = None,
 ) -> None:
-    """Run ``fn(rank, world_size, device, *args)`` in ``world_size`` new processes.
+    """Run ``fn(rank, world_size, device, *args)`` in ``world_size`` new processes,
+    each in a fresh loopback process group (60 s timeout) with 1 CPU thread; a start
+    that fails because another program took the port is retried.
 
-    Each joins a fresh loopback process group with a 60 s timeout and 1 CPU thread.
-    A start that fails because another program took the port is retried.
-    ``start_method``: ``"spawn"`` (fresh interpreters) or ``"fork"`` (children
-    inherit the loaded modules and start in a fraction of the time). The default
+    ``start_method``: ``"spawn"`` or ``"fork"`` (much faster to start). The default
     forks only where that is safe: a CPU run with a CPU-only torch (a CUDA build's
     autograd keeps device threads that a forked child cannot use).
     """

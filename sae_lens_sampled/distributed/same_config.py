@@ -3,7 +3,7 @@
 Ranks that disagree fail far from the cause (a collective that aborts or hangs,
 replicas that drift apart), so at start-up the ranks compare a digest of their
 settings, and where any differs every rank raises the same error naming the first
-differing field. Nothing here imports SAELens.
+differing field.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 from sae_lens_sampled.distributed.comm import Comm
 
@@ -55,18 +53,6 @@ def describe_dataclass(config: Any, prefix: str) -> Description:
     return describe_settings(settings, prefix)
 
 
-def describe_state(module: torch.nn.Module, prefix: str = "state.") -> Description:
-    """Shape and dtype of every parameter and buffer of ``module``."""
-    return [
-        (f"{prefix}{name}", f"{list(tensor.shape)} {str(tensor.dtype)[6:]}")
-        for name, tensor in module.state_dict().items()
-    ]
-
-
-def digest(description: Description) -> str:
-    return hashlib.sha256(json.dumps(description).encode()).hexdigest()
-
-
 def first_difference(
     reference: Description, other: Description
 ) -> tuple[str, str, str] | None:
@@ -87,15 +73,16 @@ def check_same_settings(comm: Comm, description: Description, what: str) -> None
     ``comm`` passed the same ``description`` (of ``what``, for the message)."""
     if not comm.active:
         return
-    digests = comm.all_gather_object(digest(description))
+    digest = hashlib.sha256(json.dumps(description).encode()).hexdigest()
+    digests = comm.all_gather_object(digest)
     if len(set(digests)) == 1:
         return
     descriptions = comm.all_gather_object(description)
-    rank = next(r for r, d in enumerate(digests) if d != digests[0])
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    rank = differing[0]
     difference = first_difference(descriptions[0], descriptions[rank])
     assert difference is not None  # the digests differ
     field, reference, other = difference
-    differing = [r for r, d in enumerate(digests) if d != digests[0]]
     raise ConfigMismatchError(
         f"data-parallel ranks must share one {what}: rank {rank} has {field}={other}, "
         f"rank 0 has {field}={reference} (first differing field; ranks differing "

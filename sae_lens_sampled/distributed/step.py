@@ -1,17 +1,10 @@
 """The seam between the plugin's training SAEs and data-parallel selection.
 
-A :class:`DataParallelStep` describes one training step over a batch split across
-ranks (the process group and every rank's number of tokens) and implements
-:class:`~sae_lens_sampled.global_batch.GlobalBatch` over it. While
-:func:`data_parallel_step` holds it on an SAE (``sae.data_parallel``), the SAE runs its
-batch rule (the one its registry entry names, as in one process) against the step
-instead of a :class:`~sae_lens_sampled.global_batch.LocalBatch`, and takes the
-per-feature statistics of its state updates from the global batch.
-
-The trainer sets it around ``training_forward_pass`` only, so ``encode`` called
-anywhere else (evals on one rank, ``HookedSAETransformer``) never runs a collective.
-:func:`register_data_parallel_rule` replaces an architecture's rule in data-parallel
-steps.
+While :func:`data_parallel_step` holds a :class:`DataParallelStep` on an SAE
+(``sae.data_parallel``), the SAE runs its batch rule and takes the statistics of its
+state updates from the global batch. The trainer sets it around
+``training_forward_pass`` only, so ``encode`` called anywhere else (evals on one
+rank, ``HookedSAETransformer``) never runs a collective.
 """
 
 from __future__ import annotations
@@ -26,15 +19,13 @@ import torch
 from sae_lens_sampled._registry import architecture_keys, rule_of
 from sae_lens_sampled.distributed.comm import Comm
 from sae_lens_sampled.distributed.global_select import (
+    SELECTION,
     global_feature_choice_mask,
     global_feature_scores,
     global_topk_indices,
-    reduce_column_stats,
-    shared_pool,
-    sum_counts,
 )
 from sae_lens_sampled.global_batch import GlobalBatch, Rule
-from sae_lens_sampled.selection import batch_budget
+from sae_lens_sampled.selection import batch_budget, pool_from_scores
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainingSAE
@@ -44,18 +35,15 @@ _RULES: dict[str, Rule] = {}
 
 
 def register_data_parallel_rule(architecture: str, rule: Rule) -> None:
-    """Use ``rule(sae, acts, step)`` for ``architecture`` in data-parallel steps.
-
-    An architecture in the plugin's registry (:func:`~sae_lens_sampled._registry.
-    add_architecture`) brings its own rule, which one process runs too; this one
-    replaces it in data-parallel steps only.
-    """
+    """Use ``rule(sae, acts, step)`` for ``architecture`` in data-parallel steps,
+    instead of the rule its registry entry brings (which one process runs)."""
     _RULES[architecture] = rule
 
 
 @dataclass
 class DataParallelStep:
-    """One training step whose batch is split across the ranks of ``comm``.
+    """One training step whose batch is split across the ranks of ``comm``; the
+    methods are :class:`~sae_lens_sampled.global_batch.GlobalBatch`'s.
 
     Args:
         comm: The ranks' collectives.
@@ -82,7 +70,6 @@ class DataParallelStep:
 
     @property
     def n_tokens(self) -> int:
-        """Tokens in the global batch."""
         return sum(self.shard_sizes)
 
     @property
@@ -98,7 +85,6 @@ class DataParallelStep:
             )
 
     def select(self, sae: TrainingSAE[Any], acts: torch.Tensor) -> torch.Tensor:
-        """``sae``'s batch rule over the global batch, on this rank's ``acts``."""
         self._check_rows(acts)
         architecture = sae.cfg.architecture()
         if architecture in _RULES:
@@ -114,12 +100,10 @@ class DataParallelStep:
     def topk_indices(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
         """Flat indices of this rank's entries among the global top ``budget``."""
         self._check_rows(acts)
-        width = acts.shape[-1]
-        sizes = [rows * width for rows in self.shard_sizes]
+        sizes = [rows * acts.shape[-1] for rows in self.shard_sizes]
         return global_topk_indices(acts, budget, self.comm, sizes, self.oversample)
 
     def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
-        """Global BatchTopK on this rank's rows; gradients reach selected entries."""
         flat = acts.reshape(-1)
         indices = self.topk_indices(acts, budget)
         # Gathered from acts, so gradients reach the selected entries only.
@@ -130,34 +114,32 @@ class DataParallelStep:
     def column_stats(
         self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Global per-feature selection counts, smallest selected values, tokens."""
         if n_tokens != self.local_tokens:
             raise ValueError(
                 f"statistics of {n_tokens} tokens on rank {self.comm.rank}, "
                 f"expected {self.local_tokens}"
             )
-        counts, smallest = reduce_column_stats(counts, smallest, self.comm)
-        return counts, smallest, self.n_tokens
+        smallest = self.comm.all_reduce(smallest.clone(), "min", "stats")
+        return self.sum_counts(counts), smallest, self.n_tokens
 
     @torch.no_grad()
     def sum_floats(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over ranks (a copy), in their own dtype."""
         return self.comm.all_reduce(values.clone(), "sum", "stats")
 
     @torch.no_grad()
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """Per-feature counts summed over ranks (a copy)."""
-        return sum_counts(counts, self.comm)
+        # Sent as int32: a step's count of tokens fits.
+        summed = self.comm.all_reduce(counts.to(torch.int32), "sum", "stats")
+        return summed.to(counts.dtype)
 
     @torch.no_grad()
     def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
-        """Per-feature boolean ``flags`` ORed over the ranks."""
         return self.sum_counts(flags.long()) > 0
 
     def feature_scores(self, acts: torch.Tensor, score: str) -> torch.Tensor:
-        """Sampled-SAE column scores of the global batch, float64 ``[d_sae]``."""
         return global_feature_scores(acts, score, self.comm)
 
+    @torch.no_grad()
     def draw_pool(
         self,
         scores: torch.Tensor,
@@ -166,16 +148,19 @@ class DataParallelStep:
         generator: torch.Generator | None,
         **options: Any,
     ) -> torch.Tensor:
-        """The pool drawn on rank 0 (as one process would) and broadcast."""
-        return shared_pool(scores, size, mode, generator, self.comm, **options)
+        """Drawn on rank 0 as one process would, and broadcast: ``size`` indices
+        cost little and make the pool identical on every rank even if the ranks'
+        scores differed in the last bit or their RNGs drifted."""
+        if self.comm.rank == 0:
+            pool = pool_from_scores(scores, size, mode, generator, **options)
+        else:
+            pool = torch.empty(size, dtype=torch.long, device=scores.device)
+        return self.comm.broadcast(pool, 0, SELECTION)
 
     def column_topk(
         self, acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
     ) -> torch.Tensor:
-        """This rank's ``acts`` where among each feature's global top
-        ``capacities[j]`` tokens, 0 elsewhere (``depth`` is not used: the exchange
-        has data-dependent sizes anyway)."""
-        del depth
+        del depth  # not used: the exchange has data-dependent sizes anyway
         mask = global_feature_choice_mask(
             acts, capacities, self.comm, self.shard_sizes, self.feature_choice_layout
         )
@@ -183,7 +168,6 @@ class DataParallelStep:
 
     @torch.no_grad()
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
-        """Per-feature counts of the global top ``round(k * B)``, and ``B``."""
         indices = self.topk_indices(acts, batch_budget(k, self.n_tokens))
         counts = torch.bincount(indices % acts.shape[-1], minlength=acts.shape[-1])
         return self.sum_counts(counts), self.n_tokens

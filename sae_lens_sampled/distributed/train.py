@@ -1,10 +1,8 @@
 """``torchrun --nproc_per_node N -m sae_lens_sampled train ...``: SAELens's training CLI,
-data-parallel.
+data-parallel (``docs/distributed.md``, "What to run").
 
-Same flags as ``sae-lens-sampled train``; the batch and token counts describe the
-global run. Each rank streams its own shard of the dataset to
-:class:`DistributedSAETrainer`; rank 0 alone logs, evaluates and writes the SAE
-(``docs/distributed.md``, "What to run").
+Each rank streams its own shard of the dataset to :class:`DistributedSAETrainer`;
+rank 0 alone logs, evaluates and writes the SAE.
 """
 
 from __future__ import annotations
@@ -61,10 +59,6 @@ def shard_dataset(dataset: Any, rank: int, world_size: int) -> Any:
     return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 
-def _local_device(device: str, local_rank: int) -> str:
-    return f"cuda:{local_rank}" if torch.device(device).type == "cuda" else device
-
-
 def place_on_local_device(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
     """Put every CUDA device of ``cfg`` on this rank's GPU (``LOCAL_RANK``)."""
     if torch.device(cfg.device).type != "cuda":
@@ -73,11 +67,10 @@ def place_on_local_device(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
         os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0)
     )
     torch.cuda.set_device(local_rank)
-    cfg.device = _local_device(cfg.device, local_rank)
-    if cfg.llm_device is not None:
-        cfg.llm_device = _local_device(cfg.llm_device, local_rank)
-    if cfg.act_store_device is not None:
-        cfg.act_store_device = _local_device(cfg.act_store_device, local_rank)
+    for name in ("device", "llm_device", "act_store_device"):
+        device = getattr(cfg, name)
+        if device is not None and torch.device(device).type == "cuda":
+            setattr(cfg, name, f"cuda:{local_rank}")
 
 
 class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
@@ -183,11 +176,7 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
             )
         data_provider: DataProvider = self.activations_store
         if self.cfg.prefetch_llm_batches:
-            prefetch = (
-                1
-                if isinstance(self.cfg.prefetch_llm_batches, bool)
-                else self.cfg.prefetch_llm_batches
-            )
+            prefetch = int(self.cfg.prefetch_llm_batches)  # True: 1
             data_provider = PrefetchingIterator(
                 iter(self.activations_store), prefetch=prefetch
             )
@@ -254,13 +243,12 @@ class DistributedLanguageModelRunner(LanguageModelSAETrainingRunner):
 def process_group(device: str) -> Iterator[Comm]:
     """The default process group, initialised from torchrun's environment if needed
     (NCCL for CUDA, gloo otherwise) and destroyed on exit if it was made here."""
-    made_here = False
-    if not dist.is_initialized():
+    made_here = not dist.is_initialized()
+    if made_here:
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-        made_here = True
     try:
         yield Comm()
     finally:

@@ -1,10 +1,7 @@
 """``DistributedSAETrainer``: SAELens's ``SAETrainer`` for data-parallel training.
 
-Run inside an initialised ``torch.distributed`` process group (gloo on CPU, NCCL on
-GPUs); ``cfg`` describes the global run and each rank's ``data_provider`` yields its
-``train_batch_size_samples // world_size`` rows. ``docs/distributed.md`` says what
-each step exchanges and why the result equals one process's ("The guarantee").
-Without a process group it trains like SAELens's ``SAETrainer``.
+``docs/distributed.md`` says what each step exchanges and why the result equals one
+process's ("The guarantee"). Without a process group it trains like ``SAETrainer``.
 """
 
 from __future__ import annotations
@@ -28,14 +25,13 @@ from sae_lens.training.types import DataProvider
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from sae_lens_sampled.checks import check_range
 from sae_lens_sampled.distributed.comm import Comm
-from sae_lens_sampled.distributed.global_select import sum_counts
 from sae_lens_sampled.distributed.same_config import (
     Description,
     check_same_settings,
     describe_dataclass,
     describe_settings,
-    describe_state,
 )
 from sae_lens_sampled.distributed.step import DataParallelStep, data_parallel_step
 
@@ -88,12 +84,11 @@ class GlobalActivationScaler(ActivationScaler):
         cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         eigenvalues = eigenvalues.clamp(min=0) + eps
+        inverse = eigenvalues.sqrt().unsqueeze(1) * eigenvectors.T
         self.whitening = ActivationWhitening(
             mean=mean.cpu(),
             matrix=(eigenvectors * eigenvalues.rsqrt()).contiguous().cpu(),
-            inverse_matrix=(eigenvalues.sqrt().unsqueeze(1) * eigenvectors.T)
-            .contiguous()
-            .cpu(),
+            inverse_matrix=inverse.contiguous().cpu(),
         )
 
     def _device(self) -> torch.device:
@@ -117,19 +112,16 @@ def describe_training(sae: TrainingSAE[Any], cfg: SAETrainerConfig) -> Descripti
         for name, value in describe_dataclass(cfg, "trainer.")
         if not name.startswith(("trainer.logger.", "trainer.checkpoint_path"))
     ]
+    architecture = {"architecture": sae.cfg.architecture()}
+    state = [  # the shape and dtype of every parameter and buffer
+        (f"state.{name}", f"{list(tensor.shape)} {str(tensor.dtype)[6:]}")
+        for name, tensor in sae.state_dict().items()
+    ]
     return [
-        *describe_settings({"architecture": sae.cfg.architecture()}, "sae."),
-        *describe_settings(sae_settings, "sae."),
-        *describe_state(sae),
+        *describe_settings({**architecture, **sae_settings}, "sae."),
+        *state,
         *trainer,
     ]
-
-
-@torch.no_grad()
-def broadcast_module_state(module: torch.nn.Module, comm: Comm) -> None:
-    """Overwrite every parameter and buffer with rank 0's."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        comm.broadcast(tensor.data, 0, "setup")
 
 
 @torch.no_grad()
@@ -144,32 +136,17 @@ def average_gradients(parameters: list[torch.nn.Parameter], comm: Comm) -> None:
         param.grad.div_(comm.world_size)
 
 
-@torch.no_grad()
-def replica_spread(module: torch.nn.Module, comm: Comm) -> float:
-    """Largest difference of any parameter or buffer entry between ranks (debug)."""
-    spread = 0.0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if not tensor.is_floating_point():
-            tensor = tensor.double()
-        finite = torch.nan_to_num(tensor.detach().double(), posinf=0.0, neginf=0.0)
-        high = comm.all_reduce(finite.clone(), "max", "checks")
-        low = comm.all_reduce(finite.clone(), "min", "checks")
-        spread = max(spread, float((high - low).max()) if tensor.numel() else 0.0)
-    return spread
-
-
 class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
     """SAELens's ``SAETrainer`` over a batch split across ``torch.distributed`` ranks.
 
     Args:
-        cfg: SAELens's trainer config for the global run
-            (``train_batch_size_samples`` is the global batch; it must be a multiple
-            of the world size).
-        sae: The training SAE (one of the plugin's, or any architecture with a rule
-            registered by :func:`~.step.register_data_parallel_rule`).
+        cfg: SAELens's trainer config for the global run (``train_batch_size_samples``
+            is the global batch, a multiple of the world size).
+        sae: One of the plugin's SAEs, or any architecture with a rule registered by
+            :func:`~.step.register_data_parallel_rule`.
         data_provider: This rank's batches of ``train_batch_size_samples //
             world_size`` rows.
-        evaluator: SAELens evaluator; run on rank 0 only.
+        evaluator: Run on rank 0 only.
         save_checkpoint_fn: Called on every rank at each checkpoint.
         group: Process group (default: the default group if initialised).
         comm: A :class:`~.comm.Comm` to use instead of one over ``group``.
@@ -201,10 +178,7 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
             )
         if oversample < 1:
             raise ValueError(f"oversample must be >= 1, got {oversample}")
-        if check_replicas_every < 0:
-            raise ValueError(
-                f"check_replicas_every must be >= 0, got {check_replicas_every}"
-            )
+        check_range("check_replicas_every", check_replicas_every, low=0)
         self.local_batch_size = cfg.train_batch_size_samples // world
         self.oversample = oversample
         self.check_replicas_every = check_replicas_every
@@ -212,7 +186,9 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
             self.comm, describe_training(sae, cfg), "SAE and trainer config"
         )
         sae.to(cfg.device)
-        broadcast_module_state(sae, self.comm)
+        with torch.no_grad():  # every parameter and buffer from rank 0
+            for tensor in [*sae.parameters(), *sae.buffers()]:
+                self.comm.broadcast(tensor.data, 0, "setup")
         super().__init__(cfg, sae, data_provider, evaluator, save_checkpoint_fn)
         self.activation_scaler = GlobalActivationScaler(self.comm)
 
@@ -277,15 +253,22 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
         if log_dict and self.cfg.logger.log_to_wandb and self.is_main:
             wandb.log(log_dict, step=self.n_training_steps)
 
+    @torch.no_grad()
     def _check_replicas(self) -> None:
         every = self.check_replicas_every
-        if every and self.n_training_steps % every == 0:
-            spread = replica_spread(self.sae, self.comm)
-            if spread != 0:
-                raise RuntimeError(
-                    f"SAE replicas differ between ranks after step "
-                    f"{self.n_training_steps} (max difference {spread:.3g})"
-                )
+        if not every or self.n_training_steps % every != 0:
+            return
+        spread = 0.0  # the largest difference of any entry between ranks
+        for tensor in [*self.sae.parameters(), *self.sae.buffers()]:
+            finite = torch.nan_to_num(tensor.detach().double(), posinf=0.0, neginf=0.0)
+            high = self.comm.all_reduce(finite.clone(), "max", "checks")
+            low = self.comm.all_reduce(finite.clone(), "min", "checks")
+            spread = max(spread, float((high - low).max()) if tensor.numel() else 0.0)
+        if spread != 0:
+            raise RuntimeError(
+                f"SAE replicas differ between ranks after step "
+                f"{self.n_training_steps} (max difference {spread:.3g})"
+            )
 
     @override
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
@@ -319,7 +302,7 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
                     is_logging_step=self._is_logging_step(),
                 ),
             )
-        self._update_firing_statistics(output.feature_acts)
+        self._update_firing_statistics(output.feature_acts, step)
         output.loss.backward()
         params = list(sae.parameters())
         average_gradients(params, self.comm)
@@ -343,11 +326,13 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
             )
 
     @torch.no_grad()
-    def _update_firing_statistics(self, feature_acts: torch.Tensor) -> None:
+    def _update_firing_statistics(
+        self, feature_acts: torch.Tensor, step: DataParallelStep
+    ) -> None:
         fired = (feature_acts != 0).sum(dim=-2)
         if fired.is_sparse:
             fired = fired.to_dense()
-        fired = sum_counts(fired, self.comm)
+        fired = step.sum_counts(fired)
         self.n_forward_passes_since_fired += 1
         self.n_forward_passes_since_fired[fired > 0] = 0
         self.act_freq_scores += fired.to(self.act_freq_scores.dtype)
@@ -368,28 +353,19 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
         self, output: TrainStepOutput, n_training_samples: int
     ) -> dict[str, Any]:
         """SAELens's training log, with batch metrics over the global batch.
-
-        Collective: every rank must call it. Architecture metrics read the SAE's
-        state, which is the same on every rank; rank 0's are logged.
-        """
+        Collective: every rank must call it."""
         log_dict = super().build_train_step_log_dict(output, n_training_samples)
-        if not self.comm.active:
-            return log_dict
-        log_dict.update(global_batch_metrics(output, self.comm))
+        if self.comm.active:
+            log_dict.update(global_batch_metrics(output, self.comm))
         return log_dict
 
     @override
     @torch.no_grad()
     def _run_and_log_evals(self) -> None:
-        every = (
-            self.cfg.logger.wandb_log_frequency
-            * self.cfg.logger.eval_every_n_wandb_logs
-        )
-        if (self.n_training_steps + 1) % every != 0 or not self.is_main:
-            return
         # Rank 0 alone: encode in eval mode runs no collective (the data-parallel
         # step is only set inside training_forward_pass).
-        super()._run_and_log_evals()  # type: ignore[no-untyped-call]  # SAELens: unannotated
+        if self.is_main:
+            super()._run_and_log_evals()  # type: ignore[no-untyped-call]  # SAELens: unannotated
 
     @override
     def save_checkpoint(
@@ -413,30 +389,17 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
 @torch.no_grad()
 def global_batch_metrics(output: TrainStepOutput, comm: Comm) -> dict[str, float]:
     """Loss, explained variance and L0 of the global batch (two small all-reduces).
-
-    Each rank's loss terms are means over its rows; with equal shards their mean over
-    ranks is the global mean. Explained variance uses the global mean input.
-    """
+    With equal shards the mean of the ranks' loss means is the global mean."""
     names = list(output.losses)
     sae_in = output.sae_in.double()
-    sae_out = output.sae_out.double()
-    n_tokens = sae_in.shape[0]
-    errors = (sae_out - sae_in).pow(2).sum(dim=-1)
+    errors = (output.sae_out.double() - sae_in).pow(2).sum(dim=-1)
+    losses = [float(output.loss)] + [float(output.losses[n]) for n in names]
+    scalars = torch.tensor([*losses, float(sae_in.shape[0])], dtype=torch.float64)
+    active = (output.feature_acts != 0).sum().double()
     first = torch.cat(
         [
-            torch.tensor(
-                [float(output.loss)] + [float(output.losses[n]) for n in names],
-                dtype=torch.float64,
-            ).to(sae_in.device),
-            torch.stack(
-                [
-                    torch.tensor(float(n_tokens), dtype=torch.float64).to(
-                        sae_in.device
-                    ),
-                    errors.sum(),
-                    (output.feature_acts != 0).sum().double(),
-                ]
-            ),
+            scalars.to(sae_in.device),
+            torch.stack([errors.sum(), active]),
             sae_in.sum(dim=0),
         ]
     )
