@@ -264,6 +264,56 @@ def test_trainer_rejects_wrong_shard_size_and_bad_options():
         trainer.step(torch.randn(16, parity.D_IN))
 
 
+class _DriftedReplicas(Comm):
+    """A one-process Comm whose replica check sees rank 1 ahead by 0.25 in one
+    entry of ``b_dec`` from step ``from_step`` on (the check's max/min reductions)."""
+
+    def __init__(self, from_step: int) -> None:
+        super().__init__()
+        self.from_step, self.checks, self.trainer = from_step, 0, None
+
+    def all_reduce(self, tensor, op="sum", category="stats"):
+        if category != "checks":
+            return super().all_reduce(tensor, op, category)
+        self.checks += 1
+        step = self.trainer.n_training_steps
+        if op == "max" and step >= self.from_step and tensor.shape == (parity.D_IN,):
+            tensor[3] += 0.25
+        return tensor
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_replica_check_runs_every_n_steps_and_names_the_drift(every):
+    cfg = parity.trainer_config(32, 6, "cpu", 1)
+    batches = parity.make_batches(6, 32, parity.D_IN)
+    comm = _DriftedReplicas(from_step=4)
+    trainer = DistributedSAETrainer(
+        cfg,
+        parity.parity_cases()["mutual_choice"].build(),
+        iter(batches),
+        comm=comm,
+        check_replicas_every=every,
+    )
+    comm.trainer = trainer
+    if every == 0:  # never checked, so the drift goes unseen
+        trainer.fit()
+        assert comm.checks == 0
+        return
+    with pytest.raises(
+        RuntimeError, match=r"differ between ranks after step 4 \(max difference 0.25\)"
+    ):
+        trainer.fit()
+    n_tensors = len([*trainer.sae.parameters(), *trainer.sae.buffers()])
+    assert comm.checks == 2 * 2 * n_tensors  # steps 2 and 4, a max and a min each
+
+
+def test_replica_check_rejects_a_negative_period():
+    cfg = parity.trainer_config(32, 4, "cpu", 1)
+    sae = parity.parity_cases()["mutual_choice"].build()
+    with pytest.raises(ValueError, match=r"check_replicas_every must be in \[0, inf\)"):
+        DistributedSAETrainer(cfg, sae, iter([]), check_replicas_every=-1)
+
+
 def test_collectives_unreachable_from_encode():
     """Outside a training step encode never consults the data-parallel step."""
 
