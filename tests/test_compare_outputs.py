@@ -134,3 +134,18 @@ def test_compare_doc_lists_the_default_runs_in_one_table():
     block = text[start : text.index("\n\n", start)].splitlines()
     listed = [re.match(r"\| `([^`]+)` \|", line).group(1) for line in block[2:]]
     assert listed == [spec.label for spec in DEFAULT_RUNS]
+
+
+def test_summary_merges_the_seeds_health_flags_per_problem():
+    rows = results([0, 1, 2], mcc=False)
+    for row in rows:
+        row["health_flags"] = []
+    seeds_of_first = [row for row in rows if row["label"] == rows[0]["label"]]
+    seeds_of_first[0]["health_flags"] = ["MSE rising", "L0 +941%"]
+    seeds_of_first[1]["health_flags"] = ["L0 +921%"]
+    seeds_of_first[2]["health_flags"] = ["MSE rising", "L0 -30%"]
+    first, *others = summarize(rows)
+    assert first["health_flags"] == ["MSE rising", "L0 -30% to +941%"]
+    assert [e["health_flags"] for e in others] == [[], []]
+    seeds_of_first[1]["health_flags"] = seeds_of_first[2]["health_flags"] = ["L0 +941%"]
+    assert summarize(rows)[0]["health_flags"] == ["MSE rising", "L0 +941%"]

@@ -33,13 +33,26 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         if any("health_flags" in row for row in rows):
             flags = [flag for row in rows for flag in row.get("health_flags", [])]
-            entry["health_flags"] = list(dict.fromkeys(flags))
+            entry["health_flags"] = merge_seed_flags(flags)
         for name in SUMMARY_METRICS:
             values = [float(row[name]) for row in rows if row.get(name) is not None]
             entry[name + "_mean"] = statistics.fmean(values) if values else None
             entry[name + "_std"] = statistics.stdev(values) if len(values) > 1 else None
         summary.append(entry)
     return summary
+
+
+def merge_seed_flags(flags: Sequence[str]) -> list[str]:
+    """The health flags of one run's seeds, one per problem: the per-token L0 flags
+    (``HealthReport.flags``'s ``"L0 +N%"``) as the range of their drifts."""
+    l0 = sorted(
+        {flag for flag in flags if flag.startswith("L0 ")},
+        key=lambda flag: float(flag.removeprefix("L0 ").removesuffix("%")),
+    )
+    if len(l0) > 1:
+        l0 = [f"{l0[0]} to {l0[-1].removeprefix('L0 ')}"]
+    others = [flag for flag in dict.fromkeys(flags) if not flag.startswith("L0 ")]
+    return others + l0
 
 
 @dataclass
