@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,26 @@ from sae_lens_sampled.losses import (
     masked_topk_aux_acts,
     underutilised_mask,
 )
+from sae_lens_sampled.saes.buffers import buffer_from_bytes as buffer_from_bytes
+from sae_lens_sampled.saes.buffers import (
+    float64_buffers,
+    pack_exact_buffers,
+    restore_float64,
+    unpack_exact_buffers,
+)
+from sae_lens_sampled.saes.finite_inputs import (
+    NONFINITE_APPLIED,
+    add_nonfinite,
+    check_batch_rule_input,
+    check_finite,
+)
+from sae_lens_sampled.saes.sparse_encode import (
+    SparseEncode,
+    encoder_pre,
+    positions_codes,
+    selected_values,
+    sparse_aux_recons,
+)
 from sae_lens_sampled.selection import batch_budget, fixed_shapes
 from sae_lens_sampled.sparse import (
     DecoderNorms,
@@ -55,7 +75,6 @@ from sae_lens_sampled.sparse import (
     SparseCodes,
     attach_values,
     column_stats,
-    gather_linear,
     sparse_decode,
 )
 from sae_lens_sampled.thresholds import (
@@ -133,32 +152,6 @@ def check_input_width(x: torch.Tensor, cfg: Any) -> None:
     )
 
 
-def check_finite(
-    x: torch.Tensor,
-    what: str = "training batch",
-    consequence: str = "nothing was updated",
-) -> None:
-    """Raise a ValueError if ``x`` holds NaN or Inf (one device sync)."""
-    if not bool(torch.isfinite(x).all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise ValueError(
-            f"{what} contains non-finite activations ({n_nan} NaN, {n_inf} "
-            f"Inf, shape {tuple(x.shape)}); {consequence}"
-        )
-
-
-def check_batch_rule_input(x: torch.Tensor) -> None:
-    """``encode_batch``'s input check: one NaN would change every token's codes."""
-    check_finite(
-        x,
-        what="encode_batch input",
-        consequence="the batch rule ranks all tokens together, so one non-finite "
-        "token would change the codes of every other; drop or fix those tokens, or "
-        "use the per-token encode",
-    )
-
-
 def apply_to_last_dim(
     rule: Callable[[torch.Tensor], torch.Tensor], acts: torch.Tensor
 ) -> torch.Tensor:
@@ -173,27 +166,19 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class SparseEncode:
-    """The dense pieces of a sparse training encode that a sparse aux loss reads.
+class ArchitectureKey:
+    """``architecture()`` (SAELens's registry key) returns ``architecture_key``,
+    which each architecture's configs set."""
 
-    Args:
-        hidden_pre (torch.Tensor): The ``hidden_pre`` the encode returned.
-        pre (torch.Tensor): ``sae_in @ W_enc + b_enc``, ``[n, d_sae]``.
-        sae_in (torch.Tensor): The processed input, ``[n, d_in]``.
-    """
+    architecture_key: ClassVar[str]
 
-    hidden_pre: torch.Tensor
-    pre: torch.Tensor
-    sae_in: torch.Tensor
-
-    # A copy of the module holding this gets none (tensors of an autograd graph).
-    def __deepcopy__(self, memo: dict[int, Any]) -> None:
-        return None
+    @classmethod
+    def architecture(cls) -> str:
+        return cls.architecture_key
 
 
 @dataclass
-class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
+class BatchLevelTrainingSAEConfig(ArchitectureKey, TrainingSAEConfig):
     """Fields shared by the plugin's training configs (see each subclass).
 
     Args:
@@ -315,12 +300,15 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     # The sparse path's entries of the codes the last training encode returned.
     selected_entries: SelectedEntries | None = None
     # The last sparse training encode's dense pieces, for a sparse aux loss.
-    sparse_encode: "SparseEncode | None" = None
-    # The sum of 0 * x over the training batches (check_finite_inputs=True): 0 while
-    # every entry was finite, NaN for good once one was not (0 * inf is NaN). Kept on
-    # the batch's device, read only where a read is paid anyway. Not a buffer, so
-    # never saved (and never left on the meta device by SAELens's loader).
+    sparse_encode: SparseEncode | None = None
+    # The sum of 0 * x over the training batches (check_finite_inputs=True, see
+    # add_nonfinite). Kept on the batch's device, read only where a read is paid
+    # anyway. Not a buffer, so never saved (and never left on the meta device by
+    # SAELens's loader).
     _nonfinite_sum: torch.Tensor | None = None
+    # (buffer, its in-place version, its value) of the last read of
+    # n_selection_steps: see host_step_count.
+    _step_mirror: tuple[torch.Tensor, int, int] | None = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -338,6 +326,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         # Training MSE by window of steps (health.py); not saved in checkpoints.
         self.reconstruction = ReconstructionWindows()
 
+    # --- The batch rule -------------------------------------------------------------
+
     def select(
         self, acts: torch.Tensor, batch: LocalBatch | None = None
     ) -> torch.Tensor:
@@ -352,6 +342,11 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         ran over, when not every feature (e.g. a pool); None: every feature."""
         return None
 
+    def max_selected(self, n_tokens: int) -> int:
+        """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
+        its budget ``round(k * n_tokens)``, at most every entry."""
+        return min(batch_budget(self.cfg.k, n_tokens), n_tokens * self.cfg.d_sae)
+
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         # A bound method, not a closure, so that copy.deepcopy rebinds it to the copy.
@@ -364,6 +359,23 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 partial(self.data_parallel.select, self), hidden_pre.relu()
             )
         return apply_to_last_dim(self.select, hidden_pre.relu())
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # With use_error_term, SAELens encodes x a second time for the error term; both
+        # encodes of one forward must make the same selection for sae(x) to equal x.
+        with self.one_selection_draw():
+            return super().forward(x)
+
+    def one_selection_draw(self) -> AbstractContextManager[None]:
+        """A context in which repeated selections on the same input agree.
+
+        Every rule here is a function of its input except ``sampled`` without a
+        ``pool_seed``, which overrides this.
+        """
+        return nullcontext()
+
+    # --- Encode and decode ----------------------------------------------------------
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations in the units the selection and thresholds use."""
@@ -380,21 +392,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         """Per-token JumpReLU rule with the learned thresholds (inference encode)."""
         threshold = self.running_threshold.to(hidden_pre.dtype)
         return hidden_pre.relu() * (hidden_pre > threshold)
-
-    @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # With use_error_term, SAELens encodes x a second time for the error term; both
-        # encodes of one forward must make the same selection for sae(x) to equal x.
-        with self.one_selection_draw():
-            return super().forward(x)
-
-    def one_selection_draw(self) -> AbstractContextManager[None]:
-        """A context in which repeated selections on the same input agree.
-
-        Every rule here is a function of its input except ``sampled`` without a
-        ``pool_seed``, which overrides this.
-        """
-        return nullcontext()
 
     @override
     def encode_with_hidden_pre(
@@ -421,21 +418,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         """Training encode whose codes carry their selected entries for :meth:`decode`.
 
         Same values as the dense path; the selection is made without grad, and the
-        selected values get their gradient through :func:`gather_linear`, so neither
+        selected values get their gradient through ``gather_linear``, so neither
         the loss nor its backward touches the ``[n, d_sae]`` matrix. ``hidden_pre``
         stays dense and differentiable (aux losses read it).
         """
         check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
-        pre = sae_in @ self.W_enc
-        if pre.dtype == torch.promote_types(pre.dtype, self.b_enc.dtype):
-            # In place: same values as `sae_in @ W_enc + b_enc`, one [n, d_sae] fewer.
-            pre = pre.add_(self.b_enc)
-        else:
-            # Under autocast the product is bf16/fp16; the dense path (and SAELens's
-            # BatchTopK) add the float32 b_enc out of place, in float32.
-            pre = pre + self.b_enc
-        pre = self.hook_sae_acts_pre(pre)
+        pre = self.hook_sae_acts_pre(encoder_pre(sae_in, self.W_enc, self.b_enc))
         hidden_pre = pre
         # One decoder-norm computation per step: the rescaled hidden_pre, the
         # selected values and decode's inverse norms all read it.
@@ -445,71 +434,33 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             hidden_pre = pre * norms
         with torch.no_grad():
             if self.data_parallel is None and fixed_shapes(hidden_pre):
-                # No host read: the rule's own positions, else as many entries as
-                # it can keep, padded.
                 selected, codes = self._select_fixed(hidden_pre.detach())
             else:
                 selected = self.activation_fn(hidden_pre.detach())
                 codes = SparseCodes.from_dense(selected.flatten(end_dim=-2))
-        values = gather_linear(
-            pre.flatten(end_dim=-2),
-            sae_in.flatten(end_dim=-2),
-            self.W_enc,
-            self.b_enc,
-            codes,
+        pre, sae_in = pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
+        values, entry_norms = selected_values(
+            pre, sae_in, self.W_enc, self.b_enc, codes, norms
         )
-        entry_norms = None
-        if norms is not None:
-            # The codes relu(pre * n) are decoded as codes * (1 / n): the loss does
-            # not depend on n (its gradient there is 0 up to rounding), so the
-            # entries read the norms detached and skip that backward. hidden_pre
-            # keeps its gradient through them (a dense aux loss reads it).
-            norms = norms.detach()
-            entry_norms = norms[codes.cols]
-            values = values * entry_norms
-        values = values.relu()
-        if codes.valid is not None:  # padding entries hold 0, and get no gradient
-            values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
         self.selected_entries = SelectedEntries.of(
             feature_acts, codes, values, DecoderNorms.of(self.W_dec, entry_norms)
         )
-        self.sparse_encode = SparseEncode(
-            hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
-        )
+        self.sparse_encode = SparseEncode(hidden_pre, pre, sae_in)
         return self.hook_sae_acts_post(feature_acts), hidden_pre
 
     def _select_fixed(
         self, hidden_pre: torch.Tensor
     ) -> tuple[torch.Tensor, SparseCodes]:
         """The batch rule on ``relu(hidden_pre)`` and the codes of what it kept, with
-        fixed shapes: from the positions its batch top-k found where it ran one over
-        every feature or over :meth:`selected_columns` (exactly the budget, no scan
-        of the dense result), else from the dense result."""
+        fixed shapes (no host read): see :func:`positions_codes`."""
         acts = hidden_pre.relu().flatten(end_dim=-2)
         n_tokens, d_sae = acts.shape
-        size = self.max_selected(n_tokens)
-        batch = PositionsBatch(n_tokens, size)
+        batch = PositionsBatch(n_tokens, self.max_selected(n_tokens))
         selected = self.select(acts, batch)
-        positions, width = batch.positions, batch.width
-        columns = self.selected_columns() if width != d_sae else None
-        if positions is not None and (
-            width == d_sae or (columns is not None and columns.numel() == width)
-        ):
-            rows, cols = positions // width, positions % width
-            if columns is not None:  # ascending, so rows stay in order
-                cols = columns[cols]
-            codes = SparseCodes.from_rows_cols(
-                rows, cols, n_tokens, d_sae, valid=batch.kept
-            )
-        else:
-            codes = SparseCodes.from_dense_fixed(selected, size)
+        columns = self.selected_columns() if batch.width != d_sae else None
+        codes = positions_codes(selected, batch, columns)
         return selected.reshape(hidden_pre.shape), codes
-
-    def max_selected(self, n_tokens: int) -> int:
-        """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
-        its budget ``round(k * n_tokens)``, at most every entry."""
-        return min(batch_budget(self.cfg.k, n_tokens), n_tokens * self.cfg.d_sae)
 
     def entries_of(self, feature_acts: torch.Tensor) -> SelectedEntries | None:
         """The selected entries of ``feature_acts`` when the last training encode
@@ -556,24 +507,42 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         )
         return acts
 
-    def set_thresholds(self, thresholds: torch.Tensor) -> None:
-        self.thresholds.set(thresholds)
+    # --- The training step ----------------------------------------------------------
 
     @override
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
-        # `.to(dtype)` (which SAELens's load_from_disk ends with) would cast the
-        # float64 EMA buffers down; let them follow device moves but keep float64.
-        float64_buffers = {
-            name: buffer
-            for name, buffer in self._buffers.items()
-            if buffer is not None and buffer.dtype == torch.float64
-        }
-        result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch
-        for name, original in float64_buffers.items():
-            moved = self._buffers[name]
-            if moved is not None and moved.dtype != torch.float64:
-                self._buffers[name] = original.to(moved.device)
-        return result
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        check_input_width(step_input.sae_in, self.cfg)
+        check = self.cfg.check_finite_inputs
+        # True defers the error on an accelerator or under compile (no read);
+        # eager on a CPU a read costs nothing: stop before the batch is applied.
+        deferred = check is True and fixed_shapes(step_input.sae_in)
+        if deferred:
+            self.note_nonfinite_inputs(step_input.sae_in)
+        elif check:  # "every_step", or True on a CPU
+            check_finite(step_input.sae_in)
+        output = super().training_forward_pass(step_input)
+        if deferred:
+            # SAELens evaluates metric callables on logging steps only.
+            output.metrics["inputs_finite"] = self.raise_if_nonfinite_inputs
+        fire_rates = self.update_state(output.feature_acts, output.hidden_pre)
+        # Callables: SAELens evaluates them on logging steps only, so other steps
+        # never sync. They read the state as updated by this batch.
+        output.metrics.update(self.thresholds.metrics(fire_rates))
+        firing_rate, n_tokens_seen = self.firing_rate, self.n_tokens_seen
+        dead_mask = step_input.dead_neuron_mask
+        output.metrics["underutilised_features"] = lambda: self.underutilised(
+            dead_mask
+        ).sum()
+        output.metrics["zipf_exponent"] = lambda: fit_zipf_exponent(firing_rate)
+        output.metrics["dead_features_by_rate"] = lambda: dead_by_rate(
+            firing_rate, n_tokens_seen, self.cfg.zipf_ema_tokens
+        ).sum()
+        self.reconstruction.add(output.losses["mse_loss"])
+        # logged as metrics/mse_window_change (NaN before two full windows)
+        output.metrics["mse_window_change"] = self.reconstruction.logged_change
+        k = self.cfg.k
+        output.metrics["l0_per_token_drift"] = lambda: fire_rates.sum() / k - 1
+        return output
 
     @override
     def get_coefficients(self) -> dict[str, TrainCoefficientConfig | float]:
@@ -602,30 +571,26 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         coefficient = step_input.coefficients.get(
             "aux_loss_coefficient", self.cfg.aux_loss_coefficient
         )
+        mask = self.aux_dead_features(step_input.dead_neuron_mask)
         if self.cfg.aux_loss == "aux_zipf":
-            loss = self.calculate_masked_aux_loss(
-                sae_in=step_input.sae_in,
-                sae_out=sae_out,
-                hidden_pre=hidden_pre,
-                mask=self.underutilised(step_input.dead_neuron_mask),
-                coefficient=coefficient,
-            )
-        elif step_input.dead_neuron_mask is None or (
+            mask = self.underutilised(mask)
+        elif mask is None or (
             # On a CPU the read is free, and with no dead feature nothing is done.
-            not fixed_shapes(hidden_pre) and not bool(step_input.dead_neuron_mask.any())
+            not fixed_shapes(hidden_pre) and not bool(mask.any())
         ):
-            loss = sae_out.new_tensor(0.0)  # as SAELens's aux-k loss
-        else:
-            # SAELens's aux-k loss (calculate_topk_aux_loss), with the number of dead
-            # features kept on the device, and sparse on the sparse path.
-            loss = self.calculate_masked_aux_loss(
-                sae_in=step_input.sae_in,
-                sae_out=sae_out,
-                hidden_pre=hidden_pre,
-                mask=step_input.dead_neuron_mask,
-                coefficient=coefficient,
-            )
+            return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
+        # aux_k: SAELens's aux-k loss (calculate_topk_aux_loss), with the number of
+        # dead features kept on the device, and sparse on the sparse path.
+        loss = self.calculate_masked_aux_loss(
+            step_input.sae_in, sae_out, hidden_pre, mask, coefficient
+        )
         return {"auxiliary_reconstruction_loss": loss}
+
+    def aux_dead_features(
+        self, dead_neuron_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The dead set of the aux losses: the trainer's ``dead_neuron_mask`` here."""
+        return dead_neuron_mask
 
     @torch.no_grad()
     def underutilised(
@@ -674,7 +639,9 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         k_aux = aux_k_budget(d_in, hidden_pre.shape[-1])
         encode = self.sparse_encode
         if encode is not None and encode.hidden_pre is hidden_pre:
-            recons = self._sparse_aux_recons(encode, mask, k_aux)
+            recons = sparse_aux_recons(
+                encode, mask, k_aux, self.W_enc, self.b_enc, self.W_dec
+            )
         else:
             aux_acts = masked_topk_aux_acts(hidden_pre, mask, k_aux)
             recons = act_times_W_dec(
@@ -687,163 +654,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
         return coefficient * scale * aux_loss
 
-    def _sparse_aux_recons(
-        self, encode: "SparseEncode", mask: torch.Tensor, k_aux: int
-    ) -> torch.Tensor:
-        """The aux-k reconstruction of :meth:`calculate_masked_aux_loss` from the
-        ``k_aux`` picks per token alone: values gathered as in :meth:`_encode_sparse`
-        and decoded with :func:`sparse_decode`, so neither the loss nor its backward
-        touches an ``[n, d_sae]`` matrix (``O(n * k_aux * d_in)``)."""
-        pre, sae_in = encode.pre, encode.sae_in
-        n_tokens, d_sae = pre.shape
-        with torch.no_grad():
-            mask = mask.to(device=pre.device, dtype=torch.bool)
-            flat = encode.hidden_pre.detach().flatten(end_dim=-2)
-            candidates = torch.where(mask, flat, -torch.inf)
-            cols = candidates.topk(k_aux, dim=-1, sorted=False).indices.flatten()
-            # k_aux entries per row: row r's start at r * k_aux
-            rows = torch.arange(n_tokens * k_aux, device=pre.device) // k_aux
-            row_offsets = torch.arange(0, n_tokens * k_aux, k_aux, device=pre.device)
-            picked = mask[cols]
-        codes = SparseCodes.from_rows_cols(
-            rows, cols, n_tokens, d_sae, row_offsets=row_offsets
-        )
-        # With rescaling, hidden_pre = pre * ||W_dec|| is decoded as
-        # hidden_pre / ||W_dec||: the norms cancel (their gradient is 0), so the
-        # picks decode their `pre` values directly.
-        values = gather_linear(pre, sae_in, self.W_enc, self.b_enc, codes)
-        values = values * picked  # picks outside the mask count 0
-        recons = sparse_decode(values, self.W_dec, codes)
-        return recons.reshape(*encode.hidden_pre.shape[:-1], self.W_dec.shape[1])
-
-    @override
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        check_input_width(step_input.sae_in, self.cfg)
-        check = self.cfg.check_finite_inputs
-        # True defers the error on an accelerator or under compile (no read);
-        # eager on a CPU a read costs nothing: stop before the batch is applied.
-        deferred = check is True and fixed_shapes(step_input.sae_in)
-        if deferred:
-            self.note_nonfinite_inputs(step_input.sae_in)
-        elif check:  # "every_step", or True on a CPU
-            check_finite(step_input.sae_in)
-        output = super().training_forward_pass(step_input)
-        if deferred:
-            # SAELens evaluates metric callables on logging steps only.
-            output.metrics["inputs_finite"] = self.raise_if_nonfinite_inputs
-        fire_rates = self.update_state(output.feature_acts, output.hidden_pre)
-        # Callables: SAELens evaluates them on logging steps only, so other steps
-        # never sync. They read the state as updated by this batch.
-        output.metrics.update(self.thresholds.metrics(fire_rates))
-        firing_rate, n_tokens_seen = self.firing_rate, self.n_tokens_seen
-        dead_mask = step_input.dead_neuron_mask
-        output.metrics["underutilised_features"] = lambda: self.underutilised(
-            dead_mask
-        ).sum()
-        output.metrics["zipf_exponent"] = lambda: fit_zipf_exponent(firing_rate)
-        output.metrics["dead_features_by_rate"] = lambda: dead_by_rate(
-            firing_rate, n_tokens_seen, self.cfg.zipf_ema_tokens
-        ).sum()
-        self.reconstruction.add(output.losses["mse_loss"])
-        # logged as metrics/mse_window_change (NaN before two full windows)
-        output.metrics["mse_window_change"] = self.reconstruction.logged_change
-        k = self.cfg.k
-        output.metrics["l0_per_token_drift"] = lambda: fire_rates.sum() / k - 1
-        return output
-
-    # (buffer, its in-place version, its value) of the last read of
-    # n_selection_steps: see host_step_count.
-    _step_mirror: tuple[torch.Tensor, int, int] | None = None
-
-    def host_step_count(self) -> int:
-        """The ``n_selection_steps`` buffer (of the subclasses that count steps) as a
-        host int, without a device read while the mirror is current.
-
-        :meth:`advance_step_count` keeps the mirror in step with the buffer; any other
-        change to the buffer (a load, ``fill_``, a copy of the module) bumps its
-        in-place version or replaces it, and the next call reads it once.
-        """
-        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
-        mirror = self._step_mirror
-        if mirror is not None and mirror[0] is buffer and mirror[1] == buffer._version:
-            return mirror[2]
-        step = int(buffer)
-        self._step_mirror = (buffer, buffer._version, step)
-        return step
-
-    @torch.no_grad()
-    def advance_step_count(self) -> None:
-        """Add one to ``n_selection_steps`` and to its host mirror."""
-        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
-        if torch.compiler.is_compiling():
-            # A host int that changes every step would recompile every step: the
-            # mirror goes stale (the buffer's version moves) and eager code reads
-            # the buffer again when it needs it.
-            buffer += 1
-            return
-        step = self.host_step_count()
-        buffer += 1
-        self._step_mirror = (buffer, buffer._version, step + 1)
-
-    @property
-    def inputs_finite(self) -> torch.Tensor | None:
-        """False once a training batch held NaN or Inf (``check_finite_inputs=True``),
-        as a device tensor; None before the first checked batch."""
-        total = self._nonfinite_sum
-        return None if total is None else total == 0
-
-    @torch.no_grad()
-    def note_nonfinite_inputs(self, x: torch.Tensor) -> None:
-        """Clear :attr:`inputs_finite` if ``x`` holds NaN or Inf, on the device."""
-        # Two passes and no flag to combine: a NaN in the running sum stays.
-        zeros = x.mul(0).sum()
-        total = self._nonfinite_sum
-        if total is not None:
-            zeros = zeros + total.to(zeros.device)
-        self._nonfinite_sum = zeros
-
-    def raise_if_nonfinite_inputs(self) -> torch.Tensor:
-        """Raise a ValueError if a training batch held NaN or Inf since this SAE was
-        built (``check_finite_inputs=True``); else return True as a tensor. One host
-        sync."""
-        finite = self.inputs_finite
-        if finite is None:
-            return torch.ones((), dtype=torch.bool)
-        if not bool(finite):
-            raise ValueError(
-                "a training batch contained non-finite activations (NaN or Inf); "
-                "it was already applied, so the weights and training state are "
-                "likely corrupted. Fix the data, or set "
-                "check_finite_inputs='every_step' to stop before a bad batch is "
-                "applied (one device sync per step)"
-            )
-        return finite
-
-    def health(self) -> HealthReport:
-        """Whether reconstruction improved over the last window, and the per-token
-        L0 (EMA of the end of training) against k. One host sync."""
-        token_rate = self.thresholds.token_rate
-        started = bool(self.thresholds.selection_rate.any())
-        return HealthReport(
-            mse_change=self.reconstruction.change(),
-            window_steps=self.reconstruction.window,
-            l0_per_token=float(token_rate.sum()) if started else None,
-            k=float(self.cfg.k),
-            mse_advice=self.mse_rise_advice(),
-        )
-
-    def mse_rise_advice(self) -> str:
-        """The likely cause of a rising training MSE and the setting to change."""
-        return LR_ADVICE
-
-    def record_health(self, metadata: Any) -> HealthReport:
-        """Write :meth:`health` into SAELens ``metadata``: ``reconstruction_improved``
-        (None before two windows), ``mse_window_change`` and ``l0_per_token_drift``."""
-        report = self.health()
-        metadata.reconstruction_improved = report.reconstruction_improved
-        metadata.mse_window_change = report.mse_change
-        metadata.l0_per_token_drift = report.l0_drift
-        return report
+    # --- Training state -------------------------------------------------------------
 
     @torch.no_grad()
     def update_state(
@@ -896,6 +707,90 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         ``counts``: each feature's positive selections in the (global) batch.
         """
 
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        self.thresholds.set(thresholds)
+
+    def host_step_count(self) -> int:
+        """The ``n_selection_steps`` buffer (of the subclasses that count steps) as a
+        host int, without a device read while the mirror is current.
+
+        :meth:`advance_step_count` keeps the mirror in step with the buffer; any other
+        change to the buffer (a load, ``fill_``, a copy of the module) bumps its
+        in-place version or replaces it, and the next call reads it once.
+        """
+        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        mirror = self._step_mirror
+        if mirror is not None and mirror[0] is buffer and mirror[1] == buffer._version:
+            return mirror[2]
+        step = int(buffer)
+        self._step_mirror = (buffer, buffer._version, step)
+        return step
+
+    @torch.no_grad()
+    def advance_step_count(self) -> None:
+        """Add one to ``n_selection_steps`` and to its host mirror."""
+        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        if torch.compiler.is_compiling():
+            # A host int that changes every step would recompile every step: the
+            # mirror goes stale (the buffer's version moves) and eager code reads
+            # the buffer again when it needs it.
+            buffer += 1
+            return
+        step = self.host_step_count()
+        buffer += 1
+        self._step_mirror = (buffer, buffer._version, step + 1)
+
+    @property
+    def inputs_finite(self) -> torch.Tensor | None:
+        """False once a training batch held NaN or Inf (``check_finite_inputs=True``),
+        as a device tensor; None before the first checked batch."""
+        total = self._nonfinite_sum
+        return None if total is None else total == 0
+
+    @torch.no_grad()
+    def note_nonfinite_inputs(self, x: torch.Tensor) -> None:
+        """Clear :attr:`inputs_finite` if ``x`` holds NaN or Inf, on the device."""
+        self._nonfinite_sum = add_nonfinite(self._nonfinite_sum, x)
+
+    def raise_if_nonfinite_inputs(self) -> torch.Tensor:
+        """Raise a ValueError if a training batch held NaN or Inf since this SAE was
+        built (``check_finite_inputs=True``); else return True as a tensor. One host
+        sync."""
+        finite = self.inputs_finite
+        if finite is None:
+            return torch.ones((), dtype=torch.bool)
+        if not bool(finite):
+            raise ValueError(NONFINITE_APPLIED)
+        return finite
+
+    def health(self) -> HealthReport:
+        """Whether reconstruction improved over the last window, and the per-token
+        L0 (EMA of the end of training) against k. One host sync."""
+        token_rate = self.thresholds.token_rate
+        started = bool(self.thresholds.selection_rate.any())
+        return HealthReport(
+            mse_change=self.reconstruction.change(),
+            window_steps=self.reconstruction.window,
+            l0_per_token=float(token_rate.sum()) if started else None,
+            k=float(self.cfg.k),
+            mse_advice=self.mse_rise_advice(),
+        )
+
+    def mse_rise_advice(self) -> str:
+        """The likely cause of a rising training MSE and the setting to change."""
+        return LR_ADVICE
+
+    def record_health(self, metadata: Any) -> HealthReport:
+        """Write :meth:`health` into SAELens ``metadata``: ``reconstruction_improved``
+        (None before two windows), ``mse_window_change`` and ``l0_per_token_drift``."""
+        report = self.health()
+        metadata.reconstruction_improved = report.reconstruction_improved
+        metadata.mse_window_change = report.mse_change
+        metadata.l0_per_token_drift = report.l0_drift
+        return report
+
+    # --- Folding, saving and loading ------------------------------------------------
+
     @override
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
@@ -904,6 +799,15 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             # Thresholds are in units of hidden_pre * ||W_dec||, and the fold just
             # divided W_dec by the scaling factor.
             self.thresholds.rescale(1 / scaling_factor)
+
+    @override
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        # `.to(dtype)` (which SAELens's load_from_disk ends with) would cast the
+        # float64 EMA buffers down; let them follow device moves but keep float64.
+        before = float64_buffers(self)
+        result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch
+        restore_float64(self, before)
+        return result
 
     @override
     def process_state_dict_for_saving_inference(
@@ -926,14 +830,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         super().process_state_dict_for_saving_inference(state_dict)
         state_dict["threshold"] = threshold.to(state_dict["b_enc"].dtype)
 
-    def _exact_buffers(self) -> dict[str, torch.Tensor]:
-        """Buffers that SAELens's loader would cast to the cfg dtype (losing bits)."""
-        return {
-            name: buffer
-            for name, buffer in self.named_buffers()
-            if buffer.dtype in (torch.float64, torch.int64)
-        }
-
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         if self.cfg.check_finite_inputs is True:
@@ -941,36 +837,19 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         super().process_state_dict_for_saving(state_dict)
         self.thresholds.record_metadata(self.cfg.metadata)
         self.record_health(self.cfg.metadata)
-        # SAELens's loader casts every saved tensor to the cfg dtype. Bytes (0..255)
-        # survive a cast to any float dtype, bfloat16 included, so float64 EMAs and
-        # int64 counters are saved as their raw bytes and restored bit-exactly.
-        for name in self._exact_buffers():
-            if name in state_dict:
-                state_dict[name] = buffer_to_bytes(state_dict[name])
+        # float64 EMAs and int64 counters as raw bytes (saes/buffers.py).
+        pack_exact_buffers(state_dict, self)
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
         buffers = {name: getattr(self, name) for name in self.training_buffers}
         fill_0_1_checkpoint(state_dict, buffers, self.cfg.architecture())
-        for name, buffer in self._exact_buffers().items():
-            saved = state_dict.get(name)
-            if saved is not None and saved.shape != buffer.shape:
-                state_dict[name] = buffer_from_bytes(saved, buffer)
-
-
-def buffer_to_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of ``tensor`` as a flat uint8 tensor."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).clone()
-
-
-def buffer_from_bytes(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`buffer_to_bytes` (after any float cast) into ``like``'s dtype/shape."""
-    return saved.to(torch.uint8).view(like.dtype).reshape(like.shape)
+        unpack_exact_buffers(state_dict, self)
 
 
 @dataclass
-class BatchLevelSAEConfig(JumpReLUSAEConfig):
+class BatchLevelSAEConfig(ArchitectureKey, JumpReLUSAEConfig):
     """Fields shared by the plugin's inference configs.
 
     Args:

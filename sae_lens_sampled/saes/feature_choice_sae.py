@@ -157,10 +157,7 @@ class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
     rerank_every: int = 100
     rank_by: RankBy = "firing_rate"
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+    architecture_key = ARCHITECTURE
 
     @override
     def validate(self) -> None:
@@ -345,10 +342,7 @@ class FeatureChoiceSAEConfig(BatchLevelSAEConfig):
         super().__post_init__()
         validate_capacity_fields(self)
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+    architecture_key = ARCHITECTURE
 
 
 class FeatureChoiceSAE(BatchLevelSAE):

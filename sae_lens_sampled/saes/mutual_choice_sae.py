@@ -10,7 +10,6 @@ batch rule.
 from dataclasses import dataclass
 
 import torch
-from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
 from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
@@ -46,10 +45,7 @@ class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
         d_sae (int): Number of features.
     """
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+    architecture_key = ARCHITECTURE
 
 
 class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
@@ -66,10 +62,7 @@ class MutualChoiceSAEConfig(BatchLevelSAEConfig):
         k (float): Mean active features per token of ``encode_batch``.
     """
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+    architecture_key = ARCHITECTURE
 
 
 class MutualChoiceSAE(BatchLevelSAE):

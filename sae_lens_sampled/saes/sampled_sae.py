@@ -9,7 +9,6 @@ activations inside the pool. The pool holds ``round(pool_fraction * d_sae)`` fea
 and a pool of every feature is exactly BatchTopK.
 """
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -212,10 +211,7 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
     aux_dead_window: int = 100
     pool_seed: int | None = None
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+    architecture_key = ARCHITECTURE
 
     @override
     def validate(self) -> None:
@@ -319,20 +315,14 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         return None if step_pool is None else step_pool.pool
 
     @override
-    def calculate_aux_loss(
-        self,
-        step_input: TrainStepInput,
-        feature_acts: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        sae_out: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def aux_dead_features(
+        self, dead_neuron_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
         if self.cfg.aux_dead == "pooled":
             # The state is updated after the loss, so this is the mask up to the
             # previous step, as the trainer's own mask is.
-            step_input = dataclasses.replace(
-                step_input, dead_neuron_mask=self.aux_dead_mask()
-            )
-        return super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
+            return self.aux_dead_mask()
+        return dead_neuron_mask
 
     @override
     def mse_rise_advice(self) -> str:
@@ -421,10 +411,7 @@ class SampledSAEConfig(BatchLevelSAEConfig):
         super().__post_init__()
         validate_pool_fields(self)
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+    architecture_key = ARCHITECTURE
 
 
 class SampledSAE(BatchLevelSAE):
