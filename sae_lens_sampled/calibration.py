@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 import torch
 from typing_extensions import TypeIs
 
+from sae_lens_sampled._registry import entry_of
+from sae_lens_sampled.checks import check_range
 from sae_lens_sampled.saes.base import BatchLevelSAE, BatchLevelTrainingSAE
 from sae_lens_sampled.thresholds import _CPU_CHUNK_ENTRIES, fired_and_excess
 
@@ -182,12 +184,15 @@ def _rule_from_metadata(sae: JumpReLUSAE) -> BatchLevelSAE:
             f"calibrate_thresholds: {type(sae).__name__} has no batch rule and its "
             "metadata records none; pass batch_rule=<the plugin SAE it came from>"
         )
-    if rule.get("capacity_schedule") == "zipf":
-        raise ValueError(
-            "calibrate_thresholds: this SAE was exported from a feature_choice SAE "
-            "with learned (capacity_schedule='zipf') capacities, which the export "
-            "does not keep; pass batch_rule=<the feature_choice SAE>"
-        )
+    key = str(rule.get("architecture"))
+    entry = entry_of(key)
+    for name, (value, what) in (entry.lost_on_export if entry else {}).items():
+        if rule.get(name) == value:
+            raise ValueError(
+                f"calibrate_thresholds: this SAE was exported from a {key} SAE with "
+                f"{what} ({name}={value!r}), which the export does not keep; pass "
+                f"batch_rule=<the {key} SAE>"
+            )
     rule = dict(rule)
     rank_scale = rule.pop("rank_scale", None)
     cfg = {**sae.cfg.to_dict(), **rule}
@@ -288,15 +293,12 @@ def calibrate_thresholds(
     Returns:
         A :class:`CalibrationResult` (thresholds, dead features before and after).
     """
-    for name, value, low in (
-        ("batch_size", batch_size, 1),
-        ("pool_draws", pool_draws, 1),
-        ("min_selections", min_selections, 0),
-    ):
-        if value < low:
-            raise ValueError(f"{name} must be in [{low}, inf), got {value!r}")
-    if not 0 < accuracy < 0.5:
-        raise ValueError(f"accuracy must be in (0, 0.5), got {accuracy!r}")
+    check_range("batch_size", batch_size, low=1)
+    check_range("pool_draws", pool_draws, low=1)
+    check_range("min_selections", min_selections, low=0)
+    check_range(
+        "accuracy", accuracy, low=0, high=0.5, low_inclusive=False, high_inclusive=False
+    )
     if batch_rule is None:
         batch_rule = sae if _is_plugin(sae) else _rule_from_metadata(sae)
     with torch.no_grad():

@@ -50,9 +50,8 @@ from sae_lens_sampled.losses import (
 )
 from sae_lens_sampled.saes.buffers import buffer_from_bytes as buffer_from_bytes
 from sae_lens_sampled.saes.buffers import (
-    float64_buffers,
+    float64_kept,
     pack_exact_buffers,
-    restore_float64,
     unpack_exact_buffers,
 )
 from sae_lens_sampled.saes.finite_inputs import (
@@ -207,15 +206,13 @@ class BatchLevelTrainingSAEConfig(ArchitectureKey, TrainingSAEConfig):
         zipf_ema_tokens (int): Horizon, in tokens (> 0), of the per-feature firing-rate
             EMA; until that many tokens are seen it is the plain running mean.
         check_finite_inputs (bool | str): NaN/Inf in training batches. ``True``
-            (default): eager on a CPU, each batch is checked before anything is
-            updated and the ValueError is raised at once; on an accelerator or while
-            ``torch.compile`` traces, the batch is checked on the device with no
-            host sync and the ValueError is raised at the next SAELens logging step
-            (through a logged metric), at the next save or checkpoint, or when
-            :meth:`~BatchLevelTrainingSAE.raise_if_nonfinite_inputs` is called; by
-            then the bad batch has already updated the weights and state.
-            ``"every_step"``: check before anything is updated and raise at once on
-            every device (one device sync per step). ``False``: no check.
+            (default): eager on a CPU, checked before anything is updated; on an
+            accelerator or under ``torch.compile``, checked on the device with no
+            host sync and raised at the next SAELens logging step, save or
+            checkpoint, or :meth:`~BatchLevelTrainingSAE.raise_if_nonfinite_inputs`
+            call, when the bad batch has already updated the weights and state.
+            ``"every_step"``: checked before anything is updated on every device
+            (one device sync per step). ``False``: no check.
     """
 
     k: float = 100
@@ -323,11 +320,16 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         self.register_buffer(
             "n_tokens_seen", torch.zeros((), dtype=torch.float64, device=device)
         )
+        if "n_selection_steps" in self.training_buffers:
+            # Training steps taken, for the rules that depend on the step count
+            # (host_step_count): kept across resumes.
+            self.register_buffer(
+                "n_selection_steps", torch.zeros((), dtype=torch.long, device=device)
+            )
         # Training MSE by window of steps (health.py); not saved in checkpoints.
         self.reconstruction = ReconstructionWindows()
 
     # --- The batch rule -------------------------------------------------------------
-
     def select(
         self, acts: torch.Tensor, batch: LocalBatch | None = None
     ) -> torch.Tensor:
@@ -376,7 +378,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         return nullcontext()
 
     # --- Encode and decode ----------------------------------------------------------
-
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations in the units the selection and thresholds use."""
         check_input_width(x, self.cfg)
@@ -508,7 +509,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         return acts
 
     # --- The training step ----------------------------------------------------------
-
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_input_width(step_input.sae_in, self.cfg)
@@ -655,7 +655,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         return coefficient * scale * aux_loss
 
     # --- Training state -------------------------------------------------------------
-
     @torch.no_grad()
     def update_state(
         self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
@@ -711,8 +710,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         self.thresholds.set(thresholds)
 
     def host_step_count(self) -> int:
-        """The ``n_selection_steps`` buffer (of the subclasses that count steps) as a
-        host int, without a device read while the mirror is current.
+        """The ``n_selection_steps`` buffer (of the subclasses that list it in
+        ``training_buffers``) as a host int, without a device read while the mirror is current.
 
         :meth:`advance_step_count` keeps the mirror in step with the buffer; any other
         change to the buffer (a load, ``fill_``, a copy of the module) bumps its
@@ -790,7 +789,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         return report
 
     # --- Folding, saving and loading ------------------------------------------------
-
     @override
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
@@ -804,10 +802,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
         # `.to(dtype)` (which SAELens's load_from_disk ends with) would cast the
         # float64 EMA buffers down; let them follow device moves but keep float64.
-        before = float64_buffers(self)
-        result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch
-        restore_float64(self, before)
-        return result
+        with float64_kept(self):
+            return super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch
 
     @override
     def process_state_dict_for_saving_inference(
@@ -846,6 +842,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         buffers = {name: getattr(self, name) for name in self.training_buffers}
         fill_0_1_checkpoint(state_dict, buffers, self.cfg.architecture())
         unpack_exact_buffers(state_dict, self)
+        # SAELens's loader casts every tensor to the SAE dtype; keep the count whole.
+        steps = state_dict.get("n_selection_steps")
+        if steps is not None and steps.is_floating_point():
+            state_dict["n_selection_steps"] = steps.round().long()
 
 
 @dataclass

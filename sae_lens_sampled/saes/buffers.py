@@ -8,6 +8,8 @@ they are restored bit-exactly. Pure torch; no SAELens imports.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -47,18 +49,16 @@ def unpack_exact_buffers(state_dict: dict[str, Any], module: torch.nn.Module) ->
             state_dict[name] = buffer_from_bytes(saved, buffer)
 
 
-def float64_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``module``'s own float64 buffers, for :func:`restore_float64`."""
-    return {
+@contextmanager
+def float64_kept(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s own float64 buffers stay float64 through a cast made inside,
+    and follow its device moves."""
+    before = {
         name: buffer
         for name, buffer in module._buffers.items()
         if buffer is not None and buffer.dtype == torch.float64
     }
-
-
-def restore_float64(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    """After a ``Module._apply`` that cast the buffers ``before`` held: put them
-    back in float64, on the device they moved to."""
+    yield
     for name, original in before.items():
         moved = module._buffers[name]
         if moved is not None and moved.dtype != torch.float64:

@@ -107,7 +107,8 @@ def _capacity_bound(
 
 @dataclass
 class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
-    """Configuration for training a Feature Choice SAE.
+    """Configuration for training a Feature Choice SAE (shared fields:
+    :class:`BatchLevelTrainingSAEConfig`).
 
     Args:
         k (float): Mean active features per token, in (0, d_sae]; a batch of B tokens
@@ -139,25 +140,17 @@ class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             ``"global"``.
         aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``. With every
             capacity >= 1 SAELens's dead mask stays empty and aux-k adds nothing.
-        aux_loss_coefficient (float): Weight of the auxiliary loss.
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``
             (a per-feature scale: it changes the thresholds' units, not which tokens
             a feature picks).
-        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
-        zipf_tau (float): ``aux_zipf`` underutilisation factor (>= 0).
-        zipf_ema_tokens (int): Horizon in tokens of the firing-rate EMA used for the
-            usage ranks.
-        decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
-        d_in (int): Input dimension.
-        d_sae (int): Number of features.
     """
+
+    architecture_key = ARCHITECTURE
 
     capacity_schedule: CapacitySchedule = "zipf"
     zipf_alpha: float = 0.5
     rerank_every: int = 100
     rank_by: RankBy = "firing_rate"
-
-    architecture_key = ARCHITECTURE
 
     @override
     def validate(self) -> None:
@@ -191,10 +184,6 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         # Capacities as fractions of the batch (sum k); kept by the inference SAE.
         self.register_buffer(
             "capacity_fractions", storable_fractions(fractions, self.dtype)
-        )
-        # Training steps taken, which schedules the re-ranking across resumes.
-        self.register_buffer(
-            "n_selection_steps", torch.zeros((), dtype=torch.long, device=device)
         )
         # rank_by="demand": EMA of the rate at which the unrestricted rule would
         # select each feature (kept for every setting, so state dicts always match).
@@ -244,14 +233,6 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
             schedule, cfg.d_sae, cfg.k, alpha, self.dtype, n_tokens
         )
         return depth
-
-    @override
-    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        super().process_state_dict_for_loading(state_dict)
-        # SAELens's loader casts every tensor to the SAE dtype; keep the count whole.
-        steps = state_dict.get("n_selection_steps")
-        if steps is not None and steps.is_floating_point():
-            state_dict["n_selection_steps"] = steps.round().long()
 
     @override
     def process_state_dict_for_saving_inference(
@@ -329,11 +310,12 @@ class FeatureChoiceSAEConfig(BatchLevelSAEConfig):
     below only set the capacities of a freshly built (not loaded) SAE.
 
     Args:
-        k (float): Mean active features per token of ``encode_batch``.
         capacity_schedule (str): ``"zipf"``, ``"uniform"`` or ``"zipf_fixed"``; a new
             SAE starts uniform or Zipf by feature index.
         zipf_alpha (float): Zipf exponent (> 0) of a new SAE's capacities.
     """
+
+    architecture_key = ARCHITECTURE
 
     capacity_schedule: CapacitySchedule = "zipf"
     zipf_alpha: float = 0.5
@@ -341,8 +323,6 @@ class FeatureChoiceSAEConfig(BatchLevelSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_capacity_fields(self)
-
-    architecture_key = ARCHITECTURE
 
 
 class FeatureChoiceSAE(BatchLevelSAE):
@@ -403,4 +383,5 @@ ENTRY = Architecture(
     feature_choice_traffic,
     # Zipf by feature index at exponent 1, the capacities' starting point.
     traffic_cases={ARCHITECTURE: {"zipf_alpha": 1.0}},
+    lost_on_export={"capacity_schedule": ("zipf", "learned capacities")},
 )

@@ -26,7 +26,8 @@ ARCHITECTURE = "mutual_choice"
 
 @dataclass
 class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
-    """Configuration for training a Mutual Choice SAE.
+    """Configuration for training a Mutual Choice SAE (shared fields:
+    :class:`BatchLevelTrainingSAEConfig`).
 
     Args:
         k (float): Mean active features per token; a batch of B tokens keeps its
@@ -36,13 +37,6 @@ class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             each feature fires per token as often as the batch rule selects it),
             ``"global"`` (one EMA of the batch's smallest selected activation,
             BatchTopK's convention) or ``"per_feature"`` (an EMA per feature).
-        aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``.
-        aux_loss_coefficient (float): Weight of the auxiliary loss.
-        rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``.
-        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
-        decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
-        d_in (int): Input dimension.
-        d_sae (int): Number of features.
     """
 
     architecture_key = ARCHITECTURE
@@ -56,11 +50,7 @@ class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
 
 @dataclass
 class MutualChoiceSAEConfig(BatchLevelSAEConfig):
-    """Configuration for a Mutual Choice inference SAE.
-
-    Args:
-        k (float): Mean active features per token of ``encode_batch``.
-    """
+    """Configuration for a Mutual Choice inference SAE."""
 
     architecture_key = ARCHITECTURE
 
