@@ -368,11 +368,12 @@ def export_jumprelu(
     ``encode`` equals the plugin's inference ``encode``. Its metadata keeps the
     plugin's (``l0_per_token``, ``l0_batch_rule``, ...) and records the batch rule's
     settings as ``batch_rule``, which :func:`calibrate_thresholds` can rebuild (not
-    learned Feature Choice capacities); after ``fold_W_dec_norm`` on the inference
-    SAE, ``batch_rule`` also lists the per-feature ``rank_scale``, so the rebuilt
-    rule selects what the plugin's ``encode_batch`` selects. With ``path``, the SAE is also saved there
-    (``cfg.json`` with architecture ``"jumprelu"``), loadable by any SAELens install
-    without this plugin.
+    the learned state of an entry's ``lost_on_export`` settings); after
+    ``fold_W_dec_norm`` on the inference SAE, ``batch_rule`` also lists the
+    per-feature ``rank_scale``, so the rebuilt rule selects what the plugin's
+    ``encode_batch`` selects. With ``path``, the SAE is also saved there (``cfg.json``
+    with architecture ``"jumprelu"``), loadable by any SAELens install without this
+    plugin.
     """
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TrainingSAE
     from sae_lens.saes.sae import SAEMetadata

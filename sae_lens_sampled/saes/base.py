@@ -298,10 +298,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     selected_entries: SelectedEntries | None = None
     # The last sparse training encode's dense pieces, for a sparse aux loss.
     sparse_encode: SparseEncode | None = None
-    # The sum of 0 * x over the training batches (check_finite_inputs=True, see
-    # add_nonfinite). Kept on the batch's device, read only where a read is paid
-    # anyway. Not a buffer, so never saved (and never left on the meta device by
-    # SAELens's loader).
+    # add_nonfinite's sum over the checked training batches, on their device. Not a
+    # buffer: never saved, never left on the meta device by SAELens's loader.
     _nonfinite_sum: torch.Tensor | None = None
     # (buffer, its in-place version, its value) of the last read of
     # n_selection_steps: see host_step_count.
@@ -370,11 +368,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             return super().forward(x)
 
     def one_selection_draw(self) -> AbstractContextManager[None]:
-        """A context in which repeated selections on the same input agree.
-
-        Every rule here is a function of its input except ``sampled`` without a
-        ``pool_seed``, which overrides this.
-        """
+        """A context in which repeated selections on the same input agree (a rule
+        that draws at random overrides this; others are functions of their input)."""
         return nullcontext()
 
     # --- Encode and decode ----------------------------------------------------------
@@ -579,8 +574,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             not fixed_shapes(hidden_pre) and not bool(mask.any())
         ):
             return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
-        # aux_k: SAELens's aux-k loss (calculate_topk_aux_loss), with the number of
-        # dead features kept on the device, and sparse on the sparse path.
         loss = self.calculate_masked_aux_loss(
             step_input.sae_in, sae_out, hidden_pre, mask, coefficient
         )
@@ -617,15 +610,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         mask: torch.Tensor,
         coefficient: float,
     ) -> torch.Tensor:
-        """SAELens's aux-k loss with ``mask`` in place of the dead set, without a sync.
-
-        Per token, the top ``d_in // 2`` pre-activations among ``mask`` reconstruct
-        the detached residual through ``W_dec`` (no ``b_dec``), scaled by
-        ``min(|mask| / (d_in // 2), 1)``; equal to ``calculate_topk_aux_loss`` with
-        ``dead_neuron_mask=mask`` when ``coefficient`` is the configured one. The
-        size of ``mask`` stays on the device: the top-k has a fixed size and picks
-        outside the mask are zeroed, and an empty mask gives a loss of 0.
-        """
+        """SAELens's ``calculate_topk_aux_loss`` with ``mask`` as the dead set, and
+        no sync: the top ``d_in // 2`` has a fixed size, picks outside ``mask`` are
+        zeroed, ``min(|mask| / (d_in // 2), 1)`` stays on the device (an empty mask
+        gives 0); sparse on the sparse path (:func:`sparse_aux_recons`)."""
         if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
             raise ValueError(
                 f"aux_loss={self.cfg.aux_loss!r} does not support "
@@ -710,13 +698,10 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         self.thresholds.set(thresholds)
 
     def host_step_count(self) -> int:
-        """The ``n_selection_steps`` buffer (of the subclasses that list it in
-        ``training_buffers``) as a host int, without a device read while the mirror is current.
-
-        :meth:`advance_step_count` keeps the mirror in step with the buffer; any other
-        change to the buffer (a load, ``fill_``, a copy of the module) bumps its
-        in-place version or replaces it, and the next call reads it once.
-        """
+        """``n_selection_steps`` as a host int, read from the device only when the
+        mirror is stale: :meth:`advance_step_count` moves both, and any other change
+        (a load, ``fill_``, a copy of the module) bumps the buffer's in-place version
+        or replaces it."""
         buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
         mirror = self._step_mirror
         if mirror is not None and mirror[0] is buffer and mirror[1] == buffer._version:
@@ -923,9 +908,9 @@ class BatchLevelSAE(JumpReLUSAE):
 
         Selects what the training SAE selected on the same input, ranking
         ``relu(hidden_pre) * rank_scale`` (with decoder-norm rescaling, up to the
-        rounding of the export's fold: ``docs/reliability.md``); the codes are in JumpReLU's units, those of
-        ``encode``. Raises a ValueError on NaN or Inf input, since the rule ranks all
-        tokens together.
+        rounding of the export's fold: ``docs/reliability.md``); the codes are in
+        JumpReLU's units, those of ``encode``. Raises a ValueError on NaN or Inf
+        input, since the rule ranks all tokens together.
         """
         check_batch_rule_input(x)
         acts: torch.Tensor = self.hook_sae_acts_post(

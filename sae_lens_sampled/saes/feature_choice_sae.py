@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
@@ -262,12 +261,6 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         return storable_fractions(fractions, self.dtype)
 
     @override
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        output = super().training_forward_pass(step_input)
-        self.update_capacities()
-        return output
-
-    @override
     @torch.no_grad()
     def usage_rates(self, hidden_pre: torch.Tensor) -> list[FiringRate]:
         # rank_by="demand": the batch's unrestricted selections (BatchTopK's) move
@@ -281,13 +274,13 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
             counts, _ = self.data_parallel.demand_counts(acts, self.cfg.k)
         return [FiringRate(self.demand_rate, self.cfg.zipf_ema_tokens, counts)]
 
+    @override
     @torch.no_grad()
-    def update_capacities(self) -> None:
-        """Count the step and re-rank when one is due.
-
-        Runs after :meth:`update_state`, so the batch is already in ``firing_rate``,
-        ``demand_rate`` and ``n_tokens_seen``.
-        """
+    def update_rule_state(
+        self, feature_acts: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        # Count the step and re-rank when one is due; the batch is already in
+        # firing_rate, demand_rate and n_tokens_seen.
         self.advance_step_count()
         if self.cfg.capacity_schedule != "zipf":
             return

@@ -229,6 +229,12 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         "pool_staleness",
         "missed_chances",
     )
+    # One forward's seed of an unseeded draw (one_selection_draw).
+    _draw_seed: int | None = None
+    # Set during training_forward_pass: select is the training step's rule.
+    _in_training_step: bool = False
+    # The pool of the current training step (sampled_rule), until update_state.
+    step_pool: StepPool | None = None
 
     def __init__(self, cfg: SampledTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -249,12 +255,6 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
             return None
         step = self.host_step_count()
         return seeded_generator(self.cfg.pool_seed, step, self.W_dec.device)
-
-    _draw_seed: int | None = None
-    # Set during training_forward_pass: select is the training step's rule.
-    _in_training_step: bool = False
-    # The pool of the current training step (sampled_rule), until update_state.
-    step_pool: "StepPool | None" = None
 
     @override
     @contextmanager
