@@ -216,10 +216,10 @@ def _fresh_pool_draws(
 ) -> Iterator[None]:
     """Every batch-rule call draws a new pool, from torch's RNG seeded with ``seed``.
 
-    A seeded ``sampled`` SAE would otherwise replay one draw on every call; the
-    caller's RNG state is restored afterwards.
+    A rule seeded by its config's ``pool_seed`` would otherwise replay one draw on
+    every call; the caller's RNG state is restored afterwards.
     """
-    cfg: Any = getattr(rule, "cfg", None)  # a sampled SAE's has a pool_seed
+    cfg: Any = getattr(rule, "cfg", None)
     saved = getattr(cfg, "pool_seed", None)
     draws = getattr(rule, "n_batch_draws", None)  # a seeded SAE's draw counter
     devices = [device] if device.type == "cuda" else []
@@ -285,7 +285,7 @@ def calibrate_thresholds(
         batch_rule: The plugin SAE whose batch rule sets the targets; default ``sae``
             itself, or for a ``JumpReLUSAE`` the rule its export metadata records.
         batch_size: Tokens per batch-rule call, > 0.
-        pool_draws: Batch-rule calls per batch, averaged (``sampled``: fresh pools).
+        pool_draws: Batch-rule calls per batch, averaged (a random pool: fresh pools).
         seed: Seeds the pool draws; the caller's RNG state is left as it was.
         min_selections: A warning names features selected fewer times than this.
         accuracy: Relative bucket half-width of the histograms, in (0, 0.5).
