@@ -1,20 +1,13 @@
 """Batch-level feature selection for SAELens.
 
 Importing this package registers the ``sampled``, ``feature_choice`` and
-``mutual_choice`` architectures in SAELens's inference and training registries, so
-they work with ``LanguageModelSAERunnerConfig``, ``SAE.load_from_disk``,
-``HookedSAETransformer`` and the training CLI exactly like SAELens's built-ins.
-Registration is idempotent.
-
-The import itself is cheap (the command line starts in milliseconds): SAELens and
-torch are imported, and the architectures registered, at the first of
-
-- any public name being used (``sae_lens_sampled.SampledTrainingSAEConfig``,
-  ``from sae_lens_sampled import ...``);
-- ``sae_lens`` being imported, by anyone (a one-shot import hook, see
-  ``sae_lens_sampled_autoload``);
-- right away, if ``sae_lens`` is already imported.
-
+``mutual_choice`` architectures in SAELens's inference and training registries
+(idempotently), so they work with ``LanguageModelSAERunnerConfig``,
+``SAE.load_from_disk``, ``HookedSAETransformer`` and the training CLI exactly like
+SAELens's built-ins. The import itself is cheap (the command line starts in
+milliseconds): SAELens and torch are imported, and the architectures registered, at
+the first use of a public name, when anyone imports ``sae_lens`` (a one-shot import
+hook, ``sae_lens_sampled_autoload``), or at once if ``sae_lens`` is already imported.
 So SAELens's registries hold the plugin's architectures whenever they can be read.
 """
 

@@ -41,6 +41,9 @@ class Architecture:
             model's formula, ``traffic(cfg, n_tokens, costs)``), or None.
         traffic_cases: The settings the traffic model tabulates: a column name ->
             training config fields. Empty: one column, the key, with the defaults.
+        lost_on_export: Config settings under which the rule reads learned state
+            that :func:`~sae_lens_sampled.calibration.export_jumprelu` does not
+            keep: field name -> (value, what is lost).
     """
 
     key: str
@@ -51,6 +54,7 @@ class Architecture:
     rule: Rule
     traffic: Traffic | None = None
     traffic_cases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    lost_on_export: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -119,11 +123,16 @@ def architecture_keys() -> list[str]:
     return [entry.key for entry in architectures()]
 
 
-def rule_of(key: str) -> Rule:
-    """The batch rule of architecture ``key``."""
+def entry_of(key: str) -> Architecture | None:
+    """The plugin's entry of architecture ``key``; None if it has none."""
     if key not in _ARCHITECTURES:
         architectures()  # the plugin's own entries are added on first use
-    entry = _ARCHITECTURES.get(key)
+    return _ARCHITECTURES.get(key)
+
+
+def rule_of(key: str) -> Rule:
+    """The batch rule of architecture ``key``."""
+    entry = entry_of(key)
     if entry is None:
         raise KeyError(
             f"no batch rule for architecture {key!r}: it is not in the plugin's "

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 import torch
 from typing_extensions import TypeIs
 
+from sae_lens_sampled._registry import entry_of
+from sae_lens_sampled.checks import check_range
 from sae_lens_sampled.saes.base import BatchLevelSAE, BatchLevelTrainingSAE
 from sae_lens_sampled.thresholds import _CPU_CHUNK_ENTRIES, fired_and_excess
 
@@ -182,12 +184,15 @@ def _rule_from_metadata(sae: JumpReLUSAE) -> BatchLevelSAE:
             f"calibrate_thresholds: {type(sae).__name__} has no batch rule and its "
             "metadata records none; pass batch_rule=<the plugin SAE it came from>"
         )
-    if rule.get("capacity_schedule") == "zipf":
-        raise ValueError(
-            "calibrate_thresholds: this SAE was exported from a feature_choice SAE "
-            "with learned (capacity_schedule='zipf') capacities, which the export "
-            "does not keep; pass batch_rule=<the feature_choice SAE>"
-        )
+    key = str(rule.get("architecture"))
+    entry = entry_of(key)
+    for name, (value, what) in (entry.lost_on_export if entry else {}).items():
+        if rule.get(name) == value:
+            raise ValueError(
+                f"calibrate_thresholds: this SAE was exported from a {key} SAE with "
+                f"{what} ({name}={value!r}), which the export does not keep; pass "
+                f"batch_rule=<the {key} SAE>"
+            )
     rule = dict(rule)
     rank_scale = rule.pop("rank_scale", None)
     cfg = {**sae.cfg.to_dict(), **rule}
@@ -211,10 +216,10 @@ def _fresh_pool_draws(
 ) -> Iterator[None]:
     """Every batch-rule call draws a new pool, from torch's RNG seeded with ``seed``.
 
-    A seeded ``sampled`` SAE would otherwise replay one draw on every call; the
-    caller's RNG state is restored afterwards.
+    A rule seeded by its config's ``pool_seed`` would otherwise replay one draw on
+    every call; the caller's RNG state is restored afterwards.
     """
-    cfg: Any = getattr(rule, "cfg", None)  # a sampled SAE's has a pool_seed
+    cfg: Any = getattr(rule, "cfg", None)
     saved = getattr(cfg, "pool_seed", None)
     draws = getattr(rule, "n_batch_draws", None)  # a seeded SAE's draw counter
     devices = [device] if device.type == "cuda" else []
@@ -280,7 +285,7 @@ def calibrate_thresholds(
         batch_rule: The plugin SAE whose batch rule sets the targets; default ``sae``
             itself, or for a ``JumpReLUSAE`` the rule its export metadata records.
         batch_size: Tokens per batch-rule call, > 0.
-        pool_draws: Batch-rule calls per batch, averaged (``sampled``: fresh pools).
+        pool_draws: Batch-rule calls per batch, averaged (a random pool: fresh pools).
         seed: Seeds the pool draws; the caller's RNG state is left as it was.
         min_selections: A warning names features selected fewer times than this.
         accuracy: Relative bucket half-width of the histograms, in (0, 0.5).
@@ -288,15 +293,12 @@ def calibrate_thresholds(
     Returns:
         A :class:`CalibrationResult` (thresholds, dead features before and after).
     """
-    for name, value, low in (
-        ("batch_size", batch_size, 1),
-        ("pool_draws", pool_draws, 1),
-        ("min_selections", min_selections, 0),
-    ):
-        if value < low:
-            raise ValueError(f"{name} must be in [{low}, inf), got {value!r}")
-    if not 0 < accuracy < 0.5:
-        raise ValueError(f"accuracy must be in (0, 0.5), got {accuracy!r}")
+    check_range("batch_size", batch_size, low=1)
+    check_range("pool_draws", pool_draws, low=1)
+    check_range("min_selections", min_selections, low=0)
+    check_range(
+        "accuracy", accuracy, low=0, high=0.5, low_inclusive=False, high_inclusive=False
+    )
     if batch_rule is None:
         batch_rule = sae if _is_plugin(sae) else _rule_from_metadata(sae)
     with torch.no_grad():
@@ -366,11 +368,12 @@ def export_jumprelu(
     ``encode`` equals the plugin's inference ``encode``. Its metadata keeps the
     plugin's (``l0_per_token``, ``l0_batch_rule``, ...) and records the batch rule's
     settings as ``batch_rule``, which :func:`calibrate_thresholds` can rebuild (not
-    learned Feature Choice capacities); after ``fold_W_dec_norm`` on the inference
-    SAE, ``batch_rule`` also lists the per-feature ``rank_scale``, so the rebuilt
-    rule selects what the plugin's ``encode_batch`` selects. With ``path``, the SAE is also saved there
-    (``cfg.json`` with architecture ``"jumprelu"``), loadable by any SAELens install
-    without this plugin.
+    the learned state of an entry's ``lost_on_export`` settings); after
+    ``fold_W_dec_norm`` on the inference SAE, ``batch_rule`` also lists the
+    per-feature ``rank_scale``, so the rebuilt rule selects what the plugin's
+    ``encode_batch`` selects. With ``path``, the SAE is also saved there (``cfg.json``
+    with architecture ``"jumprelu"``), loadable by any SAELens install without this
+    plugin.
     """
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TrainingSAE
     from sae_lens.saes.sae import SAEMetadata

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,25 @@ from sae_lens_sampled.losses import (
     masked_topk_aux_acts,
     underutilised_mask,
 )
+from sae_lens_sampled.saes.buffers import buffer_from_bytes as buffer_from_bytes
+from sae_lens_sampled.saes.buffers import (
+    float64_kept,
+    pack_exact_buffers,
+    unpack_exact_buffers,
+)
+from sae_lens_sampled.saes.finite_inputs import (
+    NONFINITE_APPLIED,
+    add_nonfinite,
+    check_batch_rule_input,
+    check_finite,
+)
+from sae_lens_sampled.saes.sparse_encode import (
+    SparseEncode,
+    encoder_pre,
+    positions_codes,
+    selected_values,
+    sparse_aux_recons,
+)
 from sae_lens_sampled.selection import batch_budget, fixed_shapes
 from sae_lens_sampled.sparse import (
     DecoderNorms,
@@ -55,7 +74,6 @@ from sae_lens_sampled.sparse import (
     SparseCodes,
     attach_values,
     column_stats,
-    gather_linear,
     sparse_decode,
 )
 from sae_lens_sampled.thresholds import (
@@ -133,32 +151,6 @@ def check_input_width(x: torch.Tensor, cfg: Any) -> None:
     )
 
 
-def check_finite(
-    x: torch.Tensor,
-    what: str = "training batch",
-    consequence: str = "nothing was updated",
-) -> None:
-    """Raise a ValueError if ``x`` holds NaN or Inf (one device sync)."""
-    if not bool(torch.isfinite(x).all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise ValueError(
-            f"{what} contains non-finite activations ({n_nan} NaN, {n_inf} "
-            f"Inf, shape {tuple(x.shape)}); {consequence}"
-        )
-
-
-def check_batch_rule_input(x: torch.Tensor) -> None:
-    """``encode_batch``'s input check: one NaN would change every token's codes."""
-    check_finite(
-        x,
-        what="encode_batch input",
-        consequence="the batch rule ranks all tokens together, so one non-finite "
-        "token would change the codes of every other; drop or fix those tokens, or "
-        "use the per-token encode",
-    )
-
-
 def apply_to_last_dim(
     rule: Callable[[torch.Tensor], torch.Tensor], acts: torch.Tensor
 ) -> torch.Tensor:
@@ -173,27 +165,19 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class SparseEncode:
-    """The dense pieces of a sparse training encode that a sparse aux loss reads.
+class ArchitectureKey:
+    """``architecture()`` (SAELens's registry key) returns ``architecture_key``,
+    which each architecture's configs set."""
 
-    Args:
-        hidden_pre (torch.Tensor): The ``hidden_pre`` the encode returned.
-        pre (torch.Tensor): ``sae_in @ W_enc + b_enc``, ``[n, d_sae]``.
-        sae_in (torch.Tensor): The processed input, ``[n, d_in]``.
-    """
+    architecture_key: ClassVar[str]
 
-    hidden_pre: torch.Tensor
-    pre: torch.Tensor
-    sae_in: torch.Tensor
-
-    # A copy of the module holding this gets none (tensors of an autograd graph).
-    def __deepcopy__(self, memo: dict[int, Any]) -> None:
-        return None
+    @classmethod
+    def architecture(cls) -> str:
+        return cls.architecture_key
 
 
 @dataclass
-class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
+class BatchLevelTrainingSAEConfig(ArchitectureKey, TrainingSAEConfig):
     """Fields shared by the plugin's training configs (see each subclass).
 
     Args:
@@ -222,15 +206,13 @@ class BatchLevelTrainingSAEConfig(TrainingSAEConfig):
         zipf_ema_tokens (int): Horizon, in tokens (> 0), of the per-feature firing-rate
             EMA; until that many tokens are seen it is the plain running mean.
         check_finite_inputs (bool | str): NaN/Inf in training batches. ``True``
-            (default): eager on a CPU, each batch is checked before anything is
-            updated and the ValueError is raised at once; on an accelerator or while
-            ``torch.compile`` traces, the batch is checked on the device with no
-            host sync and the ValueError is raised at the next SAELens logging step
-            (through a logged metric), at the next save or checkpoint, or when
-            :meth:`~BatchLevelTrainingSAE.raise_if_nonfinite_inputs` is called; by
-            then the bad batch has already updated the weights and state.
-            ``"every_step"``: check before anything is updated and raise at once on
-            every device (one device sync per step). ``False``: no check.
+            (default): eager on a CPU, checked before anything is updated; on an
+            accelerator or under ``torch.compile``, checked on the device with no
+            host sync and raised at the next SAELens logging step, save or
+            checkpoint, or :meth:`~BatchLevelTrainingSAE.raise_if_nonfinite_inputs`
+            call, when the bad batch has already updated the weights and state.
+            ``"every_step"``: checked before anything is updated on every device
+            (one device sync per step). ``False``: no check.
     """
 
     k: float = 100
@@ -315,12 +297,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     # The sparse path's entries of the codes the last training encode returned.
     selected_entries: SelectedEntries | None = None
     # The last sparse training encode's dense pieces, for a sparse aux loss.
-    sparse_encode: "SparseEncode | None" = None
-    # The sum of 0 * x over the training batches (check_finite_inputs=True): 0 while
-    # every entry was finite, NaN for good once one was not (0 * inf is NaN). Kept on
-    # the batch's device, read only where a read is paid anyway. Not a buffer, so
-    # never saved (and never left on the meta device by SAELens's loader).
+    sparse_encode: SparseEncode | None = None
+    # add_nonfinite's sum over the checked training batches, on their device. Not a
+    # buffer: never saved, never left on the meta device by SAELens's loader.
     _nonfinite_sum: torch.Tensor | None = None
+    # (buffer, its in-place version, its value) of the last read of
+    # n_selection_steps: see host_step_count.
+    _step_mirror: tuple[torch.Tensor, int, int] | None = None
 
     def __init__(self, cfg: BatchLevelTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
@@ -335,9 +318,16 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         self.register_buffer(
             "n_tokens_seen", torch.zeros((), dtype=torch.float64, device=device)
         )
+        if "n_selection_steps" in self.training_buffers:
+            # Training steps taken, for the rules that depend on the step count
+            # (host_step_count): kept across resumes.
+            self.register_buffer(
+                "n_selection_steps", torch.zeros((), dtype=torch.long, device=device)
+            )
         # Training MSE by window of steps (health.py); not saved in checkpoints.
         self.reconstruction = ReconstructionWindows()
 
+    # --- The batch rule -------------------------------------------------------------
     def select(
         self, acts: torch.Tensor, batch: LocalBatch | None = None
     ) -> torch.Tensor:
@@ -352,6 +342,11 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         ran over, when not every feature (e.g. a pool); None: every feature."""
         return None
 
+    def max_selected(self, n_tokens: int) -> int:
+        """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
+        its budget ``round(k * n_tokens)``, at most every entry."""
+        return min(batch_budget(self.cfg.k, n_tokens), n_tokens * self.cfg.d_sae)
+
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         # A bound method, not a closure, so that copy.deepcopy rebinds it to the copy.
@@ -365,6 +360,19 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             )
         return apply_to_last_dim(self.select, hidden_pre.relu())
 
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # With use_error_term, SAELens encodes x a second time for the error term; both
+        # encodes of one forward must make the same selection for sae(x) to equal x.
+        with self.one_selection_draw():
+            return super().forward(x)
+
+    def one_selection_draw(self) -> AbstractContextManager[None]:
+        """A context in which repeated selections on the same input agree (a rule
+        that draws at random overrides this; others are functions of their input)."""
+        return nullcontext()
+
+    # --- Encode and decode ----------------------------------------------------------
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations in the units the selection and thresholds use."""
         check_input_width(x, self.cfg)
@@ -380,21 +388,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         """Per-token JumpReLU rule with the learned thresholds (inference encode)."""
         threshold = self.running_threshold.to(hidden_pre.dtype)
         return hidden_pre.relu() * (hidden_pre > threshold)
-
-    @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # With use_error_term, SAELens encodes x a second time for the error term; both
-        # encodes of one forward must make the same selection for sae(x) to equal x.
-        with self.one_selection_draw():
-            return super().forward(x)
-
-    def one_selection_draw(self) -> AbstractContextManager[None]:
-        """A context in which repeated selections on the same input agree.
-
-        Every rule here is a function of its input except ``sampled`` without a
-        ``pool_seed``, which overrides this.
-        """
-        return nullcontext()
 
     @override
     def encode_with_hidden_pre(
@@ -421,21 +414,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         """Training encode whose codes carry their selected entries for :meth:`decode`.
 
         Same values as the dense path; the selection is made without grad, and the
-        selected values get their gradient through :func:`gather_linear`, so neither
+        selected values get their gradient through ``gather_linear``, so neither
         the loss nor its backward touches the ``[n, d_sae]`` matrix. ``hidden_pre``
         stays dense and differentiable (aux losses read it).
         """
         check_input_width(x, self.cfg)
         sae_in = self.process_sae_in(x)
-        pre = sae_in @ self.W_enc
-        if pre.dtype == torch.promote_types(pre.dtype, self.b_enc.dtype):
-            # In place: same values as `sae_in @ W_enc + b_enc`, one [n, d_sae] fewer.
-            pre = pre.add_(self.b_enc)
-        else:
-            # Under autocast the product is bf16/fp16; the dense path (and SAELens's
-            # BatchTopK) add the float32 b_enc out of place, in float32.
-            pre = pre + self.b_enc
-        pre = self.hook_sae_acts_pre(pre)
+        pre = self.hook_sae_acts_pre(encoder_pre(sae_in, self.W_enc, self.b_enc))
         hidden_pre = pre
         # One decoder-norm computation per step: the rescaled hidden_pre, the
         # selected values and decode's inverse norms all read it.
@@ -445,71 +430,33 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             hidden_pre = pre * norms
         with torch.no_grad():
             if self.data_parallel is None and fixed_shapes(hidden_pre):
-                # No host read: the rule's own positions, else as many entries as
-                # it can keep, padded.
                 selected, codes = self._select_fixed(hidden_pre.detach())
             else:
                 selected = self.activation_fn(hidden_pre.detach())
                 codes = SparseCodes.from_dense(selected.flatten(end_dim=-2))
-        values = gather_linear(
-            pre.flatten(end_dim=-2),
-            sae_in.flatten(end_dim=-2),
-            self.W_enc,
-            self.b_enc,
-            codes,
+        pre, sae_in = pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
+        values, entry_norms = selected_values(
+            pre, sae_in, self.W_enc, self.b_enc, codes, norms
         )
-        entry_norms = None
-        if norms is not None:
-            # The codes relu(pre * n) are decoded as codes * (1 / n): the loss does
-            # not depend on n (its gradient there is 0 up to rounding), so the
-            # entries read the norms detached and skip that backward. hidden_pre
-            # keeps its gradient through them (a dense aux loss reads it).
-            norms = norms.detach()
-            entry_norms = norms[codes.cols]
-            values = values * entry_norms
-        values = values.relu()
-        if codes.valid is not None:  # padding entries hold 0, and get no gradient
-            values = torch.where(codes.valid, values, values.new_zeros(()))
         feature_acts = attach_values(values, selected, codes)
         self.selected_entries = SelectedEntries.of(
             feature_acts, codes, values, DecoderNorms.of(self.W_dec, entry_norms)
         )
-        self.sparse_encode = SparseEncode(
-            hidden_pre, pre.flatten(end_dim=-2), sae_in.flatten(end_dim=-2)
-        )
+        self.sparse_encode = SparseEncode(hidden_pre, pre, sae_in)
         return self.hook_sae_acts_post(feature_acts), hidden_pre
 
     def _select_fixed(
         self, hidden_pre: torch.Tensor
     ) -> tuple[torch.Tensor, SparseCodes]:
         """The batch rule on ``relu(hidden_pre)`` and the codes of what it kept, with
-        fixed shapes: from the positions its batch top-k found where it ran one over
-        every feature or over :meth:`selected_columns` (exactly the budget, no scan
-        of the dense result), else from the dense result."""
+        fixed shapes (no host read): see :func:`positions_codes`."""
         acts = hidden_pre.relu().flatten(end_dim=-2)
         n_tokens, d_sae = acts.shape
-        size = self.max_selected(n_tokens)
-        batch = PositionsBatch(n_tokens, size)
+        batch = PositionsBatch(n_tokens, self.max_selected(n_tokens))
         selected = self.select(acts, batch)
-        positions, width = batch.positions, batch.width
-        columns = self.selected_columns() if width != d_sae else None
-        if positions is not None and (
-            width == d_sae or (columns is not None and columns.numel() == width)
-        ):
-            rows, cols = positions // width, positions % width
-            if columns is not None:  # ascending, so rows stay in order
-                cols = columns[cols]
-            codes = SparseCodes.from_rows_cols(
-                rows, cols, n_tokens, d_sae, valid=batch.kept
-            )
-        else:
-            codes = SparseCodes.from_dense_fixed(selected, size)
+        columns = self.selected_columns() if batch.width != d_sae else None
+        codes = positions_codes(selected, batch, columns)
         return selected.reshape(hidden_pre.shape), codes
-
-    def max_selected(self, n_tokens: int) -> int:
-        """The most entries the batch rule keeps in a batch of ``n_tokens`` tokens:
-        its budget ``round(k * n_tokens)``, at most every entry."""
-        return min(batch_budget(self.cfg.k, n_tokens), n_tokens * self.cfg.d_sae)
 
     def entries_of(self, feature_acts: torch.Tensor) -> SelectedEntries | None:
         """The selected entries of ``feature_acts`` when the last training encode
@@ -556,166 +503,7 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         )
         return acts
 
-    def set_thresholds(self, thresholds: torch.Tensor) -> None:
-        self.thresholds.set(thresholds)
-
-    @override
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
-        # `.to(dtype)` (which SAELens's load_from_disk ends with) would cast the
-        # float64 EMA buffers down; let them follow device moves but keep float64.
-        float64_buffers = {
-            name: buffer
-            for name, buffer in self._buffers.items()
-            if buffer is not None and buffer.dtype == torch.float64
-        }
-        result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch
-        for name, original in float64_buffers.items():
-            moved = self._buffers[name]
-            if moved is not None and moved.dtype != torch.float64:
-                self._buffers[name] = original.to(moved.device)
-        return result
-
-    @override
-    def get_coefficients(self) -> dict[str, TrainCoefficientConfig | float]:
-        # SAELens's trainer schedules each entry and hands the current value back in
-        # step_input.coefficients (and logs it as details/aux_loss_coefficient_coefficient).
-        if self.cfg.aux_loss == "none":
-            return {}
-        return {
-            "aux_loss_coefficient": TrainCoefficientConfig(
-                value=self.cfg.aux_loss_coefficient,
-                warm_up_steps=self.cfg.aux_loss_warm_up_steps,
-            )
-        }
-
-    @override
-    def calculate_aux_loss(
-        self,
-        step_input: TrainStepInput,
-        feature_acts: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        sae_out: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        if self.cfg.aux_loss == "none":
-            return {}
-        # The trainer passes the scheduled weight; direct callers may pass none.
-        coefficient = step_input.coefficients.get(
-            "aux_loss_coefficient", self.cfg.aux_loss_coefficient
-        )
-        if self.cfg.aux_loss == "aux_zipf":
-            loss = self.calculate_masked_aux_loss(
-                sae_in=step_input.sae_in,
-                sae_out=sae_out,
-                hidden_pre=hidden_pre,
-                mask=self.underutilised(step_input.dead_neuron_mask),
-                coefficient=coefficient,
-            )
-        elif step_input.dead_neuron_mask is None or (
-            # On a CPU the read is free, and with no dead feature nothing is done.
-            not fixed_shapes(hidden_pre) and not bool(step_input.dead_neuron_mask.any())
-        ):
-            loss = sae_out.new_tensor(0.0)  # as SAELens's aux-k loss
-        else:
-            # SAELens's aux-k loss (calculate_topk_aux_loss), with the number of dead
-            # features kept on the device, and sparse on the sparse path.
-            loss = self.calculate_masked_aux_loss(
-                sae_in=step_input.sae_in,
-                sae_out=sae_out,
-                hidden_pre=hidden_pre,
-                mask=step_input.dead_neuron_mask,
-                coefficient=coefficient,
-            )
-        return {"auxiliary_reconstruction_loss": loss}
-
-    @torch.no_grad()
-    def underutilised(
-        self, dead_neuron_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """aux_zipf's set: features firing below ``zipf_tau`` times their Zipf target.
-
-        Targets follow the features' current usage ranks in ``firing_rate``; the
-        trainer's ``dead_neuron_mask``, if given, is joined in.
-        """
-        return underutilised_mask(
-            self.firing_rate,
-            self.cfg.k,
-            self.cfg.zipf_alpha,
-            self.cfg.zipf_tau,
-            dead_neuron_mask,
-        )
-
-    def calculate_masked_aux_loss(
-        self,
-        sae_in: torch.Tensor,
-        sae_out: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        mask: torch.Tensor,
-        coefficient: float,
-    ) -> torch.Tensor:
-        """SAELens's aux-k loss with ``mask`` in place of the dead set, without a sync.
-
-        Per token, the top ``d_in // 2`` pre-activations among ``mask`` reconstruct
-        the detached residual through ``W_dec`` (no ``b_dec``), scaled by
-        ``min(|mask| / (d_in // 2), 1)``; equal to ``calculate_topk_aux_loss`` with
-        ``dead_neuron_mask=mask`` when ``coefficient`` is the configured one. The
-        size of ``mask`` stays on the device: the top-k has a fixed size and picks
-        outside the mask are zeroed, and an empty mask gives a loss of 0.
-        """
-        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
-            raise ValueError(
-                f"aux_loss={self.cfg.aux_loss!r} does not support "
-                f"normalize_activations={self.cfg.normalize_activations!r} (as "
-                "SAELens's aux-k loss: the reconstruction would be in normalized "
-                "space, the residual is not)"
-            )
-        with torch.no_grad():
-            residual = sae_in - sae_out
-        d_in = sae_in.shape[-1]
-        k_aux = aux_k_budget(d_in, hidden_pre.shape[-1])
-        encode = self.sparse_encode
-        if encode is not None and encode.hidden_pre is hidden_pre:
-            recons = self._sparse_aux_recons(encode, mask, k_aux)
-        else:
-            aux_acts = masked_topk_aux_acts(hidden_pre, mask, k_aux)
-            recons = act_times_W_dec(
-                aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
-            )
-        recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[no-untyped-call]
-        # sum over d_in, mean over tokens, as one op (and one in backward)
-        n_rows = residual.numel() // max(residual.shape[-1], 1)
-        aux_loss = F.mse_loss(recons, residual, reduction="sum") / n_rows
-        scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
-        return coefficient * scale * aux_loss
-
-    def _sparse_aux_recons(
-        self, encode: "SparseEncode", mask: torch.Tensor, k_aux: int
-    ) -> torch.Tensor:
-        """The aux-k reconstruction of :meth:`calculate_masked_aux_loss` from the
-        ``k_aux`` picks per token alone: values gathered as in :meth:`_encode_sparse`
-        and decoded with :func:`sparse_decode`, so neither the loss nor its backward
-        touches an ``[n, d_sae]`` matrix (``O(n * k_aux * d_in)``)."""
-        pre, sae_in = encode.pre, encode.sae_in
-        n_tokens, d_sae = pre.shape
-        with torch.no_grad():
-            mask = mask.to(device=pre.device, dtype=torch.bool)
-            flat = encode.hidden_pre.detach().flatten(end_dim=-2)
-            candidates = torch.where(mask, flat, -torch.inf)
-            cols = candidates.topk(k_aux, dim=-1, sorted=False).indices.flatten()
-            # k_aux entries per row: row r's start at r * k_aux
-            rows = torch.arange(n_tokens * k_aux, device=pre.device) // k_aux
-            row_offsets = torch.arange(0, n_tokens * k_aux, k_aux, device=pre.device)
-            picked = mask[cols]
-        codes = SparseCodes.from_rows_cols(
-            rows, cols, n_tokens, d_sae, row_offsets=row_offsets
-        )
-        # With rescaling, hidden_pre = pre * ||W_dec|| is decoded as
-        # hidden_pre / ||W_dec||: the norms cancel (their gradient is 0), so the
-        # picks decode their `pre` values directly.
-        values = gather_linear(pre, sae_in, self.W_enc, self.b_enc, codes)
-        values = values * picked  # picks outside the mask count 0
-        recons = sparse_decode(values, self.W_dec, codes)
-        return recons.reshape(*encode.hidden_pre.shape[:-1], self.W_dec.shape[1])
-
+    # --- The training step ----------------------------------------------------------
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_input_width(step_input.sae_in, self.cfg)
@@ -751,100 +539,110 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         output.metrics["l0_per_token_drift"] = lambda: fire_rates.sum() / k - 1
         return output
 
-    # (buffer, its in-place version, its value) of the last read of
-    # n_selection_steps: see host_step_count.
-    _step_mirror: tuple[torch.Tensor, int, int] | None = None
-
-    def host_step_count(self) -> int:
-        """The ``n_selection_steps`` buffer (of the subclasses that count steps) as a
-        host int, without a device read while the mirror is current.
-
-        :meth:`advance_step_count` keeps the mirror in step with the buffer; any other
-        change to the buffer (a load, ``fill_``, a copy of the module) bumps its
-        in-place version or replaces it, and the next call reads it once.
-        """
-        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
-        mirror = self._step_mirror
-        if mirror is not None and mirror[0] is buffer and mirror[1] == buffer._version:
-            return mirror[2]
-        step = int(buffer)
-        self._step_mirror = (buffer, buffer._version, step)
-        return step
-
-    @torch.no_grad()
-    def advance_step_count(self) -> None:
-        """Add one to ``n_selection_steps`` and to its host mirror."""
-        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
-        if torch.compiler.is_compiling():
-            # A host int that changes every step would recompile every step: the
-            # mirror goes stale (the buffer's version moves) and eager code reads
-            # the buffer again when it needs it.
-            buffer += 1
-            return
-        step = self.host_step_count()
-        buffer += 1
-        self._step_mirror = (buffer, buffer._version, step + 1)
-
-    @property
-    def inputs_finite(self) -> torch.Tensor | None:
-        """False once a training batch held NaN or Inf (``check_finite_inputs=True``),
-        as a device tensor; None before the first checked batch."""
-        total = self._nonfinite_sum
-        return None if total is None else total == 0
-
-    @torch.no_grad()
-    def note_nonfinite_inputs(self, x: torch.Tensor) -> None:
-        """Clear :attr:`inputs_finite` if ``x`` holds NaN or Inf, on the device."""
-        # Two passes and no flag to combine: a NaN in the running sum stays.
-        zeros = x.mul(0).sum()
-        total = self._nonfinite_sum
-        if total is not None:
-            zeros = zeros + total.to(zeros.device)
-        self._nonfinite_sum = zeros
-
-    def raise_if_nonfinite_inputs(self) -> torch.Tensor:
-        """Raise a ValueError if a training batch held NaN or Inf since this SAE was
-        built (``check_finite_inputs=True``); else return True as a tensor. One host
-        sync."""
-        finite = self.inputs_finite
-        if finite is None:
-            return torch.ones((), dtype=torch.bool)
-        if not bool(finite):
-            raise ValueError(
-                "a training batch contained non-finite activations (NaN or Inf); "
-                "it was already applied, so the weights and training state are "
-                "likely corrupted. Fix the data, or set "
-                "check_finite_inputs='every_step' to stop before a bad batch is "
-                "applied (one device sync per step)"
+    @override
+    def get_coefficients(self) -> dict[str, TrainCoefficientConfig | float]:
+        # SAELens's trainer schedules each entry and hands the current value back in
+        # step_input.coefficients (and logs it as details/aux_loss_coefficient_coefficient).
+        if self.cfg.aux_loss == "none":
+            return {}
+        return {
+            "aux_loss_coefficient": TrainCoefficientConfig(
+                value=self.cfg.aux_loss_coefficient,
+                warm_up_steps=self.cfg.aux_loss_warm_up_steps,
             )
-        return finite
+        }
 
-    def health(self) -> HealthReport:
-        """Whether reconstruction improved over the last window, and the per-token
-        L0 (EMA of the end of training) against k. One host sync."""
-        token_rate = self.thresholds.token_rate
-        started = bool(self.thresholds.selection_rate.any())
-        return HealthReport(
-            mse_change=self.reconstruction.change(),
-            window_steps=self.reconstruction.window,
-            l0_per_token=float(token_rate.sum()) if started else None,
-            k=float(self.cfg.k),
-            mse_advice=self.mse_rise_advice(),
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if self.cfg.aux_loss == "none":
+            return {}
+        # The trainer passes the scheduled weight; direct callers may pass none.
+        coefficient = step_input.coefficients.get(
+            "aux_loss_coefficient", self.cfg.aux_loss_coefficient
+        )
+        mask = self.aux_dead_features(step_input.dead_neuron_mask)
+        if self.cfg.aux_loss == "aux_zipf":
+            mask = self.underutilised(mask)
+        elif mask is None or (
+            # On a CPU the read is free, and with no dead feature nothing is done.
+            not fixed_shapes(hidden_pre) and not bool(mask.any())
+        ):
+            return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
+        loss = self.calculate_masked_aux_loss(
+            step_input.sae_in, sae_out, hidden_pre, mask, coefficient
+        )
+        return {"auxiliary_reconstruction_loss": loss}
+
+    def aux_dead_features(
+        self, dead_neuron_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The dead set of the aux losses: the trainer's ``dead_neuron_mask`` here."""
+        return dead_neuron_mask
+
+    @torch.no_grad()
+    def underutilised(
+        self, dead_neuron_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """aux_zipf's set: features firing below ``zipf_tau`` times their Zipf target.
+
+        Targets follow the features' current usage ranks in ``firing_rate``; the
+        trainer's ``dead_neuron_mask``, if given, is joined in.
+        """
+        return underutilised_mask(
+            self.firing_rate,
+            self.cfg.k,
+            self.cfg.zipf_alpha,
+            self.cfg.zipf_tau,
+            dead_neuron_mask,
         )
 
-    def mse_rise_advice(self) -> str:
-        """The likely cause of a rising training MSE and the setting to change."""
-        return LR_ADVICE
+    def calculate_masked_aux_loss(
+        self,
+        sae_in: torch.Tensor,
+        sae_out: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        mask: torch.Tensor,
+        coefficient: float,
+    ) -> torch.Tensor:
+        """SAELens's ``calculate_topk_aux_loss`` with ``mask`` as the dead set, and
+        no sync: the top ``d_in // 2`` has a fixed size, picks outside ``mask`` are
+        zeroed, ``min(|mask| / (d_in // 2), 1)`` stays on the device (an empty mask
+        gives 0); sparse on the sparse path (:func:`sparse_aux_recons`)."""
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise ValueError(
+                f"aux_loss={self.cfg.aux_loss!r} does not support "
+                f"normalize_activations={self.cfg.normalize_activations!r} (as "
+                "SAELens's aux-k loss: the reconstruction would be in normalized "
+                "space, the residual is not)"
+            )
+        with torch.no_grad():
+            residual = sae_in - sae_out
+        d_in = sae_in.shape[-1]
+        k_aux = aux_k_budget(d_in, hidden_pre.shape[-1])
+        encode = self.sparse_encode
+        if encode is not None and encode.hidden_pre is hidden_pre:
+            recons = sparse_aux_recons(
+                encode, mask, k_aux, self.W_enc, self.b_enc, self.W_dec
+            )
+        else:
+            aux_acts = masked_topk_aux_acts(hidden_pre, mask, k_aux)
+            recons = act_times_W_dec(
+                aux_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm
+            )
+        recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[no-untyped-call]
+        # sum over d_in, mean over tokens, as one op (and one in backward)
+        n_rows = residual.numel() // max(residual.shape[-1], 1)
+        aux_loss = F.mse_loss(recons, residual, reduction="sum") / n_rows
+        scale = aux_k_scale(mask, d_in).to(aux_loss.dtype)
+        return coefficient * scale * aux_loss
 
-    def record_health(self, metadata: Any) -> HealthReport:
-        """Write :meth:`health` into SAELens ``metadata``: ``reconstruction_improved``
-        (None before two windows), ``mse_window_change`` and ``l0_per_token_drift``."""
-        report = self.health()
-        metadata.reconstruction_improved = report.reconstruction_improved
-        metadata.mse_window_change = report.mse_change
-        metadata.l0_per_token_drift = report.l0_drift
-        return report
-
+    # --- Training state -------------------------------------------------------------
     @torch.no_grad()
     def update_state(
         self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor
@@ -896,6 +694,86 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         ``counts``: each feature's positive selections in the (global) batch.
         """
 
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        self.thresholds.set(thresholds)
+
+    def host_step_count(self) -> int:
+        """``n_selection_steps`` as a host int, read from the device only when the
+        mirror is stale: :meth:`advance_step_count` moves both, and any other change
+        (a load, ``fill_``, a copy of the module) bumps the buffer's in-place version
+        or replaces it."""
+        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        mirror = self._step_mirror
+        if mirror is not None and mirror[0] is buffer and mirror[1] == buffer._version:
+            return mirror[2]
+        step = int(buffer)
+        self._step_mirror = (buffer, buffer._version, step)
+        return step
+
+    @torch.no_grad()
+    def advance_step_count(self) -> None:
+        """Add one to ``n_selection_steps`` and to its host mirror."""
+        buffer: torch.Tensor = getattr(self, "n_selection_steps")  # noqa: B009
+        if torch.compiler.is_compiling():
+            # A host int that changes every step would recompile every step: the
+            # mirror goes stale (the buffer's version moves) and eager code reads
+            # the buffer again when it needs it.
+            buffer += 1
+            return
+        step = self.host_step_count()
+        buffer += 1
+        self._step_mirror = (buffer, buffer._version, step + 1)
+
+    @property
+    def inputs_finite(self) -> torch.Tensor | None:
+        """False once a training batch held NaN or Inf (``check_finite_inputs=True``),
+        as a device tensor; None before the first checked batch."""
+        total = self._nonfinite_sum
+        return None if total is None else total == 0
+
+    @torch.no_grad()
+    def note_nonfinite_inputs(self, x: torch.Tensor) -> None:
+        """Clear :attr:`inputs_finite` if ``x`` holds NaN or Inf, on the device."""
+        self._nonfinite_sum = add_nonfinite(self._nonfinite_sum, x)
+
+    def raise_if_nonfinite_inputs(self) -> torch.Tensor:
+        """Raise a ValueError if a training batch held NaN or Inf since this SAE was
+        built (``check_finite_inputs=True``); else return True as a tensor. One host
+        sync."""
+        finite = self.inputs_finite
+        if finite is None:
+            return torch.ones((), dtype=torch.bool)
+        if not bool(finite):
+            raise ValueError(NONFINITE_APPLIED)
+        return finite
+
+    def health(self) -> HealthReport:
+        """Whether reconstruction improved over the last window, and the per-token
+        L0 (EMA of the end of training) against k. One host sync."""
+        token_rate = self.thresholds.token_rate
+        started = bool(self.thresholds.selection_rate.any())
+        return HealthReport(
+            mse_change=self.reconstruction.change(),
+            window_steps=self.reconstruction.window,
+            l0_per_token=float(token_rate.sum()) if started else None,
+            k=float(self.cfg.k),
+            mse_advice=self.mse_rise_advice(),
+        )
+
+    def mse_rise_advice(self) -> str:
+        """The likely cause of a rising training MSE and the setting to change."""
+        return LR_ADVICE
+
+    def record_health(self, metadata: Any) -> HealthReport:
+        """Write :meth:`health` into SAELens ``metadata``: ``reconstruction_improved``
+        (None before two windows), ``mse_window_change`` and ``l0_per_token_drift``."""
+        report = self.health()
+        metadata.reconstruction_improved = report.reconstruction_improved
+        metadata.mse_window_change = report.mse_change
+        metadata.l0_per_token_drift = report.l0_drift
+        return report
+
+    # --- Folding, saving and loading ------------------------------------------------
     @override
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
@@ -904,6 +782,13 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
             # Thresholds are in units of hidden_pre * ||W_dec||, and the fold just
             # divided W_dec by the scaling factor.
             self.thresholds.rescale(1 / scaling_factor)
+
+    @override
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        # `.to(dtype)` (which SAELens's load_from_disk ends with) would cast the
+        # float64 EMA buffers down; let them follow device moves but keep float64.
+        with float64_kept(self):
+            return super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch
 
     @override
     def process_state_dict_for_saving_inference(
@@ -926,14 +811,6 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         super().process_state_dict_for_saving_inference(state_dict)
         state_dict["threshold"] = threshold.to(state_dict["b_enc"].dtype)
 
-    def _exact_buffers(self) -> dict[str, torch.Tensor]:
-        """Buffers that SAELens's loader would cast to the cfg dtype (losing bits)."""
-        return {
-            name: buffer
-            for name, buffer in self.named_buffers()
-            if buffer.dtype in (torch.float64, torch.int64)
-        }
-
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         if self.cfg.check_finite_inputs is True:
@@ -941,36 +818,23 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
         super().process_state_dict_for_saving(state_dict)
         self.thresholds.record_metadata(self.cfg.metadata)
         self.record_health(self.cfg.metadata)
-        # SAELens's loader casts every saved tensor to the cfg dtype. Bytes (0..255)
-        # survive a cast to any float dtype, bfloat16 included, so float64 EMAs and
-        # int64 counters are saved as their raw bytes and restored bit-exactly.
-        for name in self._exact_buffers():
-            if name in state_dict:
-                state_dict[name] = buffer_to_bytes(state_dict[name])
+        # float64 EMAs and int64 counters as raw bytes (saes/buffers.py).
+        pack_exact_buffers(state_dict, self)
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
         buffers = {name: getattr(self, name) for name in self.training_buffers}
         fill_0_1_checkpoint(state_dict, buffers, self.cfg.architecture())
-        for name, buffer in self._exact_buffers().items():
-            saved = state_dict.get(name)
-            if saved is not None and saved.shape != buffer.shape:
-                state_dict[name] = buffer_from_bytes(saved, buffer)
-
-
-def buffer_to_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of ``tensor`` as a flat uint8 tensor."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).clone()
-
-
-def buffer_from_bytes(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`buffer_to_bytes` (after any float cast) into ``like``'s dtype/shape."""
-    return saved.to(torch.uint8).view(like.dtype).reshape(like.shape)
+        unpack_exact_buffers(state_dict, self)
+        # SAELens's loader casts every tensor to the SAE dtype; keep the count whole.
+        steps = state_dict.get("n_selection_steps")
+        if steps is not None and steps.is_floating_point():
+            state_dict["n_selection_steps"] = steps.round().long()
 
 
 @dataclass
-class BatchLevelSAEConfig(JumpReLUSAEConfig):
+class BatchLevelSAEConfig(ArchitectureKey, JumpReLUSAEConfig):
     """Fields shared by the plugin's inference configs.
 
     Args:
@@ -1044,9 +908,9 @@ class BatchLevelSAE(JumpReLUSAE):
 
         Selects what the training SAE selected on the same input, ranking
         ``relu(hidden_pre) * rank_scale`` (with decoder-norm rescaling, up to the
-        rounding of the export's fold: ``docs/reliability.md``); the codes are in JumpReLU's units, those of
-        ``encode``. Raises a ValueError on NaN or Inf input, since the rule ranks all
-        tokens together.
+        rounding of the export's fold: ``docs/reliability.md``); the codes are in
+        JumpReLU's units, those of ``encode``. Raises a ValueError on NaN or Inf
+        input, since the rule ranks all tokens together.
         """
         check_batch_rule_input(x)
         acts: torch.Tensor = self.hook_sae_acts_post(

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
@@ -107,7 +106,8 @@ def _capacity_bound(
 
 @dataclass
 class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
-    """Configuration for training a Feature Choice SAE.
+    """Configuration for training a Feature Choice SAE (shared fields:
+    :class:`BatchLevelTrainingSAEConfig`).
 
     Args:
         k (float): Mean active features per token, in (0, d_sae]; a batch of B tokens
@@ -139,28 +139,17 @@ class FeatureChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             ``"global"``.
         aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``. With every
             capacity >= 1 SAELens's dead mask stays empty and aux-k adds nothing.
-        aux_loss_coefficient (float): Weight of the auxiliary loss.
         rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``
             (a per-feature scale: it changes the thresholds' units, not which tokens
             a feature picks).
-        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
-        zipf_tau (float): ``aux_zipf`` underutilisation factor (>= 0).
-        zipf_ema_tokens (int): Horizon in tokens of the firing-rate EMA used for the
-            usage ranks.
-        decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
-        d_in (int): Input dimension.
-        d_sae (int): Number of features.
     """
+
+    architecture_key = ARCHITECTURE
 
     capacity_schedule: CapacitySchedule = "zipf"
     zipf_alpha: float = 0.5
     rerank_every: int = 100
     rank_by: RankBy = "firing_rate"
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
 
     @override
     def validate(self) -> None:
@@ -194,10 +183,6 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         # Capacities as fractions of the batch (sum k); kept by the inference SAE.
         self.register_buffer(
             "capacity_fractions", storable_fractions(fractions, self.dtype)
-        )
-        # Training steps taken, which schedules the re-ranking across resumes.
-        self.register_buffer(
-            "n_selection_steps", torch.zeros((), dtype=torch.long, device=device)
         )
         # rank_by="demand": EMA of the rate at which the unrestricted rule would
         # select each feature (kept for every setting, so state dicts always match).
@@ -249,14 +234,6 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         return depth
 
     @override
-    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        super().process_state_dict_for_loading(state_dict)
-        # SAELens's loader casts every tensor to the SAE dtype; keep the count whole.
-        steps = state_dict.get("n_selection_steps")
-        if steps is not None and steps.is_floating_point():
-            state_dict["n_selection_steps"] = steps.round().long()
-
-    @override
     def process_state_dict_for_saving_inference(
         self, state_dict: dict[str, Any]
     ) -> None:
@@ -284,12 +261,6 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
         return storable_fractions(fractions, self.dtype)
 
     @override
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        output = super().training_forward_pass(step_input)
-        self.update_capacities()
-        return output
-
-    @override
     @torch.no_grad()
     def usage_rates(self, hidden_pre: torch.Tensor) -> list[FiringRate]:
         # rank_by="demand": the batch's unrestricted selections (BatchTopK's) move
@@ -303,13 +274,13 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
             counts, _ = self.data_parallel.demand_counts(acts, self.cfg.k)
         return [FiringRate(self.demand_rate, self.cfg.zipf_ema_tokens, counts)]
 
+    @override
     @torch.no_grad()
-    def update_capacities(self) -> None:
-        """Count the step and re-rank when one is due.
-
-        Runs after :meth:`update_state`, so the batch is already in ``firing_rate``,
-        ``demand_rate`` and ``n_tokens_seen``.
-        """
+    def update_rule_state(
+        self, feature_acts: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        # Count the step and re-rank when one is due; the batch is already in
+        # firing_rate, demand_rate and n_tokens_seen.
         self.advance_step_count()
         if self.cfg.capacity_schedule != "zipf":
             return
@@ -332,11 +303,12 @@ class FeatureChoiceSAEConfig(BatchLevelSAEConfig):
     below only set the capacities of a freshly built (not loaded) SAE.
 
     Args:
-        k (float): Mean active features per token of ``encode_batch``.
         capacity_schedule (str): ``"zipf"``, ``"uniform"`` or ``"zipf_fixed"``; a new
             SAE starts uniform or Zipf by feature index.
         zipf_alpha (float): Zipf exponent (> 0) of a new SAE's capacities.
     """
+
+    architecture_key = ARCHITECTURE
 
     capacity_schedule: CapacitySchedule = "zipf"
     zipf_alpha: float = 0.5
@@ -344,11 +316,6 @@ class FeatureChoiceSAEConfig(BatchLevelSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_capacity_fields(self)
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
 
 
 class FeatureChoiceSAE(BatchLevelSAE):
@@ -409,4 +376,5 @@ ENTRY = Architecture(
     feature_choice_traffic,
     # Zipf by feature index at exponent 1, the capacities' starting point.
     traffic_cases={ARCHITECTURE: {"zipf_alpha": 1.0}},
+    lost_on_export={"capacity_schedule": ("zipf", "learned capacities")},
 )

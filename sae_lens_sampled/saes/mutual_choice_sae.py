@@ -10,7 +10,6 @@ batch rule.
 from dataclasses import dataclass
 
 import torch
-from typing_extensions import override
 
 from sae_lens_sampled._registry import Architecture
 from sae_lens_sampled.global_batch import BatchTraffic, GlobalBatch
@@ -27,7 +26,8 @@ ARCHITECTURE = "mutual_choice"
 
 @dataclass
 class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
-    """Configuration for training a Mutual Choice SAE.
+    """Configuration for training a Mutual Choice SAE (shared fields:
+    :class:`BatchLevelTrainingSAEConfig`).
 
     Args:
         k (float): Mean active features per token; a batch of B tokens keeps its
@@ -37,19 +37,9 @@ class MutualChoiceTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             each feature fires per token as often as the batch rule selects it),
             ``"global"`` (one EMA of the batch's smallest selected activation,
             BatchTopK's convention) or ``"per_feature"`` (an EMA per feature).
-        aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``.
-        aux_loss_coefficient (float): Weight of the auxiliary loss.
-        rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``.
-        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
-        decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
-        d_in (int): Input dimension.
-        d_sae (int): Number of features.
     """
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+    architecture_key = ARCHITECTURE
 
 
 class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
@@ -60,16 +50,9 @@ class MutualChoiceTrainingSAE(BatchLevelTrainingSAE):
 
 @dataclass
 class MutualChoiceSAEConfig(BatchLevelSAEConfig):
-    """Configuration for a Mutual Choice inference SAE.
+    """Configuration for a Mutual Choice inference SAE."""
 
-    Args:
-        k (float): Mean active features per token of ``encode_batch``.
-    """
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+    architecture_key = ARCHITECTURE
 
 
 class MutualChoiceSAE(BatchLevelSAE):

@@ -9,7 +9,6 @@ activations inside the pool. The pool holds ``round(pool_fraction * d_sae)`` fea
 and a pool of every feature is exactly BatchTopK.
 """
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,8 +54,8 @@ AUX_DEAD: tuple[str, ...] = ("trainer", "pooled")
 DEFAULT_POOL_FRACTION = 0.5
 
 
-def validate_pool_size(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
-    """Check the pool size fields; with neither set, set the default fraction, so that
+def validate_pool_fields(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
+    """Check the pool fields; with neither size set, set the default fraction, so that
     the saved config names the pool it was trained with."""
     if cfg.pool_factor is not None and cfg.pool_fraction is not None:
         raise FieldValueError(
@@ -69,20 +68,34 @@ def validate_pool_size(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> No
         )
     if cfg.pool_factor is not None:
         check_range("pool_factor", cfg.pool_factor, low=1)
-        return
-    # At least k features, as pool_factor >= 1 guarantees.
-    low = min(1.0, cfg.k / cfg.d_sae)
-    if cfg.pool_fraction is None:
-        cfg.pool_fraction = max(DEFAULT_POOL_FRACTION, low)
-    check_range("pool_fraction", cfg.pool_fraction, low=0, high=1, low_inclusive=False)
-    if cfg.pool_fraction * cfg.d_sae < cfg.k:
-        raise FieldValueError(
-            f"pool_fraction must be in [k / d_sae, 1] = [{low:.6g}, 1] for k={cfg.k} "
-            f"and d_sae={cfg.d_sae} (the pool holds at least k features), got "
-            f"{cfg.pool_fraction!r}",
-            "pool_fraction",
-            cfg.pool_fraction,
+    else:
+        # At least k features, as pool_factor >= 1 guarantees.
+        low = min(1.0, cfg.k / cfg.d_sae)
+        if cfg.pool_fraction is None:
+            cfg.pool_fraction = max(DEFAULT_POOL_FRACTION, low)
+        check_range(
+            "pool_fraction", cfg.pool_fraction, low=0, high=1, low_inclusive=False
         )
+        if cfg.pool_fraction * cfg.d_sae < cfg.k:
+            raise FieldValueError(
+                f"pool_fraction must be in [k / d_sae, 1] = [{low:.6g}, 1] for "
+                f"k={cfg.k} and d_sae={cfg.d_sae} (the pool holds at least k "
+                f"features), got {cfg.pool_fraction!r}",
+                "pool_fraction",
+                cfg.pool_fraction,
+            )
+    check_choice("score", cfg.score, SCORES)
+    check_choice("pool_mode", cfg.pool_mode, POOL_MODES)
+    check_range("pool_beta", cfg.pool_beta, low=0)
+    if math.isinf(cfg.pool_beta):
+        raise FieldValueError(
+            f"pool_beta must be finite, got {cfg.pool_beta!r}; its limit "
+            "pool_beta -> inf is pool_mode='top'",
+            "pool_beta",
+            cfg.pool_beta,
+        )
+    if cfg.pool_seed is not None:
+        check_range("pool_seed", cfg.pool_seed, low=0)
 
 
 def config_pool_size(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> int:
@@ -119,25 +132,10 @@ class PoolDraw(NamedTuple):  # a NamedTuple, which torch.compile traces through
     step: "SampledTrainingSAE | None" = None
 
 
-def validate_pool_fields(cfg: "SampledTrainingSAEConfig | SampledSAEConfig") -> None:
-    validate_pool_size(cfg)
-    check_choice("score", cfg.score, SCORES)
-    check_choice("pool_mode", cfg.pool_mode, POOL_MODES)
-    check_range("pool_beta", cfg.pool_beta, low=0)
-    if math.isinf(cfg.pool_beta):
-        raise FieldValueError(
-            f"pool_beta must be finite, got {cfg.pool_beta!r}; its limit "
-            "pool_beta -> inf is pool_mode='top'",
-            "pool_beta",
-            cfg.pool_beta,
-        )
-    if cfg.pool_seed is not None:
-        check_range("pool_seed", cfg.pool_seed, low=0)
-
-
 @dataclass
 class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
-    """Configuration for training a Sampled-SAE.
+    """Configuration for training a Sampled-SAE (shared fields:
+    :class:`BatchLevelTrainingSAEConfig`).
 
     Args:
         k (float): Mean active features per token; a batch of B tokens keeps
@@ -151,8 +149,9 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             neither field set, ``DEFAULT_POOL_FRACTION`` (0.5; ``k / d_sae`` if
             larger) is used and written into the config: on real activations
             at 1,536 to 16,384 latents it reconstructs within 0.015 of BatchTopK,
-            where smaller pools lose more as the dictionary grows (docs/sampled.md). Explained variance rises with the pool and reaches
-            BatchTopK's at 1 (docs/sampled.md).
+            where smaller pools lose more as the dictionary grows. Explained
+            variance rises with the pool and reaches BatchTopK's at 1
+            (docs/sampled.md).
         score (str): Column score: ``"squared_l2"`` (default), ``"l2"``,
             ``"entropy"`` (high entropy, i.e. spread over many tokens, is kept) or
             ``"uniform"``. Sampling by squared L2 reconstructs better than by L2
@@ -192,14 +191,9 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
             counting the chance of being in the pool), ``"per_feature"`` (EMA of its
             smallest selected activation) or ``"global"``. Features never selected
             never fire.
-        aux_loss (str): ``"aux_k"`` (default), ``"aux_zipf"`` or ``"none"``.
-        aux_loss_coefficient (float): Weight of the auxiliary loss.
-        rescale_acts_by_decoder_norm (bool): Select on ``hidden_pre * ||W_dec||``.
-        topk_threshold_lr (float): Step rate of the thresholds, in (0, 1].
-        decoder_init_norm (float | None): Initial decoder row norm (SAELens's).
-        d_in (int): Input dimension.
-        d_sae (int): Number of features.
     """
+
+    architecture_key = ARCHITECTURE
 
     pool_factor: float | None = None
     pool_fraction: float | None = None
@@ -211,11 +205,6 @@ class SampledTrainingSAEConfig(BatchLevelTrainingSAEConfig):
     aux_dead: AuxDead = "trainer"
     aux_dead_window: int = 100
     pool_seed: int | None = None
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
 
     @override
     def validate(self) -> None:
@@ -240,14 +229,16 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         "pool_staleness",
         "missed_chances",
     )
+    # One forward's seed of an unseeded draw (one_selection_draw).
+    _draw_seed: int | None = None
+    # Set during training_forward_pass: select is the training step's rule.
+    _in_training_step: bool = False
+    # The pool of the current training step (sampled_rule), until update_state.
+    step_pool: StepPool | None = None
 
     def __init__(self, cfg: SampledTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         device = self.W_dec.device
-        # Counts training steps, so a seeded pool draw can be replayed after a resume.
-        self.register_buffer(
-            "n_selection_steps", torch.zeros((), dtype=torch.long, device=device)
-        )
         # Steps since each feature was last in the pool (pool_explore), and the
         # chances to fire it has missed since it last fired (aux_dead="pooled").
         self.register_buffer(
@@ -264,12 +255,6 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
             return None
         step = self.host_step_count()
         return seeded_generator(self.cfg.pool_seed, step, self.W_dec.device)
-
-    _draw_seed: int | None = None
-    # Set during training_forward_pass: select is the training step's rule.
-    _in_training_step: bool = False
-    # The pool of the current training step (sampled_rule), until update_state.
-    step_pool: "StepPool | None" = None
 
     @override
     @contextmanager
@@ -319,20 +304,14 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
         return None if step_pool is None else step_pool.pool
 
     @override
-    def calculate_aux_loss(
-        self,
-        step_input: TrainStepInput,
-        feature_acts: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        sae_out: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def aux_dead_features(
+        self, dead_neuron_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
         if self.cfg.aux_dead == "pooled":
             # The state is updated after the loss, so this is the mask up to the
             # previous step, as the trainer's own mask is.
-            step_input = dataclasses.replace(
-                step_input, dead_neuron_mask=self.aux_dead_mask()
-            )
-        return super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
+            return self.aux_dead_mask()
+        return dead_neuron_mask
 
     @override
     def mse_rise_advice(self) -> str:
@@ -374,7 +353,8 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
                 # non-zero code are those with a positive one: global counts > 0.
                 fired = counts > 0
             else:
-                fired = fired_features(feature_acts)
+                # the trainer's did_fire
+                fired = (feature_acts.detach().flatten(end_dim=-2) != 0).any(dim=0)
                 if self.data_parallel is not None:  # fired on any rank's rows
                     fired = self.data_parallel.sum_counts(fired.long()) > 0
             self.missed_chances.copy_(
@@ -382,17 +362,11 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
             )
 
 
-def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:
-    """Which features have a non-zero code on some token (the trainer's ``did_fire``)."""
-    return (feature_acts.detach().flatten(end_dim=-2) != 0).any(dim=0)
-
-
 @dataclass
 class SampledSAEConfig(BatchLevelSAEConfig):
     """Configuration for a Sampled-SAE inference SAE (fields used by ``encode_batch``).
 
     Args:
-        k (float): Mean active features per token of the batch rule.
         pool_factor (float | None): The paper's ``l`` (>= 1): a pool of
             ``round(k * pool_factor)`` features. Set at most one of the two sizes.
         pool_fraction (float | None): The pool as a share of the dictionary
@@ -410,6 +384,8 @@ class SampledSAEConfig(BatchLevelSAEConfig):
             calls on the same input can give different codes.
     """
 
+    architecture_key = ARCHITECTURE
+
     pool_factor: float | None = None
     pool_fraction: float | None = None
     score: ScoreName = "squared_l2"
@@ -420,11 +396,6 @@ class SampledSAEConfig(BatchLevelSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_pool_fields(self)
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
 
 
 class SampledSAE(BatchLevelSAE):
