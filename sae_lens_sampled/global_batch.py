@@ -178,24 +178,23 @@ class LocalBatch:
 
 
 class PositionsBatch(LocalBatch):
-    """A :class:`LocalBatch` whose batch top-k also keeps what it selected, for a
-    training encode that builds its sparse codes from them (fixed shapes, no scan
-    of the dense result).
+    """A :class:`LocalBatch` whose top-k rules also keep what they selected, for a
+    training encode that builds its sparse codes from them (no scan of the dense
+    result).
 
-    After a rule ran: :attr:`positions`, the row-major positions (ascending) of the
-    entries the top-k kept, flat into the ``[n_tokens, width]`` matrix it ran on
-    (``width``: the columns it was given, e.g. a pool's); None when the rule ran no
-    batch top-k, or one :func:`batch_topk_positions` cannot key.
+    After a rule ran: :attr:`positions`, the ascending row-major positions of the
+    kept entries, flat into the ``[n_tokens, width]`` matrix the top-k ran on (e.g. a
+    pool's columns); None when none ran or its keys could not hold the values.
+    After a column top-k, :attr:`kept` flags which of the ``size`` positions are kept
+    (the others are padding).
     """
 
     positions: torch.Tensor | None = None
     width: int = 0
-    # After a column top-k: which positions are kept (the others are padding).
     kept: torch.Tensor | None = None
 
     def __init__(self, n_tokens: int, size: int = 0) -> None:
         super().__init__(n_tokens)
-        # The number of positions a column top-k lists (the most it can keep).
         self.size = size
 
     def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
