@@ -33,41 +33,32 @@ class GlobalBatch(Protocol):
     @property
     def n_tokens(self) -> int:
         """Tokens in the global batch."""
-        ...
 
     def select(self, sae: Any, acts: torch.Tensor) -> torch.Tensor:
         """``sae``'s batch rule over the global batch, on this process's ``acts``."""
-        ...
 
     def column_stats(
         self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Global per-feature selection counts, smallest selected values, tokens."""
-        ...
 
     def sum_floats(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over the processes (a copy), in their own dtype."""
-        ...
 
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Per-feature counts summed over the processes (a copy)."""
-        ...
 
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
         """Per-feature counts of the global top ``round(k * B)``, and ``B``."""
-        ...
 
     def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
         """Global BatchTopK on this process's rows; gradients reach selected entries."""
-        ...
 
     def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
         """Per-feature boolean ``flags`` ORed over the processes."""
-        ...
 
     def feature_scores(self, acts: torch.Tensor, score: str) -> torch.Tensor:
         """Sampled-SAE column scores of the global batch, float64 ``[d_sae]``."""
-        ...
 
     def draw_pool(
         self,
@@ -78,7 +69,6 @@ class GlobalBatch(Protocol):
         **options: Any,
     ) -> torch.Tensor:
         """A Sampled-SAE pool from global ``scores``, the same on every process."""
-        ...
 
     def column_topk(
         self, acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
@@ -86,7 +76,6 @@ class GlobalBatch(Protocol):
         """Each feature ``j`` keeps its global top ``capacities[j]`` tokens: ``acts``
         where selected, 0 elsewhere. ``depth``, when given, bounds every capacity
         (on the host), which lets the selection keep fixed shapes."""
-        ...
 
 
 class BatchTraffic(Protocol):
@@ -96,19 +85,15 @@ class BatchTraffic(Protocol):
 
     def batch_topk(self, budget: int, width: int) -> float:
         """:meth:`GlobalBatch.batch_topk` of ``budget`` entries over ``width`` columns."""
-        ...
 
     def feature_scores(self, d_sae: int, score: str) -> float:
         """:meth:`GlobalBatch.feature_scores` of ``d_sae`` columns."""
-        ...
 
     def draw_pool(self, size: int) -> float:
         """:meth:`GlobalBatch.draw_pool` of a pool of ``size`` features."""
-        ...
 
     def column_topk(self, capacities: torch.Tensor) -> float:
         """:meth:`GlobalBatch.column_topk` with the global ``capacities``."""
-        ...
 
 
 # ``rule(sae, acts, batch)``: an architecture's batch rule on this process's post-ReLU

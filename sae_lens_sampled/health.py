@@ -82,15 +82,10 @@ class ReconstructionWindows:
 
 @dataclass
 class HealthReport:
-    """The state of a run at one moment.
-
-    Args:
-        mse_change (float | None): Relative change of the mean training MSE over the
-            last window against the window before it (None: fewer than two windows).
-        window_steps (int): Steps per window.
-        l0_per_token (float | None): Per-token L0 the learned thresholds give.
-        k (float): Target mean L0.
-        mse_advice (str): The likely cause of a rising MSE and the setting to change.
+    """The state of a run at one moment: ``mse_change`` (the last window's mean
+    training MSE against the one before, relative; None before two windows) over
+    windows of ``window_steps``, the ``l0_per_token`` the learned thresholds give
+    against the target ``k``, and ``mse_advice`` (what a rising MSE likely means).
     """
 
     mse_change: float | None

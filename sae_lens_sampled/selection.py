@@ -20,15 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 ScoreName = Literal["l2", "squared_l2", "entropy", "uniform"]
 PoolMode = Literal["sample", "top"]
-
-SCORES: tuple[str, ...] = ("l2", "squared_l2", "entropy", "uniform")
-POOL_MODES: tuple[str, ...] = ("sample", "top")
+SCORES: tuple[str, ...] = get_args(ScoreName)
+POOL_MODES: tuple[str, ...] = get_args(PoolMode)
 
 # Offset that puts every zero-score feature behind every positive-score one in the
 # Gumbel keys: log-scores of positive float32/64 values lie within about +-750 and
@@ -531,7 +530,7 @@ def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Genera
 # --- Feature Choice (Ayonrinde, arXiv 2411.02124): each feature picks its tokens ---
 
 CapacitySchedule = Literal["zipf", "uniform", "zipf_fixed"]
-CAPACITY_SCHEDULES: tuple[str, ...] = ("zipf", "uniform", "zipf_fixed")
+CAPACITY_SCHEDULES: tuple[str, ...] = get_args(CapacitySchedule)
 
 
 @torch.no_grad()

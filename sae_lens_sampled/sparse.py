@@ -285,13 +285,9 @@ def attach_values(
 
 @dataclass(frozen=True)
 class DecoderNorms:
-    """The decoder row norms of the selected entries one training encode computed
-    (detached), for decode to reuse while the decoder is unchanged.
-
-    Args:
-        of_entries (torch.Tensor): ``||W_dec[cols[e]]||`` per selected entry.
-        version (int): The decoder's in-place version counter when they were taken.
-    """
+    """The decoder row norms ``||W_dec[cols[e]]||`` of the selected entries one
+    training encode computed (detached), for decode to reuse while the decoder's
+    in-place ``version`` counter is unchanged."""
 
     of_entries: torch.Tensor
     version: int
@@ -307,9 +303,8 @@ class DecoderNorms:
         return cls(of_entries, version)
 
     def current(self, decoder: torch.Tensor) -> bool:
-        """Whether ``decoder`` is unchanged since these were taken. In a compiled
-        step nothing edits the decoder between encode and decode, and version
-        counters are not traced."""
+        """Whether ``decoder`` is unchanged since these were taken (in a compiled
+        step nothing edits it between encode and decode)."""
         return torch.compiler.is_compiling() or self.version == decoder._version
 
 
@@ -318,16 +313,10 @@ class SelectedEntries:
     """The selected entries of the dense codes one training encode returned, which
     decode and the state update read instead of that very tensor while it is
     unmodified (a hook that returns another tensor, or an in-place edit, leaves
-    the dense codes as the only truth).
-
-    Args:
-        codes (SparseCodes): Positions of the selected entries.
-        values (torch.Tensor): Their values (differentiable), ``[n_selected]``.
-        dense (weakref.ref): The dense codes tensor they belong to (weak, so these
-            never keep it alive).
-        version (int): That tensor's in-place version counter when it was returned.
-        norms (DecoderNorms | None): The decoder norms the encode scaled by (None:
-            no rescaling).
+    the dense codes as the only truth): their ``codes`` and differentiable
+    ``values``, a weak reference to the ``dense`` tensor and its in-place
+    ``version`` counter then, and the decoder ``norms`` the encode scaled by (None:
+    no rescaling).
     """
 
     codes: SparseCodes
