@@ -291,15 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exit_.code or 0
         print(exit_.code, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as exc:
         if debug:
             raise
-        print(f"{PROG} {command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if debug:
-            raise
-        if type(exc).__name__ == "InterruptedException":  # SAELens's runner: SIGINT
+        # SIGINT, or SAELens's runner's InterruptedException for it.
+        if isinstance(exc, KeyboardInterrupt) or (
+            type(exc).__name__ == "InterruptedException"
+        ):
             print(f"{PROG} {command}: interrupted", file=sys.stderr)
             return 130
         if is_setting_error(exc):
