@@ -14,13 +14,6 @@ import torch
 ADDED_IN_0_2: tuple[str, ...] = ("selection_rate", "token_rate", "tail_scale")
 
 
-def is_0_1_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a training state dict was written by sae-lens-sampled 0.1."""
-    return "running_threshold" in state_dict and not any(
-        name in state_dict for name in ADDED_IN_0_2
-    )
-
-
 def fill_0_1_checkpoint(
     state_dict: dict[str, torch.Tensor],
     buffers: Mapping[str, torch.Tensor],
@@ -29,8 +22,10 @@ def fill_0_1_checkpoint(
     """Add to a 0.1 ``state_dict`` the training ``buffers`` it lacks, as zeros, and
     warn; other files pass. ``buffers`` gives shapes and dtypes only (the SAE may
     still be on the meta device)."""
-    if not is_0_1_checkpoint(state_dict):
-        return
+    if "running_threshold" not in state_dict or any(
+        name in state_dict for name in ADDED_IN_0_2
+    ):
+        return  # not written by 0.1
     device = state_dict["running_threshold"].device
     missing = [name for name in buffers if name not in state_dict]
     for name in missing:

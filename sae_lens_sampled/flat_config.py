@@ -34,17 +34,6 @@ def init_field_names(cls: type) -> list[str]:
     return [field.name for field in dataclasses.fields(cls) if field.init]
 
 
-def required_field_names(cls: type) -> list[str]:
-    """Fields of dataclass ``cls`` without a default."""
-    return [
-        field.name
-        for field in dataclasses.fields(cls)
-        if field.init
-        and field.default is dataclasses.MISSING
-        and field.default_factory is dataclasses.MISSING
-    ]
-
-
 def training_config_class(architecture: str) -> type[TrainingSAEConfig]:
     """The training config class registered for ``architecture``, or a clear error."""
     if not isinstance(architecture, str) or (
@@ -94,7 +83,14 @@ def split_flat_kwargs(
     sae_kwargs = {
         name: value for name, value in kwargs.items() if name not in runner_names
     }
-    missing = [n for n in required_field_names(config_class) if n not in sae_kwargs]
+    missing = [
+        field.name
+        for field in dataclasses.fields(config_class)
+        if field.init
+        and field.name not in sae_kwargs
+        and field.default is dataclasses.MISSING
+        and field.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise TypeError(
             f"{_CALL}(architecture={architecture!r}) needs {', '.join(missing)} "
