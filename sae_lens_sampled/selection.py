@@ -567,7 +567,7 @@ def _capped_proportional(
     """Real capacities ``clamp(s * weights, 1, n_tokens)`` summing to ``budget``,
     for float64 ``weights`` positive and descending, ``d_sae < budget < n * d_sae``.
 
-    The sum is piecewise linear in ``s`` with kinks where some ``s * w_j`` reaches 1
+    The sum ``g(s)`` is piecewise linear with kinks where some ``s * w_j`` reaches 1
     or ``n_tokens``: evaluated at every kink at once, then solved exactly on the
     piece that holds ``budget``. No loop over features, no host sync.
     """
