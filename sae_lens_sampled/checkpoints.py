@@ -1,10 +1,6 @@
-"""Training checkpoints written by earlier versions of the plugin.
-
-A 0.1 training checkpoint predates the rate-matching threshold state: it has
-``running_threshold`` but none of ``selection_rate``, ``token_rate`` and
-``tail_scale`` (nor ``sampled``'s ``pool_staleness`` and ``missed_chances``). Such a
-file loads with every missing training buffer as a fresh run starts it, and a warning
-says so; anything else missing is still a load error.
+"""Training checkpoints of 0.1, which predate the rate-matching threshold state:
+they load with every missing training buffer as a fresh run starts it (zeros), and a
+warning says so; anything else missing is still a load error.
 """
 
 from __future__ import annotations
@@ -18,25 +14,18 @@ import torch
 ADDED_IN_0_2: tuple[str, ...] = ("selection_rate", "token_rate", "tail_scale")
 
 
-def is_0_1_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a training state dict was written by sae-lens-sampled 0.1."""
-    return "running_threshold" in state_dict and not any(
-        name in state_dict for name in ADDED_IN_0_2
-    )
-
-
 def fill_0_1_checkpoint(
     state_dict: dict[str, torch.Tensor],
     buffers: Mapping[str, torch.Tensor],
     architecture: str,
 ) -> None:
-    """Add to a 0.1 ``state_dict`` the training ``buffers`` it lacks, as zeros (where
-    a new training SAE starts every one of them), and warn; other files pass.
-
-    ``buffers`` gives shapes and dtypes only (the SAE may still be on the meta device).
-    """
-    if not is_0_1_checkpoint(state_dict):
-        return
+    """Add to a 0.1 ``state_dict`` the training ``buffers`` it lacks, as zeros, and
+    warn; other files pass. ``buffers`` gives shapes and dtypes only (the SAE may
+    still be on the meta device)."""
+    if "running_threshold" not in state_dict or any(
+        name in state_dict for name in ADDED_IN_0_2
+    ):
+        return  # not written by 0.1
     device = state_dict["running_threshold"].device
     missing = [name for name in buffers if name not in state_dict]
     for name in missing:

@@ -30,12 +30,6 @@ COMMANDS = {
 }
 
 
-def _version() -> str:
-    from sae_lens_sampled import __version__
-
-    return __version__
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser (help text only: the command line is read by :func:`main`)."""
     commands = "\n".join(f"  {name:10s}{text}" for name, text in COMMANDS.items())
@@ -56,31 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------
-# train
-# ---------------------------------------------------------------------------
-
-
-def _flag(name: str) -> str:
-    # simple_parsing gives one-letter fields a single dash (-k).
-    return f"-{name}" if len(name) == 1 else f"--{name}"
-
-
 def _defaults(cls: type) -> dict[str, Any]:
+    """Each field's default (``dataclasses.MISSING`` where it has none)."""
     values = {}
     for field in dataclasses.fields(cls):
-        if field.default is not dataclasses.MISSING:
-            values[field.name] = field.default
-        elif field.default_factory is not dataclasses.MISSING:
+        values[field.name] = field.default
+        if field.default_factory is not dataclasses.MISSING:
             values[field.name] = field.default_factory()
-        else:
-            values[field.name] = dataclasses.MISSING
     return values
 
 
 def _wrapped_flags(first: str, defaults: dict[str, Any], width: int = 88) -> str:
     """``first`` then ``--flag default`` items, wrapped between items only."""
-    items = [f"{_flag(name)} {value}" for name, value in defaults.items()]
+    # simple_parsing gives one-letter fields a single dash (-k).
+    items = [
+        f"{'-' if len(name) == 1 else '--'}{name} {value}"
+        for name, value in defaults.items()
+    ]
     indent = " " * len(first)
     lines, line = [], first
     for i, item in enumerate(items):
@@ -140,10 +126,6 @@ def _wants_help(argv: Sequence[str]) -> bool:
     return not argv or "-h" in argv or "--help" in argv
 
 
-def _names_architecture(argv: Sequence[str]) -> bool:
-    return any(a == "--architecture" or a.startswith("--architecture=") for a in argv)
-
-
 def run_saelens_training_cli(argv: Sequence[str], prog: str) -> None:
     """Run SAELens's documented training CLI in this process, with ``prog`` in usage.
 
@@ -189,7 +171,10 @@ def _train(argv: Sequence[str]) -> int:
     from sae_lens_sampled._plugin import register_all
 
     register_all()  # already done by the import; again after any reload
-    if _wants_help(argv) and not _names_architecture(argv):
+    names_architecture = any(
+        a == "--architecture" or a.startswith("--architecture=") for a in argv
+    )
+    if _wants_help(argv) and not names_architecture:
         print(train_help_header())
         sys.stdout.flush()
     run_saelens_training_cli(argv, prog=f"{PROG} train")
@@ -215,11 +200,6 @@ RUNNERS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
-# ---------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------
-
-
 def is_setting_error(exc: BaseException) -> bool:
     """Whether ``exc`` reports a bad setting rather than a failure while running.
 
@@ -233,11 +213,12 @@ def is_setting_error(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, ValueError | TypeError):
         return False
-    frames = [frame for frame, _ in _walk(exc)]
+    import traceback
+
     return any(
         frame.f_code.co_name == "__post_init__"
         and dataclasses.is_dataclass(frame.f_locals.get("self"))
-        for frame in frames
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
     )
 
 
@@ -252,19 +233,8 @@ def is_environment_error(exc: BaseException) -> bool:
     )
 
 
-def _walk(exc: BaseException) -> list[tuple[Any, int]]:
-    import traceback
-
-    return list(traceback.walk_tb(exc.__traceback__))
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-# ---------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------
 
 
 # Set by main for the command it runs: subcommands that report their own errors in one
@@ -288,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         if option == "--version":
-            print(f"{PROG} {_version()}")
+            from sae_lens_sampled import __version__
+
+            print(f"{PROG} {__version__}")
             return 0
         if option == DEBUG_FLAG:
             debug = True
@@ -319,15 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exit_.code or 0
         print(exit_.code, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as exc:
         if debug:
             raise
-        print(f"{PROG} {command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if debug:
-            raise
-        if type(exc).__name__ == "InterruptedException":  # SAELens's runner: SIGINT
+        # SIGINT, or SAELens's runner's InterruptedException for it.
+        if isinstance(exc, KeyboardInterrupt) or (
+            type(exc).__name__ == "InterruptedException"
+        ):
             print(f"{PROG} {command}: interrupted", file=sys.stderr)
             return 130
         if is_setting_error(exc):

@@ -1,23 +1,13 @@
-"""The flat form of SAELens's runner config.
-
-SAELens v6 takes the SAE's settings as a nested config::
-
-    LanguageModelSAERunnerConfig(sae=SampledTrainingSAEConfig(d_in=768, d_sae=16384, k=64), lr=3e-4)
-
-SAELens's training CLI, and many training scripts, use a flat form instead: the
-architecture's name and the SAE's fields next to the runner's::
+"""The flat form of SAELens's runner config (``docs/ecosystem.md``)::
 
     LanguageModelSAERunnerConfig(architecture="sampled", d_in=768, d_sae=16384, k=64, lr=3e-4)
 
 :func:`install_flat_form` (run when the plugin registers its architectures) teaches
-SAELens's own class the flat form. A call that passes ``architecture=`` is turned
-into the nested call; every other call reaches SAELens's ``__init__`` untouched, with
-the very same arguments. Each keyword goes where SAELens's CLI sends the flag of the
-same name: a runner field to the runner, any other field of the architecture's
-training config to that config. So the names both configs have (``device`` and
-``dtype``) set the runner's, as ``--device`` and ``--dtype`` do; the SAE config keeps
-its own defaults for them (the CLI's ``--sae.device``; use the nested form to set
-those). Any architecture in SAELens's training registry works, built-in or plugin.
+SAELens's own class this form: a call that passes ``architecture=`` becomes the
+nested ``sae=`` call; every other call reaches SAELens's ``__init__`` untouched. Each
+keyword goes where SAELens's CLI sends the flag of the same name: a runner field to
+the runner (so ``device`` and ``dtype`` set the runner's), any other field of the
+architecture's training config to that config.
 """
 
 from __future__ import annotations
@@ -42,17 +32,6 @@ RunnerInit = Callable[..., None]
 def init_field_names(cls: type) -> list[str]:
     """Names of the dataclass fields that ``cls.__init__`` takes."""
     return [field.name for field in dataclasses.fields(cls) if field.init]
-
-
-def required_field_names(cls: type) -> list[str]:
-    """Fields of dataclass ``cls`` without a default."""
-    return [
-        field.name
-        for field in dataclasses.fields(cls)
-        if field.init
-        and field.default is dataclasses.MISSING
-        and field.default_factory is dataclasses.MISSING
-    ]
 
 
 def training_config_class(architecture: str) -> type[TrainingSAEConfig]:
@@ -95,19 +74,23 @@ def split_flat_kwargs(
     config_class = training_config_class(architecture)
     runner_names = set(init_field_names(LanguageModelSAERunnerConfig))
     sae_names = set(init_field_names(config_class))
+    known = runner_names | sae_names
     for name in kwargs:
-        if name not in runner_names and name not in sae_names:
+        if name not in known:
             raise TypeError(
-                _unknown_field_message(
-                    architecture, config_class, name, runner_names | sae_names
-                )
+                _unknown_field_message(architecture, config_class, name, known)
             )
     sae_kwargs = {
-        name: value
-        for name, value in kwargs.items()
-        if name in sae_names and name not in runner_names
+        name: value for name, value in kwargs.items() if name not in runner_names
     }
-    missing = [n for n in required_field_names(config_class) if n not in sae_kwargs]
+    missing = [
+        field.name
+        for field in dataclasses.fields(config_class)
+        if field.init
+        and field.name not in sae_kwargs
+        and field.default is dataclasses.MISSING
+        and field.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise TypeError(
             f"{_CALL}(architecture={architecture!r}) needs {', '.join(missing)} "

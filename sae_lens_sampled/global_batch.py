@@ -33,41 +33,32 @@ class GlobalBatch(Protocol):
     @property
     def n_tokens(self) -> int:
         """Tokens in the global batch."""
-        ...
 
     def select(self, sae: Any, acts: torch.Tensor) -> torch.Tensor:
         """``sae``'s batch rule over the global batch, on this process's ``acts``."""
-        ...
 
     def column_stats(
         self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Global per-feature selection counts, smallest selected values, tokens."""
-        ...
 
     def sum_floats(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over the processes (a copy), in their own dtype."""
-        ...
 
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Per-feature counts summed over the processes (a copy)."""
-        ...
 
     def demand_counts(self, acts: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
         """Per-feature counts of the global top ``round(k * B)``, and ``B``."""
-        ...
 
     def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:
         """Global BatchTopK on this process's rows; gradients reach selected entries."""
-        ...
 
     def any_positive(self, flags: torch.Tensor) -> torch.Tensor:
         """Per-feature boolean ``flags`` ORed over the processes."""
-        ...
 
     def feature_scores(self, acts: torch.Tensor, score: str) -> torch.Tensor:
         """Sampled-SAE column scores of the global batch, float64 ``[d_sae]``."""
-        ...
 
     def draw_pool(
         self,
@@ -78,7 +69,6 @@ class GlobalBatch(Protocol):
         **options: Any,
     ) -> torch.Tensor:
         """A Sampled-SAE pool from global ``scores``, the same on every process."""
-        ...
 
     def column_topk(
         self, acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
@@ -86,7 +76,6 @@ class GlobalBatch(Protocol):
         """Each feature ``j`` keeps its global top ``capacities[j]`` tokens: ``acts``
         where selected, 0 elsewhere. ``depth``, when given, bounds every capacity
         (on the host), which lets the selection keep fixed shapes."""
-        ...
 
 
 class BatchTraffic(Protocol):
@@ -96,19 +85,15 @@ class BatchTraffic(Protocol):
 
     def batch_topk(self, budget: int, width: int) -> float:
         """:meth:`GlobalBatch.batch_topk` of ``budget`` entries over ``width`` columns."""
-        ...
 
     def feature_scores(self, d_sae: int, score: str) -> float:
         """:meth:`GlobalBatch.feature_scores` of ``d_sae`` columns."""
-        ...
 
     def draw_pool(self, size: int) -> float:
         """:meth:`GlobalBatch.draw_pool` of a pool of ``size`` features."""
-        ...
 
     def column_topk(self, capacities: torch.Tensor) -> float:
         """:meth:`GlobalBatch.column_topk` with the global ``capacities``."""
-        ...
 
 
 # ``rule(sae, acts, batch)``: an architecture's batch rule on this process's post-ReLU
@@ -178,24 +163,23 @@ class LocalBatch:
 
 
 class PositionsBatch(LocalBatch):
-    """A :class:`LocalBatch` whose batch top-k also keeps what it selected, for a
-    training encode that builds its sparse codes from them (fixed shapes, no scan
-    of the dense result).
+    """A :class:`LocalBatch` whose top-k rules also keep what they selected, for a
+    training encode that builds its sparse codes from them (no scan of the dense
+    result).
 
-    After a rule ran: :attr:`positions`, the row-major positions (ascending) of the
-    entries the top-k kept, flat into the ``[n_tokens, width]`` matrix it ran on
-    (``width``: the columns it was given, e.g. a pool's); None when the rule ran no
-    batch top-k, or one :func:`batch_topk_positions` cannot key.
+    After a rule ran: :attr:`positions`, the ascending row-major positions of the
+    kept entries, flat into the ``[n_tokens, width]`` matrix the top-k ran on (e.g. a
+    pool's columns); None when none ran or its keys could not hold the values.
+    After a column top-k, :attr:`kept` flags which of the ``size`` positions are kept
+    (the others are padding).
     """
 
     positions: torch.Tensor | None = None
     width: int = 0
-    # After a column top-k: which positions are kept (the others are padding).
     kept: torch.Tensor | None = None
 
     def __init__(self, n_tokens: int, size: int = 0) -> None:
         super().__init__(n_tokens)
-        # The number of positions a column top-k lists (the most it can keep).
         self.size = size
 
     def batch_topk(self, acts: torch.Tensor, budget: int) -> torch.Tensor:

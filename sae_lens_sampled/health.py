@@ -32,17 +32,15 @@ class TrainingHealthWarning(UserWarning):
 class ReconstructionWindows:
     """Mean training MSE over consecutive windows of ``window`` steps.
 
-    Each step writes its MSE into a ring of the last ``3 * window`` steps, on the
-    device and with no branch on a step count, so that a training step compiles to
-    one graph (``torch.compile(..., fullgraph=True)``), never recompiles, and spends
-    a few ops on it; the window means are taken when read (:meth:`change` syncs
+    Each step writes its MSE into a ring of the last ``3 * window`` steps on the
+    device, with no branch on a step count, so a training step compiles to one graph
+    that never recompiles; the means are taken when read (:meth:`change` syncs
     once). Three windows: the two closed ones stay whole until the open one fills.
     """
 
     def __init__(self, window: int = WINDOW_STEPS) -> None:
         self.window = window
-        # The last 3 * window step MSEs, and the number of steps (shape [1]: an
-        # index, never read on the host).
+        # The step count has shape [1]: an index, never read on the host.
         self._ring: torch.Tensor | None = None
         self._steps: torch.Tensor | None = None
 
@@ -84,15 +82,10 @@ class ReconstructionWindows:
 
 @dataclass
 class HealthReport:
-    """The state of a run at one moment.
-
-    Args:
-        mse_change (float | None): Relative change of the mean training MSE over the
-            last window against the window before it (None: fewer than two windows).
-        window_steps (int): Steps per window.
-        l0_per_token (float | None): Per-token L0 the learned thresholds give.
-        k (float): Target mean L0.
-        mse_advice (str): The likely cause of a rising MSE and the setting to change.
+    """The state of a run at one moment: ``mse_change`` (the last window's mean
+    training MSE against the one before, relative; None before two windows) over
+    windows of ``window_steps``, the ``l0_per_token`` the learned thresholds give
+    against the target ``k``, and ``mse_advice`` (what a rising MSE likely means).
     """
 
     mse_change: float | None
@@ -107,7 +100,7 @@ class HealthReport:
 
     @property
     def l0_drift(self) -> float | None:
-        """Per-token L0 relative to k, minus 1 (0: exactly k)."""
+        """Per-token L0 / k - 1."""
         return None if self.l0_per_token is None else self.l0_per_token / self.k - 1
 
     def flags(self) -> list[str]:

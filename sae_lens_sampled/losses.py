@@ -21,13 +21,10 @@ def zipf_targets(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Target firing rates by rank, ``p_r ~ r ** -alpha`` with ``sum_r p_r = k``.
-
-    Entry ``r - 1`` is the target of rank ``r``. A rate is a fraction of tokens, so no
-    target may exceed 1: the most used ranks are capped at 1 and their excess goes
-    to the ranks below in proportion to the Zipf weights (the same rule as
-    feature_choice's capacities), which keeps the sum at ``k``. Needs
-    ``0 < k <= n_features``.
+    """Target firing rates by rank (entry ``r - 1`` for rank ``r``),
+    ``p_r ~ r ** -alpha`` with ``sum_r p_r = k`` (``0 < k <= n_features``). No rate
+    exceeds 1: capped ranks hand their excess to the ranks below in proportion to
+    the Zipf weights, as feature_choice's capacities do.
     """
     ranks = torch.arange(1, n_features + 1, dtype=dtype, device=device)
     weights = ranks.pow(-alpha)
@@ -49,11 +46,7 @@ def feature_zipf_targets(
 ) -> torch.Tensor:
     """Each feature's Zipf target, ``p_(rank_j)``, for its current usage rank."""
     targets = zipf_targets(
-        firing_rate.numel(),
-        k,
-        alpha,
-        dtype=firing_rate.dtype,
-        device=firing_rate.device,
+        firing_rate.numel(), k, alpha, firing_rate.dtype, firing_rate.device
     )
     return targets[usage_ranks(firing_rate) - 1]
 
@@ -79,13 +72,10 @@ def underutilised_mask(
 def masked_topk_aux_acts(
     hidden_pre: torch.Tensor, mask: torch.Tensor, k_aux: int
 ) -> torch.Tensor:
-    """Per token, the ``k_aux`` largest pre-activations among ``mask``'s features.
-
-    Like SAELens's ``calculate_topk_aux_acts`` but with a fixed ``k_aux`` that need
-    not be cut to the size of the mask (which would need a host sync): picks outside
-    the mask, which only happen when the mask has fewer than ``k_aux`` features, are
-    zeroed. The result is the same ``[..., d_sae]`` tensor SAELens builds, raw
-    (un-ReLU'd) pre-activations at the picks and 0 elsewhere.
+    """Per token, the ``k_aux`` largest pre-activations among ``mask``'s features, at
+    their places in a zero ``[..., d_sae]`` tensor: SAELens's
+    ``calculate_topk_aux_acts`` with a fixed ``k_aux`` (cutting it to the mask's size
+    would sync); picks outside a mask of fewer features are zeroed.
     """
     mask = mask.to(device=hidden_pre.device, dtype=torch.bool)
     candidates = torch.where(mask, hidden_pre, -torch.inf)
@@ -106,12 +96,9 @@ def aux_k_scale(mask: torch.Tensor, d_in: int) -> torch.Tensor:
 
 
 def fit_zipf_exponent(firing_rate: torch.Tensor) -> torch.Tensor:
-    """Least-squares Zipf exponent of a firing-rate curve.
-
-    Sorts the rates in decreasing order, keeps the positive ones (ranks 1..n) and fits
-    ``log rate = c - alpha * log rank``; returns ``alpha`` (so an exact
-    ``r ** -1.5`` curve gives 1.5). NaN when fewer than two rates are positive.
-    """
+    """Least-squares ``alpha`` of ``log rate = c - alpha * log rank`` over the
+    positive rates in decreasing order (``r ** -1.5`` gives 1.5); NaN when fewer
+    than two are positive."""
     rates = firing_rate.to(torch.float64).sort(descending=True).values
     positive = rates > 0
     weight = positive.to(torch.float64)
@@ -131,12 +118,9 @@ def fit_zipf_exponent(firing_rate: torch.Tensor) -> torch.Tensor:
 def dead_by_rate(
     firing_rate: torch.Tensor, n_tokens_seen: torch.Tensor, horizon_tokens: int
 ) -> torch.Tensor:
-    """Features whose firing rate rounds to no firing in the firing-rate window.
-
-    The firing-rate EMA averages over ``min(n_tokens_seen, horizon_tokens)`` tokens, so
-    ``rate * window`` is the feature's expected number of firings in that window; it
-    is dead when that is below 1/2, i.e. "not selected within the window" (a feature
-    selected once in a plain running mean sits at 1 and counts as alive). Unlike the
+    """Features whose expected firings in the firing-rate EMA's window
+    (``min(n_tokens_seen, horizon_tokens)`` tokens) are below 1/2: not selected
+    within it (one selection in a plain running mean counts as alive). Unlike the
     trainer's dead mask it counts tokens, not steps, and lives in the SAE's state.
     """
     window = n_tokens_seen.clamp(min=1, max=horizon_tokens)

@@ -20,34 +20,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 ScoreName = Literal["l2", "squared_l2", "entropy", "uniform"]
 PoolMode = Literal["sample", "top"]
-
-SCORES: tuple[str, ...] = ("l2", "squared_l2", "entropy", "uniform")
-POOL_MODES: tuple[str, ...] = ("sample", "top")
+SCORES: tuple[str, ...] = get_args(ScoreName)
+POOL_MODES: tuple[str, ...] = get_args(PoolMode)
 
 # Offset that puts every zero-score feature behind every positive-score one in the
 # Gumbel keys: log-scores of positive float32/64 values lie within about +-750 and
 # Gumbel noise within about [-4, 40], far inside this gap.
 _ZERO_SCORE_KEY_OFFSET = 1e4
-
-
 _FIXED_SHAPES_FORCED = False
 
 
 def fixed_shapes(acts: torch.Tensor) -> bool:
     """Whether a selection on ``acts`` must keep every shape fixed and read nothing
-    back to the host: on an accelerator (where a read stalls the queue of kernels),
-    while ``torch.compile`` traces (one graph), and inside
-    :func:`fixed_shape_selection`.
-
-    On a CPU a read costs nothing, and the data-dependent paths (a per-row top-k
-    with a settling step, ``nonzero``) are faster there, so eager CPU code keeps them.
-    Both paths select the same entries.
+    back to the host: on an accelerator (a read stalls the queue of kernels), while
+    ``torch.compile`` traces, and inside :func:`fixed_shape_selection`. Eager CPU
+    code keeps the data-dependent paths, faster there; both select the same entries.
     """
     return (
         _FIXED_SHAPES_FORCED
@@ -78,16 +71,12 @@ def keep_top(
     capacities: torch.Tensor,
     ties: bool | None = None,
 ) -> torch.Tensor:
-    """Keep, in each column j of ``acts`` ``[n, c]``, its ``capacities[j]`` largest
-    positive entries, given ``cutoffs[j]``, the column's ``capacities[j]``-th largest
-    value (``inf`` where the capacity is 0).
-
-    Entries above the cut-off are kept; of those equal to it, the first ones along the
-    column until the capacity is met (the module's tie rule). A column whose cut-off is
-    not positive keeps all its positive entries (fewer than its capacity). Returns
-    ``acts`` where kept and 0 elsewhere, so gradients reach the kept entries only.
-    ``ties`` says whether some column has more entries equal to its cut-off than it
-    keeps (``None``: find out, one host sync); only then are they counted in order.
+    """Keep, by the tie rule, each column j's ``capacities[j]`` largest positive
+    entries of ``acts`` ``[n, c]``, given ``cutoffs[j]``, its ``capacities[j]``-th
+    largest value (``inf`` where the capacity is 0; a cut-off that is not positive
+    keeps every positive entry). ``ties``: whether some column has more entries at its
+    cut-off than it keeps (``None``: find out, one host sync); only then are they
+    counted in order.
     """
     with torch.no_grad():
         positive = torch.nextafter(acts.new_zeros(()), acts.new_ones(()))
@@ -110,9 +99,8 @@ def keep_top(
 def _first_in_order(
     values: torch.Tensor, cutoff: torch.Tensor, budget: int
 ) -> torch.Tensor:
-    """Which of ``values`` (in row-major order) the tie rule keeps, given the cut-off:
-    those above it, then those equal to it in order until ``budget`` are kept. Zeros
-    are never kept. No host sync."""
+    """Which of ``values`` (in row-major order) the tie rule keeps, given the cut-off
+    and ``budget``; zeros never. No host sync."""
     above = values > cutoff
     at = (values == cutoff) & (cutoff > 0)
     room = budget - above.sum()
@@ -138,23 +126,16 @@ def _batch_topk_dense(
 def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
     """Keep the ``budget`` largest entries of ``acts`` over the whole matrix.
 
-    This is SAELens's ``BatchTopK`` selection with an explicit budget and a fixed tie
-    rule: of the entries equal to the smallest kept value, the first in row-major order
-    are kept. Entries that would be selected but are zero stay zero, so the realised
-    L0 can fall below the budget.
+    SAELens's ``BatchTopK`` with an explicit budget and the module's tie rule.
+    Selected zeros stay zero, so the realised L0 can fall below the budget.
 
-    A flat top-k over ``n * d_sae`` entries costs several times more per entry than a
-    per-row one, so on a 2-D ``acts`` this takes each row's ``c = 2 * ceil(budget / n)``
-    largest entries as candidates and runs the global top-``budget`` over those. A
-    row's other entries are at most its smallest candidate, so unless some row's
-    smallest candidate is at or above the resulting cut-off, every entry above or
-    equal to the true cut-off is a candidate; and unless a candidate equal to the
-    cut-off was left out, the top set is the only one and is kept as found (one host
-    sync, the common case). Otherwise :func:`_batch_topk_settled` applies the tie rule.
-
-    Where shapes must stay fixed (:func:`fixed_shapes`: accelerators, compiling),
-    one flat top-k gives the cut-off and :func:`keep_top` applies the tie rule in a
-    few passes, whether or not there are ties: the same entries, no host read.
+    Eager CPU, 2-D ``acts``: each row's ``2 * ceil(budget / n)`` largest entries are
+    the candidates of one global top-``budget`` (``docs/performance.md``, two-stage
+    batch top-k). One host sync checks that no row may hide more winners (its
+    smallest candidate at or above the cut-off) and no candidate at the cut-off was
+    left out; else :func:`_batch_topk_settled` applies the tie rule. Where shapes
+    must stay fixed (:func:`fixed_shapes`), one flat top-k gives the cut-off and
+    :func:`keep_top` the tie rule: the same entries, no host read.
     """
     flat = acts.flatten()
     budget = min(max(budget, 0), flat.numel())
@@ -186,7 +167,7 @@ def batch_topk(acts: torch.Tensor, budget: int) -> torch.Tensor:
     return torch.zeros_like(flat).scatter_(0, indices, flat[indices]).view_as(acts)
 
 
-# Integer types holding a float's bits, for the keys of batch_topk_positions.
+# Integer types holding a float's bits, for the keys of _tie_rule_keys.
 _BITS_OF = {
     torch.float32: torch.int32,
     torch.float16: torch.int16,
@@ -194,27 +175,38 @@ _BITS_OF = {
 }
 
 
+def _tie_rule_keys(values: torch.Tensor) -> torch.Tensor | None:
+    """``bits * 2**32 - i`` (int64, one op) for each entry ``i`` along dim 0 of
+    non-negative ``values``; None where that does not fit (``float64``, more than
+    ``2**32`` entries along dim 0).
+
+    The bits of a non-negative float, read as an integer, order like the float, so
+    the keys order the entries by value, then lower ``i`` first: a top-k of them is
+    exactly the tie rule's, with no pass to settle ties.
+    """
+    bits_dtype = _BITS_OF.get(values.dtype)
+    n = values.shape[0]
+    if bits_dtype is None or n > 2**32:
+        return None
+    negated = torch.arange(0, -n, -1, device=values.device)
+    if values.dim() == 2:
+        negated = negated[:, None]
+    return torch.add(negated, values.view(bits_dtype), alpha=2**32)
+
+
 @torch.no_grad()
 def batch_topk_positions(acts: torch.Tensor, budget: int) -> torch.Tensor | None:
-    """Row-major positions (ascending, flat into ``acts`` ``[n, c]``) of the
-    ``budget`` entries :func:`batch_topk` keeps, by one top-k with fixed shapes and
-    no host read; None where the keys below do not fit (``float64`` values, more
-    than ``2**32`` entries, or a budget outside ``[1, n * c]``).
-
-    ``acts`` must be non-negative (post-ReLU). The bits of a non-negative float,
-    read as an integer, order like the float, so ``bits * 2**32 - position`` orders
-    the entries by value, then by lower position: its top ``budget`` are exactly the
-    tie rule's, with no pass over ``acts`` to settle ties. Where fewer than
-    ``budget`` entries are positive, the rest are zero entries (values 0, never
-    active), so the count is always exactly ``budget``.
+    """Row-major positions (ascending, flat into non-negative ``acts`` ``[n, c]``)
+    of the ``budget`` entries :func:`batch_topk` keeps, by one top-k of
+    :func:`_tie_rule_keys` with fixed shapes and no host read; None where the keys
+    do not fit or the budget is outside ``[1, n * c]``. Where fewer than ``budget``
+    entries are positive, zero entries (never active) fill the count.
     """
-    bits_dtype = _BITS_OF.get(acts.dtype)
-    n_entries = acts.numel()
-    if bits_dtype is None or n_entries > 2**32 or not 0 < budget <= n_entries:
+    if not 0 < budget <= acts.numel():
         return None
-    # -position + bits * 2**32, in int64, in one op
-    negated = torch.arange(0, -n_entries, -1, device=acts.device)
-    keys = torch.add(negated, acts.reshape(-1).view(bits_dtype), alpha=2**32)
+    keys = _tie_rule_keys(acts.reshape(-1))
+    if keys is None:
+        return None
     top = torch.topk(keys, budget, sorted=False).indices
     return top.sort().values
 
@@ -244,10 +236,8 @@ def _batch_topk_settled(
 ) -> torch.Tensor:
     """:func:`batch_topk` when ties or rows with many winners need more than the
     candidates' top set: a search pool in row-major order, then the tie rule.
-
-    ``cutoff`` is the candidates' ``budget``-th largest value; ``open_rows`` flags
-    the rows whose smallest candidate is at or above it (``None``: no such row).
-    """
+    ``cutoff``: the candidates' ``budget``-th largest value; ``open_rows``: the rows
+    whose smallest candidate is at or above it (``None``: no such row)."""
     flat = acts.flatten()
     n_rows, n_cols = acts.shape
     pool: torch.Tensor | None
@@ -290,16 +280,11 @@ def _batch_topk_settled(
 def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
     """Score each feature column of ``acts`` over the batch: float64 ``[d_sae]``.
 
-    - ``l2``: ``||acts[:, j]||_2``;
-    - ``squared_l2``: ``||acts[:, j]||_2 ** 2``;
-    - ``entropy``: Shannon entropy (nats) of the column normalised to sum 1 over
-      tokens; an all-zero column scores 0. High entropy means the feature is spread
-      over many tokens, which is what the pool keeps;
-    - ``uniform``: every feature scores 1.
-
-    Computed in float32 at least and returned in float64: a float16 column's squared
-    norm overflows float16 (above 65504) on ordinary activations, and a score of
-    ``inf`` would make every draw the same.
+    ``l2`` / ``squared_l2``: the column's norm / squared norm; ``entropy``: Shannon
+    entropy (nats) of the column normalised to sum 1 (0 for an all-zero column; high
+    for a feature spread over many tokens); ``uniform``: 1. Computed in float32 at
+    least: a float16 squared norm overflows on ordinary activations, and an ``inf``
+    score would make every draw the same.
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -327,9 +312,8 @@ def feature_scores(acts: torch.Tensor, score: str) -> torch.Tensor:
 def pool_size(
     k: float, pool_factor: float | None, d_sae: int, pool_fraction: float | None = None
 ) -> int:
-    """Pool size, at least 1 and at most ``d_sae``: ``round(pool_fraction * d_sae)``
-    when ``pool_fraction`` is given (a share of the dictionary), else the paper's
-    ``round(k * pool_factor)``."""
+    """``round(pool_fraction * d_sae)`` when given, else the paper's
+    ``round(k * pool_factor)``, clamped to ``[1, d_sae]``."""
     if pool_fraction is not None:
         wanted = round(pool_fraction * d_sae)
     elif pool_factor is not None:
@@ -347,15 +331,12 @@ def select_pool(
     generator: torch.Generator | None = None,
     beta: float = 1.0,
 ) -> torch.Tensor:
-    """Indices of the ``size`` features that form the pool.
+    """Indices (ascending) of the ``size`` features that form the pool.
 
-    ``mode="top"`` takes the best scores (of equal scores, the lower feature index).
-    ``mode="sample"`` draws without replacement with probability proportional to
-    ``score ** beta`` (Gumbel-top-k on ``beta * log(score)``): ``beta=1`` samples in
-    proportion to the score, ``beta=0`` uniformly among the positive scores, and
-    ``beta -> inf`` tends to ``"top"``. Features scoring 0 are drawn only once every
-    positive-score feature is in the pool. The indices come in ascending order, so the
-    pool's columns keep the features' order.
+    ``"top"``: the best scores (ties: lower index). ``"sample"``: drawn without
+    replacement with probability proportional to ``score ** beta`` (Gumbel-top-k;
+    ``beta=0`` is uniform among positive scores, ``beta -> inf`` tends to ``"top"``).
+    Features scoring 0 are drawn only after every positive-score feature.
     """
     if mode == "top":
         order = torch.sort(scores, descending=True, stable=True).indices
@@ -392,14 +373,11 @@ def explore_pool(
     staleness: torch.Tensor,
     n_explore: int,
 ) -> torch.Tensor:
-    """``pool`` plus the ``n_explore`` features outside it that were pooled least
-    recently.
+    """``pool`` plus the ``n_explore`` features outside it pooled least recently
+    (``staleness``: steps since each was last pooled), ascending.
 
-    ``staleness`` (``[d_sae]``, integer) counts the steps since each feature was last
-    in the pool. Outside ``pool``, features with a positive score come first (a
-    feature with no positive activation in the batch cannot be selected), then the
-    largest staleness, then the larger score, then the lower index. Returns the
-    indices of the enlarged pool in ascending order.
+    Order outside ``pool``: a positive score first (no positive activation, no
+    selection), then larger staleness, larger score, lower index.
     """
     d_sae = scores.shape[0]
     n_explore = max(0, min(n_explore, d_sae - pool.numel()))
@@ -433,16 +411,9 @@ def sampled_pool(
     staleness: torch.Tensor | None = None,
     pool_fraction: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The pool of a batch and the column scores it was chosen from.
-
-    Returns ``(None, None)`` when the pool holds every feature (then the rule is
-    BatchTopK and nothing is scored). Otherwise the pool's indices (ascending) and
-    :func:`feature_scores`. With ``explore > 0`` (and ``staleness`` given),
-    ``explore_size(P, explore)`` of the ``P`` slots go to the features outside the
-    score-based pool that were pooled least recently (:func:`explore_pool`); the
-    other slots are chosen by :func:`select_pool` as without exploration. The pool
-    holds :func:`pool_size` features (``pool_fraction``, when given, overrides
-    ``pool_factor``).
+    """The :func:`pool_size` pool of a batch (by :func:`pool_from_scores`) and the
+    :func:`feature_scores` it was chosen from; ``(None, None)`` when the pool holds
+    every feature (then the rule is BatchTopK and nothing is scored).
     """
     d_sae = acts.shape[1]
     size = pool_size(k, pool_factor, d_sae, pool_fraction)
@@ -507,14 +478,9 @@ def sampled_topk(
     staleness: torch.Tensor | None = None,
     pool_fraction: float | None = None,
 ) -> torch.Tensor:
-    """Sampled-SAE selection: a pool of features, then batch top-k inside the pool.
-
-    The pool holds ``pool_size(k, pool_factor, d_sae, pool_fraction)`` features chosen by
-    :func:`sampled_pool` (by default :func:`select_pool` on :func:`feature_scores`);
-    the batch keeps its ``batch_budget(k, n_tokens)`` largest entries among the pool
-    columns (all of them if the pool holds fewer). The pool's columns keep the
-    features' order, so ties follow the module's rule as if the other columns were
-    zero. A pool covering every feature is exactly :func:`batch_topk`.
+    """Sampled-SAE selection: the :func:`sampled_pool`, then the batch's
+    ``batch_budget(k, n_tokens)`` largest entries among its columns (which keep the
+    features' order, so ties follow the module's rule as if the others were zero).
     """
     pool, _ = sampled_pool(
         acts,
@@ -546,21 +512,16 @@ def update_staleness(
 def update_missed_chances(
     missed: torch.Tensor, fired: torch.Tensor, chance: torch.Tensor
 ) -> torch.Tensor:
-    """Consecutive chances to fire that each feature has missed, after one step.
-
-    A feature that ``fired`` goes back to 0; one that had a ``chance`` and did not
-    fire counts one more; the others keep their count. With a chance on every step
-    this is the steps-since-fired counter of SAELens's trainer.
-    """
+    """Consecutive chances to fire each feature has missed, after one step: 0 where
+    it ``fired``, one more where it had a ``chance``. With a chance on every step,
+    the steps-since-fired counter of SAELens's trainer."""
     return torch.where(fired, 0, torch.where(chance, missed + 1, missed))
 
 
 def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator whose stream depends only on ``(seed, step)``.
-
-    Seeding from the step counter (a persistent buffer) makes pool sampling
-    reproducible across save, load and resume without storing generator state.
-    """
+    """A generator whose stream depends only on ``(seed, step)``: seeded from the
+    step counter (a persistent buffer), pool sampling is reproducible across save,
+    load and resume without storing generator state."""
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
     return generator
@@ -569,15 +530,13 @@ def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Genera
 # --- Feature Choice (Ayonrinde, arXiv 2411.02124): each feature picks its tokens ---
 
 CapacitySchedule = Literal["zipf", "uniform", "zipf_fixed"]
-CAPACITY_SCHEDULES: tuple[str, ...] = ("zipf", "uniform", "zipf_fixed")
+CAPACITY_SCHEDULES: tuple[str, ...] = get_args(CapacitySchedule)
 
 
 @torch.no_grad()
 def usage_ranks(usage: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each feature by ``usage`` ``[d_sae]``: the most used is rank 1.
-
-    Ties (e.g. every feature at 0 before training) go to the lower feature index.
-    """
+    """1-based rank of each feature by ``usage`` ``[d_sae]``, most used first; ties
+    (e.g. all 0 before training) go to the lower feature index."""
     order = torch.sort(usage, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(1, order.numel() + 1, device=order.device)
@@ -588,12 +547,8 @@ def usage_ranks(usage: torch.Tensor) -> torch.Tensor:
 def zipf_capacity_fractions(
     ranks: torch.Tensor, k: float, alpha: float
 ) -> torch.Tensor:
-    """Zipf capacities as fractions of the batch, ``k * r**-alpha / sum_r r**-alpha``.
-
-    ``ranks`` holds each feature's 1-based rank (a permutation of ``1..d_sae``); the
-    result is float64 and sums to ``k``, so feature j's nominal capacity in a batch of
-    ``n`` tokens is ``fractions[j] * n``.
-    """
+    """Zipf capacities as fractions of the batch, ``k * r**-alpha / sum_r r**-alpha``
+    for each feature's 1-based rank ``r`` (float64, summing to ``k``)."""
     weights = ranks.to(torch.float64).pow(-alpha)
     return k * weights / weights.sum()
 
@@ -609,13 +564,12 @@ def uniform_capacity_fractions(
 def _capped_proportional(
     weights: torch.Tensor, n_tokens: int, budget: int
 ) -> torch.Tensor:
-    """Real capacities ``clamp(s * weights, 1, n_tokens)`` summing to ``budget``.
+    """Real capacities ``clamp(s * weights, 1, n_tokens)`` summing to ``budget``,
+    for float64 ``weights`` positive and descending, ``d_sae < budget < n * d_sae``.
 
-    ``weights`` is float64, positive and sorted in descending order, with
-    ``d_sae < budget < n_tokens * d_sae``. The sum ``g(s)`` is non-decreasing and
-    piecewise linear in ``s``, with kinks where some ``s * w_j`` reaches 1 or
-    ``n_tokens``; it is evaluated at every kink at once, and ``s`` is solved exactly on
-    the linear piece that holds ``budget``. No loop over features, no host sync.
+    The sum ``g(s)`` is piecewise linear with kinks where some ``s * w_j`` reaches 1
+    or ``n_tokens``: evaluated at every kink at once, then solved exactly on the
+    piece that holds ``budget``. No loop over features, no host sync.
     """
     d_sae = weights.shape[0]
     ascending = weights.flip(0)
@@ -643,11 +597,9 @@ def _capped_proportional(
 
 
 def _largest_remainder(real: torch.Tensor, total: int) -> torch.Tensor:
-    """Integers summing to ``total``: floors, plus one for the largest remainders.
-
-    ``real`` is in priority order (ties in the remainder go to the earlier entry) and
-    sums to ``total`` up to float error.
-    """
+    """Integers summing to ``total``: floors, plus one for the largest remainders of
+    ``real`` (in priority order: ties go to the earlier entry; sums to ``total`` up
+    to float error)."""
     floors = real.floor()
     remainders = real - floors
     short = (total - floors.sum()).round().long()
@@ -661,24 +613,14 @@ def _largest_remainder(real: torch.Tensor, total: int) -> torch.Tensor:
 def capacities_for_batch(
     fractions: torch.Tensor, n_tokens: int, budget: int
 ) -> torch.Tensor:
-    """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens`` tokens.
+    """Token capacities ``m_j`` (long ``[d_sae]``) for a batch of ``n_tokens`` tokens
+    (``docs/feature_choice.md``, Capacities and Rounding).
 
-    ``fractions`` are the capacities as fractions of the batch (e.g. from
-    :func:`zipf_capacity_fractions`); they set the proportions and the priority order
-    (larger fraction first, then lower index). In the regular case
-    ``d_sae <= budget <= n_tokens * d_sae``:
-
-    - ``m_j = clamp(s * fractions_j * n_tokens, 1, n_tokens)`` with the scale ``s``
-      that makes the real capacities sum to ``budget``: capacity above the batch
-      size is handed down the ranks to the uncapped features in proportion to their
-      fractions, and features below one token are raised to one at the others'
-      expense (``s = budget / (k * n_tokens)`` when nothing is clamped);
-    - rounded by largest remainder, so ``sum m_j == budget`` exactly and every
-      ``1 <= m_j <= n_tokens``.
-
-    Degenerate budgets: ``budget < d_sae`` gives one token to each of the ``budget``
-    highest-priority features and 0 to the rest; ``budget >= n_tokens * d_sae`` gives
-    every feature the whole batch; ``n_tokens == 0`` gives zeros.
+    ``fractions`` set the proportions and the priority order (larger first, then
+    lower index): ``m_j = clamp(s * fractions_j * n_tokens, 1, n_tokens)`` with the
+    scale ``s`` that makes them sum to ``budget``, rounded by largest remainder, so
+    ``sum m_j == budget`` exactly. ``budget < d_sae`` gives one token to each of the
+    ``budget`` first features; ``budget >= n_tokens * d_sae`` the whole batch to all.
     """
     d_sae = fractions.shape[0]
     device = fractions.device
@@ -701,10 +643,10 @@ def capacities_for_batch(
 
 
 class _ColumnTop:
-    """The first ``depth`` ranks of some columns of ``acts`` ``[n, d_sae]`` along the
-    tokens (one sorted ``topk``), for capacities below ``depth`` (or a window of all
-    ``n`` tokens), so that the entry after each column's cut-off shows whether it ties
-    with it. A capacity of 0 leaves a column to another call."""
+    """The first ``depth`` ranks along the tokens (one sorted ``topk``) of some
+    columns of ``acts`` ``[n, d_sae]`` whose capacities are below ``depth`` (or
+    ``depth == n``), so the entry after each cut-off shows whether it ties with it.
+    A capacity of 0 leaves a column to another call."""
 
     def __init__(
         self,
@@ -750,10 +692,8 @@ class _ColumnTop:
 def _feature_choice_fixed(
     acts: torch.Tensor, capacities: torch.Tensor, depth: int
 ) -> torch.Tensor:
-    """:func:`feature_choice_select` with fixed shapes and no host read: one sorted
-    top-``depth`` per column gives the cut-offs (capacities above ``depth`` are cut
-    to it), and :func:`keep_top` applies the tie rule whether or not there are
-    ties."""
+    """:func:`feature_choice_select` with fixed shapes and no host read: a sorted
+    top-``depth`` per column gives the cut-offs, :func:`keep_top` the tie rule."""
     with torch.no_grad():
         capacities = capacities.clamp(max=depth)
         top = torch.topk(acts, depth, dim=0).values  # sorted
@@ -769,24 +709,20 @@ def column_topk_positions(
     """The entries :func:`feature_choice_select` keeps (``depth`` bounding every
     capacity), as ``size`` row-major positions flat into non-negative ``acts``
     ``[n, c]`` and which of them are kept, with fixed shapes and no host read:
-    the kept ones in ascending order, then padding at ``(n - 1, 0)`` (never kept)
-    if fewer are kept. None where the keys do not fit (``float64`` values, more
-    than ``2**32`` tokens) or ``depth`` or ``size`` is out of range.
+    the kept ones in ascending order, then padding at ``(n - 1, 0)`` (never kept).
+    None where the keys do not fit or ``depth`` or ``size`` is out of range.
 
-    Per column, one sorted top-``depth`` over ``bits * 2**32 - row`` (as in
-    :func:`batch_topk_positions`) ranks the tokens by value, then lower token
-    first, so rank ``< capacities[j]`` is exactly the tie rule's kept set; a
-    second top-k takes the kept positions in order.
+    Per column, a sorted top-``depth`` of :func:`_tie_rule_keys` ranks the tokens,
+    so rank ``< capacities[j]`` is the tie rule's kept set; a second top-k takes
+    the kept positions in order.
     """
     n_tokens, n_cols = acts.shape
-    bits_dtype = _BITS_OF.get(acts.dtype)
-    if bits_dtype is None or n_tokens > 2**32 or not 0 < depth <= n_tokens:
-        return None
     n_entries = n_tokens * n_cols
-    if not 0 < size <= depth * n_cols:
+    if not (0 < depth <= n_tokens and 0 < size <= depth * n_cols):
         return None
-    negated_rows = torch.arange(0, -n_tokens, -1, device=acts.device)[:, None]
-    keys = torch.add(negated_rows, acts.view(bits_dtype), alpha=2**32)
+    keys = _tie_rule_keys(acts)
+    if keys is None:
+        return None
     rows = torch.topk(keys, depth, dim=0).indices  # [depth, c], ranks down
     ranks = torch.arange(depth, device=acts.device)[:, None]
     positions = rows * n_cols + torch.arange(n_cols, device=acts.device)
@@ -800,27 +736,18 @@ def column_topk_positions(
 def feature_choice_select(
     acts: torch.Tensor, capacities: torch.Tensor, depth: int | None = None
 ) -> torch.Tensor:
-    """Each feature j keeps its ``capacities[j]`` largest entries over the tokens.
+    """Each feature j keeps its ``capacities[j]`` (long ``[d_sae]``) largest entries
+    of post-ReLU ``acts`` ``[n_tokens, d_sae]`` over the tokens, by the tie rule.
 
-    ``acts`` is ``[n_tokens, d_sae]`` (post-ReLU), ``capacities`` a long ``[d_sae]``.
-    A selected entry that is 0 stays 0 (not active). Of tokens tied at a feature's
-    cut-off, the lower token indices are kept.
-
-    One ``topk`` along the token axis (no transposed copy) takes the first ``D`` ranks
-    of every feature with a capacity below ``D``, the power of two at or above twice
-    the mean capacity (at least 8). A Zipf head of a few features can hold capacities
-    up to the whole batch, so deeper features are handled in buckets of power-of-two
-    depth, each a ``topk`` over its own columns only: at most ``log2(n_tokens)``
-    buckets, never a loop over features. Every column takes its entries from exactly
-    one of these calls, and they end in one scatter, through which gradients reach the
-    selected entries only. Where an entry beyond some feature's capacity ties with its
-    cut-off (the order ``topk`` gives equal values is unspecified), the cut-offs go to
-    :func:`keep_top` instead, which applies the tie rule in a few passes over
-    ``acts``.
+    One ``topk`` along the tokens takes the first ``D`` ranks of every feature with a
+    capacity below ``D`` (twice the mean capacity, rounded up to a power of two, at
+    least 8); deeper features go in buckets of power-of-two depth, each a ``topk``
+    over its own columns (``docs/feature_choice.md``, Cost), all ending in one
+    scatter. Where an entry past a capacity ties with its cut-off (``topk`` orders
+    equal values arbitrarily), :func:`keep_top` applies the tie rule instead.
 
     ``depth``, when given, bounds every capacity; where shapes must stay fixed
-    (:func:`fixed_shapes`), one sorted top-``depth`` per column gives the cut-offs
-    and :func:`keep_top` the tie rule: the same entries, no host read.
+    (:func:`fixed_shapes`), :func:`_feature_choice_fixed` selects the same entries.
     """
     n_tokens, d_sae = acts.shape
     capacities = capacities.clamp(0, n_tokens)

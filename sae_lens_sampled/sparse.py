@@ -1,19 +1,12 @@
 """Sparse training path: the selected entries of ``[n, d_sae]`` codes as index lists.
 
-A batch-level rule keeps about ``k`` of ``d_sae`` entries per token, so decoding the
-dense code matrix, and back-propagating through it, spends almost all of its work on
-zeros. Here the selection is carried as ``(row, col)`` pairs (rows sorted) and two
-autograd functions do the rest in ``O(n_selected * d_in)``:
-
-- :func:`gather_linear` reads the selected pre-activations ``x @ W + b`` out of an
-  already computed dense product and back-propagates into ``x``, ``W`` and ``b``
-  through the selected entries only (the dense ``[n, d_sae]`` gradient is never formed);
-- :func:`sparse_decode` computes ``sum_e values[e] * W_dec[cols[e]]`` per row and its
-  gradients for ``values`` and ``W_dec``.
-
-Both use ``embedding_bag`` (sum mode with per-sample weights), which accumulates
-gathered rows without materialising the ``[n_selected, d_in]`` product. Pure torch; no
-SAELens imports.
+A batch-level rule keeps about ``k`` of ``d_sae`` entries per token, so the dense
+decode and its backward spend almost all their work on zeros. Here the selection is
+carried as ``(row, col)`` pairs (rows sorted) and two autograd functions,
+:func:`gather_linear` (the encoder's selected pre-activations) and
+:func:`sparse_decode`, work in ``O(n_selected * d_in)`` with ``embedding_bag`` (sum
+mode, per-sample weights), which never materialises an ``[n_selected, d_in]``
+product. Pure torch; no SAELens imports.
 """
 
 from __future__ import annotations
@@ -27,23 +20,17 @@ import torch.nn.functional as F
 
 
 def bag_offsets(sorted_keys: torch.Tensor, n_bags: int) -> torch.Tensor:
-    """Start offset of each bag for ``embedding_bag`` given non-decreasing bag keys.
-
-    A binary search rather than ``bincount``, which syncs with the host on CUDA (its
-    output size depends on the data).
-    """
+    """Start offset of each bag for ``embedding_bag`` given non-decreasing bag keys
+    (a binary search: ``bincount`` syncs with the host on CUDA)."""
     bags = torch.arange(n_bags, device=sorted_keys.device, dtype=sorted_keys.dtype)
     return torch.searchsorted(sorted_keys, bags)
 
 
 @dataclass
 class SparseCodes:
-    """Positions of the selected entries of an ``[n_rows, n_cols]`` code matrix.
-
-    ``rows`` must be non-decreasing (row-major order, as ``nonzero`` returns). The
-    column-sorted order and both offset vectors are precomputed once because the
-    encoder and decoder backward passes both need them.
-    """
+    """Positions of the selected entries of an ``[n_rows, n_cols]`` code matrix,
+    ``rows`` non-decreasing, with the column order and offsets both backward passes
+    need."""
 
     rows: torch.Tensor
     cols: torch.Tensor
@@ -95,10 +82,9 @@ class SparseCodes:
     @classmethod
     @torch.no_grad()
     def from_dense_fixed(cls, codes: torch.Tensor, size: int) -> SparseCodes:
-        """Exactly ``size`` entries of a ``[n_rows, n_cols]`` matrix with at most
-        ``size`` nonzero entries, with no host read: the nonzero entries in row-major
-        order, then padding at ``(n_rows - 1, 0)`` (flagged in :attr:`valid`; its
-        values must be 0) up to ``size``. Rows stay non-decreasing.
+        """Exactly ``size`` entries of a matrix with at most ``size`` nonzero ones,
+        with no host read: the nonzero entries in row-major order, then padding at
+        ``(n_rows - 1, 0)`` (flagged in :attr:`valid`; its values must be 0).
 
         Each nonzero entry's slot is its row's start (a scan over the row counts)
         plus its rank within the row (a scan along the row).
@@ -134,12 +120,8 @@ class SparseCodes:
 def column_stats(
     codes: SparseCodes, values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column: how many entries are positive, and the smallest positive one.
-
-    The same numbers as ``(dense > 0).sum(0)`` (as float64, the dtype of the EMAs the
-    counts feed, exact for any batch) and the column minimum over the positive
-    entries of the dense codes (``inf`` where there are none), in ``O(n_selected)``.
-    """
+    """Per column, in ``O(n_selected)``: ``(dense > 0).sum(0)`` (float64, the dtype
+    of the EMAs it feeds) and the smallest positive entry (``inf`` where none)."""
     positive = values > 0
     # Masks rather than boolean indexing: no host sync on accelerators.
     counts = values.new_zeros(codes.n_cols, dtype=torch.float64)
@@ -150,30 +132,18 @@ def column_stats(
     return counts, smallest
 
 
-def _sum_by_row(
-    codes: SparseCodes, table: torch.Tensor, weights: torch.Tensor
+def _bag_sum(
+    codes: SparseCodes, table: torch.Tensor, weights: torch.Tensor, by_col: bool = False
 ) -> torch.Tensor:
-    """``out[r] = sum over entries e of row r of weights[e] * table[cols[e]]``."""
+    """``out[r] = sum over entries e of row r of weights[e] * table[cols[e]]``, or
+    ``by_col``: ``out[c] = sum over entries e of column c of weights[e] *
+    table[rows[e]]``."""
+    indices, offsets = codes.cols, codes.row_offsets
+    if by_col:
+        indices, offsets = codes.rows_by_col, codes.col_offsets
+        weights = weights[codes.col_order]
     return F.embedding_bag(
-        codes.cols,
-        table,
-        codes.row_offsets,
-        mode="sum",
-        per_sample_weights=weights.to(table.dtype),
-    )
-
-
-def _sum_by_col(
-    codes: SparseCodes, table: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """``out[c] = sum over entries e of column c of weights[e] * table[rows[e]]``."""
-    order = codes.col_order
-    return F.embedding_bag(
-        codes.rows_by_col,
-        table,
-        codes.col_offsets,
-        mode="sum",
-        per_sample_weights=weights[order].to(table.dtype),
+        indices, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype)
     )
 
 
@@ -223,10 +193,11 @@ class _GatherLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             if ctx.needs_input_grad[1]:
                 # d/dx_r = sum_e g_e W[:, c_e]: rows of W^T summed per token.
-                grad_x = _sum_by_row(codes, weight.t().contiguous(), grad).to(x.dtype)
+                summed = _bag_sum(codes, weight.t().contiguous(), grad)
+                grad_x = summed.to(x.dtype)
             if ctx.needs_input_grad[2]:
                 # d/dW[:, c] = sum_e g_e x_{r_e}, built as [n_cols, d_in] then transposed.
-                grad_weight = _sum_by_col(codes, x.to(weight.dtype), grad).t()
+                grad_weight = _bag_sum(codes, x.to(weight.dtype), grad, by_col=True).t()
             if ctx.needs_input_grad[3]:
                 grad_bias = torch.zeros(
                     codes.n_cols, dtype=ctx.bias_dtype, device=grad.device
@@ -241,13 +212,9 @@ def gather_linear(
     bias: torch.Tensor,
     codes: SparseCodes,
 ) -> torch.Tensor:
-    """Selected entries of ``x @ weight + bias``, with a sparse backward.
-
-    ``product`` must hold ``x @ weight + bias`` (``[n, d_sae]``; it is read, never
-    differentiated). Returns ``product[rows, cols]`` whose gradient flows into ``x``
-    ``[n, d_in]``, ``weight`` ``[d_in, d_sae]`` and ``bias`` ``[d_sae]`` in
-    ``O(n_selected * d_in)``.
-    """
+    """``product[rows, cols]`` of the computed ``product = x @ weight + bias`` (read,
+    never differentiated), with gradients into ``x``, ``weight`` and ``bias``
+    through the selected entries only."""
     out: torch.Tensor = _GatherLinear.apply(product, x, weight, bias, codes)  # type: ignore[no-untyped-call]
     return out
 
@@ -260,7 +227,7 @@ class _SparseDecode(torch.autograd.Function):
         ctx.save_for_backward(values, weight)
         ctx.codes = codes
         with torch.autocast(weight.device.type, enabled=False):
-            return _sum_by_row(codes, weight, values)
+            return _bag_sum(codes, weight, values)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -272,18 +239,15 @@ class _SparseDecode(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_values = _entry_dots(codes, grad, weight).to(values.dtype)
             if ctx.needs_input_grad[1]:
-                grad_weight = _sum_by_col(codes, grad, values)
+                grad_weight = _bag_sum(codes, grad, values, by_col=True)
         return grad_values, grad_weight, None
 
 
 def sparse_decode(
     values: torch.Tensor, weight: torch.Tensor, codes: SparseCodes
 ) -> torch.Tensor:
-    """``codes_dense @ weight`` from the selected entries: ``[n_rows, d_out]``.
-
-    ``values[e]`` is the code at ``(codes.rows[e], codes.cols[e])``; ``weight`` is
-    ``[n_cols, d_out]``. Gradients flow into ``values`` and ``weight``.
-    """
+    """``codes_dense @ weight`` (``weight`` ``[n_cols, d_out]``) from the selected
+    entries' ``values``, with gradients into ``values`` and ``weight``."""
     out: torch.Tensor = _SparseDecode.apply(values, weight, codes)  # type: ignore[no-untyped-call]
     return out
 
@@ -310,13 +274,10 @@ class _Densify(torch.autograd.Function):
 def attach_values(
     values: torch.Tensor, dense: torch.Tensor, codes: SparseCodes
 ) -> torch.Tensor:
-    """``dense`` (already holding ``values`` at the codes' entries, zeros elsewhere;
-    any leading shape that flattens to ``[n_rows, n_cols]``), made differentiable with
-    respect to ``values``.
-
-    Building the dense codes without grad and attaching the gradient this way costs
-    nothing unless something back-propagates through the dense tensor. ``dense`` must
-    not require grad; the result shares its memory.
+    """``dense`` (holding ``values`` at the codes' entries, zeros elsewhere, built
+    without grad; any shape that flattens to ``[n_rows, n_cols]``), made
+    differentiable with respect to ``values`` at no cost unless something
+    back-propagates through it. The result shares its memory.
     """
     out: torch.Tensor = _Densify.apply(values, [dense.detach()], codes)  # type: ignore[no-untyped-call]
     return out
@@ -324,14 +285,9 @@ def attach_values(
 
 @dataclass(frozen=True)
 class DecoderNorms:
-    """The decoder row norms of the selected entries one training encode computed
-    (detached: the sparse path's loss does not depend on them), for decode to reuse
-    while the decoder is unchanged.
-
-    Args:
-        of_entries (torch.Tensor): ``||W_dec[cols[e]]||`` per selected entry.
-        version (int): The decoder's in-place version counter when they were taken.
-    """
+    """The decoder row norms ``||W_dec[cols[e]]||`` of the selected entries one
+    training encode computed (detached), for decode to reuse while the decoder's
+    in-place ``version`` counter is unchanged."""
 
     of_entries: torch.Tensor
     version: int
@@ -347,28 +303,20 @@ class DecoderNorms:
         return cls(of_entries, version)
 
     def current(self, decoder: torch.Tensor) -> bool:
-        """Whether ``decoder`` is unchanged since these were taken. In a compiled
-        step nothing edits the decoder between encode and decode, and version
-        counters are not traced."""
+        """Whether ``decoder`` is unchanged since these were taken (in a compiled
+        step nothing edits it between encode and decode)."""
         return torch.compiler.is_compiling() or self.version == decoder._version
 
 
 @dataclass(frozen=True)
 class SelectedEntries:
-    """The selected entries of the dense codes one training encode returned.
-
-    Decoding and the state update read these (``O(n_selected)``) instead of the dense
-    codes, but only for that very tensor, unmodified: a hook that returns another
-    tensor, or an in-place edit, leaves the dense codes as the only truth.
-
-    Args:
-        codes (SparseCodes): Positions of the selected entries.
-        values (torch.Tensor): Their values (differentiable), ``[n_selected]``.
-        dense (weakref.ref): The dense codes tensor they belong to (weak, so these
-            never keep it alive).
-        version (int): That tensor's in-place version counter when it was returned.
-        norms (DecoderNorms | None): The decoder norms the encode scaled by (None:
-            no rescaling).
+    """The selected entries of the dense codes one training encode returned, which
+    decode and the state update read instead of that very tensor while it is
+    unmodified (a hook that returns another tensor, or an in-place edit, leaves
+    the dense codes as the only truth): their ``codes`` and differentiable
+    ``values``, a weak reference to the ``dense`` tensor and its in-place
+    ``version`` counter then, and the decoder ``norms`` the encode scaled by (None:
+    no rescaling).
     """
 
     codes: SparseCodes

@@ -1,16 +1,13 @@
 """Per-token inference thresholds: the rules that learn them in training.
 
-Batch-level rules depend on the other tokens of a batch, so the inference SAEs encode
-each token alone with the JumpReLU rule ``relu(h) * (h > threshold)``. The thresholds'
-job is fidelity: per token, each feature should fire about as often as the batch rule
-selected it in training. :class:`ThresholdState` owns a training SAE's threshold
-buffers and updates them every step, without a host sync, by one of three rules
-(``threshold_mode``):
+The inference SAEs encode each token alone with the JumpReLU rule
+``relu(h) * (h > threshold)``; per token, each feature should fire about as often as
+the batch rule selected it in training. :class:`ThresholdState` owns a training SAE's
+threshold buffers and updates them every step, without a host sync, by one of three
+rules (``threshold_mode``):
 
-- ``"rate"`` (default), rate matching: each step moves feature j's threshold toward
-  the quantile of its pre-activations that fires as often as the batch rule selects
-  j. In a batch of ``B`` tokens, with ``n_j`` the batch rule's selections of j,
-  ``c_j = #{h_ij > t_j}`` the tokens j fires on per token, ``r_j`` the EMA of
+- ``"rate"`` (default), rate matching. In a batch of ``B`` tokens, with ``n_j`` the
+  batch rule's selections of feature j, ``c_j = #{h_ij > t_j}``, ``r_j`` the EMA of
   ``n_j / B`` (weight ``topk_threshold_lr``), ``p_j`` the EMA of ``c_j / B`` and
   ``s_j`` the EMA of the mean excess ``h_ij - t_j`` over those ``c_j`` tokens (the
   tail scale)::
@@ -18,21 +15,17 @@ buffers and updates them every step, without a host sync, by one of three rules
       e_j = clip((c_j - r_j B) / max(B sqrt(p_j r_j), 1), -4, 4)
       t_j <- max(0, t_j + threshold_gain * s_j * e_j)
 
-  The fixed point is ``E[c_j] = r_j B``: the per-token firing rate equals the batch
-  rule's selection rate, which for ``sampled`` includes the chance of being in the
-  pool. ``e_j`` approximates ``log(p_j / r_j)``, so the step is a damped Newton step
-  for a tail ``P(h > t) ~ exp(-t / s_j)``: every feature converges at the same pace,
-  whatever its scale or rate. A feature's first selection sets its threshold to its
-  smallest selected value (the start of the other rules too, and under data
-  parallelism a global statistic); a feature never selected keeps ``inf`` and never
-  fires. A batch in which the rule selects nothing changes nothing. Everything is
-  read from per-feature sums (``c_j``, the excess), so data-parallel ranks agree by
-  summing them.
+  The fixed point is ``E[c_j] = r_j B`` (for ``sampled``, the pool chance included).
+  ``e_j`` approximates ``log(p_j / r_j)``, so this is a damped Newton step for a
+  tail ``P(h > t) ~ exp(-t / s_j)``: every feature converges at the same pace. A
+  feature's first selection sets its threshold to its smallest selected value (as
+  in the other rules); one never selected keeps ``inf`` and never fires; a batch
+  that selects nothing changes nothing. Everything is read from per-feature sums,
+  so data-parallel ranks agree by summing them.
 - ``"per_feature"``: EMA of each feature's smallest selected activation.
 - ``"global"``: one EMA of the batch's smallest selected activation (BatchTopK's).
 
-:mod:`sae_lens_sampled.calibration` re-fits the same targets on other activations
-and exports the result.
+:mod:`sae_lens_sampled.calibration` re-fits the same targets on other activations.
 """
 
 from __future__ import annotations
@@ -59,17 +52,10 @@ MAX_RELATIVE_STEP = 4.0
 _CPU_CHUNK_ENTRIES = 1 << 20
 
 
-# ---------------------------------------------------------------------------
-# Pure update rules (no SAELens imports, no host sync)
-
-
 @torch.no_grad()
 def column_stats_dense(feature_acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per feature of ``[n, d_sae]`` codes: positive count, smallest positive value.
-
-    The smallest is ``inf`` for a feature with no positive entry (``sparse.column_stats``
-    computes both from the selected entries alone).
-    """
+    """Per feature of ``[n, d_sae]`` codes: positive count, smallest positive value
+    (``inf`` if none); ``sparse.column_stats`` from the selected entries alone."""
     counts = (feature_acts > 0).sum(dim=0)
     if feature_acts.shape[0] == 0:  # amin has no identity for an empty dim
         return counts, feature_acts.new_full(counts.shape, torch.inf)
@@ -81,11 +67,9 @@ def column_stats_dense(feature_acts: torch.Tensor) -> tuple[torch.Tensor, torch.
 def fired_and_excess(
     hidden_pre: torch.Tensor, threshold: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per feature of ``[n, d_sae]`` pre-activations: ``#{h > t}`` and ``sum(relu(h - t))``.
-
-    ``threshold`` is compared in ``hidden_pre``'s dtype (as inference encodes); both
-    results are float32 ``[d_sae]``. One read of ``hidden_pre``, in row chunks on CPU.
-    """
+    """Per feature of ``[n, d_sae]`` pre-activations: ``#{h > t}`` and
+    ``sum(relu(h - t))``, float32, compared in ``hidden_pre``'s dtype (as inference
+    encodes). One read of ``hidden_pre``, in row chunks on CPU."""
     fired, excess = fired_and_excess_rows(hidden_pre, threshold).unbind()
     return fired, excess
 
@@ -134,12 +118,10 @@ def update_rate_threshold(
 ) -> torch.Tensor:
     """One rate-matching step (module docstring); returns the new thresholds.
 
-    ``fired`` counts this batch's tokens above ``threshold`` per feature,
-    ``target_rate`` is the batch rule's selection-rate EMA, ``token_rate`` the
-    per-token firing-rate EMA (before this batch) and ``scale`` the tail scales (0:
-    unknown, then the threshold itself sets the step). Thresholds at ``inf`` stay,
-    or, where ``first`` (positive, ``inf`` where none) is given and finite, start
-    there.
+    ``target_rate``: the selection-rate EMA; ``token_rate``: the per-token
+    firing-rate EMA before this batch; ``scale``: the tail scales (0: unknown, then
+    the threshold sets the step). Thresholds at ``inf`` stay, or start at ``first``
+    where it is given and finite.
     """
     step_scale = torch.where(scale > 0, scale, threshold)
     # (p - r) / sqrt(p r) ~ log(p / r): the Newton step for an exponential tail,
@@ -159,41 +141,25 @@ def update_rate_threshold(
 def update_global_threshold(
     threshold: torch.Tensor, smallest: torch.Tensor, lr: float
 ) -> torch.Tensor:
-    """BatchTopK's rule: EMA of the smallest positive selected activation of the batch.
-
-    ``threshold`` is a ``[d_sae]`` vector holding one shared value, ``smallest`` each
-    feature's smallest positive selection in the batch (``inf`` if none). The threshold
-    starts at ``inf`` and the first batch with a positive activation sets it outright
-    (BatchTopK starts from 0, which makes early per-token encodes fire far too often);
-    a batch with no positive activation leaves it unchanged.
-    """
-    batch_min = smallest.amin().to(threshold.dtype)
-    updated = torch.where(
-        _finite(threshold), (1 - lr) * threshold + lr * batch_min, batch_min
-    )
-    return torch.where(batch_min < torch.inf, updated, threshold)
+    """BatchTopK's rule: EMA of the batch's smallest positive selected activation,
+    one value shared by the ``[d_sae]`` ``threshold``, which starts at ``inf`` and is
+    set outright by the first batch with one (BatchTopK starts from 0, which makes
+    early per-token encodes fire far too often)."""
+    return update_per_feature_threshold(threshold, smallest.amin(), lr)
 
 
 @torch.no_grad()
 def update_per_feature_threshold(
     threshold: torch.Tensor, smallest: torch.Tensor, lr: float
 ) -> torch.Tensor:
-    """Per-feature EMA of each feature's smallest positive selected activation.
-
-    Only features selected in this batch (finite ``smallest``) move. A feature's first
-    selection sets its threshold outright (it starts at ``inf``: never selected, never
-    fires).
-    """
+    """EMA of each feature's smallest positive selected activation (``smallest``:
+    ``inf`` where none, which leaves it). A feature's first selection sets its
+    threshold outright (it starts at ``inf``: never selected, never fires)."""
     batch_min = smallest.to(threshold.dtype)
-    seen = _finite(threshold)
+    seen = threshold.abs() < torch.inf  # isfinite in two ops (isfinite takes four)
     updated = torch.where(seen, (1 - lr) * threshold + lr * batch_min, batch_min)
     # smallest is positive or inf, so `< inf` is its isfinite.
     return torch.where(batch_min < torch.inf, updated, threshold)
-
-
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """``torch.isfinite(x)`` in two ops (isfinite is four: NaN and inf apart)."""
-    return x.abs() < torch.inf
 
 
 @dataclass(frozen=True)
@@ -278,13 +244,10 @@ def update_firing_rate(
     n_tokens_seen: torch.Tensor,
     horizon_tokens: float,
 ) -> torch.Tensor:
-    """EMA of the fraction of tokens on which each feature is selected.
-
-    ``counts`` are this batch's per-feature selection counts over ``n_tokens`` tokens;
-    ``n_tokens_seen`` counts tokens including this batch. The batch's weight is
-    ``n_tokens / min(n_tokens_seen, horizon_tokens)``: the plain running mean until the
-    horizon is reached, an EMA with that horizon after, so early estimates carry no
-    zero bias. Runs on device without a host sync.
+    """EMA of the fraction of tokens on which each feature is selected (``counts``
+    of this batch; ``n_tokens_seen`` includes it), with weight
+    ``n_tokens / min(n_tokens_seen, horizon_tokens)``: the plain running mean until
+    the horizon, so early estimates carry no zero bias. No host sync.
     """
     if n_tokens == 0:
         return firing_rate
@@ -295,8 +258,8 @@ def update_firing_rate(
 
 @dataclass(frozen=True)
 class FiringRate:
-    """A selection-rate EMA with a horizon in tokens, moved as :func:`update_firing_rate`
-    moves it, but in one group with the threshold state's EMAs.
+    """A selection-rate EMA moved as :func:`update_firing_rate` moves it, in one
+    group with the threshold state's EMAs.
 
     Args:
         rate: The EMA buffer (float64 ``[d_sae]``), updated in place.
@@ -310,12 +273,9 @@ class FiringRate:
     counts: torch.Tensor | None = None
 
     def weight(self, warm_up: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """The batch's weight from ``warm_up = n_tokens / max(n_tokens_seen, n_tokens)``.
-
-        Equal, bit for bit, to :func:`update_firing_rate`'s ``n_tokens / clamp(
-        n_tokens_seen, n_tokens, horizon)`` capped at 1: both divide ``n_tokens`` by one
-        of two numbers, rounded the same way, and rounding keeps the order.
-        """
+        """The batch's weight from ``warm_up = n_tokens / max(n_tokens_seen, n_tokens)``:
+        bit for bit :func:`update_firing_rate`'s (both divide ``n_tokens`` by one of
+        two numbers, rounded the same way, and rounding keeps the order)."""
         return warm_up.clamp(min=(1.0 / self.horizon_tokens) * n_tokens, max=1.0)
 
 
@@ -328,10 +288,6 @@ def move_toward_(
     steps = torch._foreach_sub(targets, rates)
     torch._foreach_mul_(steps, weights)
     torch._foreach_add_(rates, steps)
-
-
-# ---------------------------------------------------------------------------
-# The training SAE's threshold state
 
 
 class ThresholdSettings(Protocol):
@@ -358,12 +314,9 @@ class ThresholdOwner(Protocol):
 
 
 class ThresholdState:
-    """The per-token thresholds of a training SAE: its buffers and their update rule.
-
-    The buffers are registered on ``owner`` (so they keep their names in state dicts,
-    and float64 state is saved bit-exactly with the owner's other buffers); the rule
-    is the owner's ``cfg.threshold_mode``, paced by ``cfg.topk_threshold_lr`` and
-    ``cfg.threshold_gain``; :data:`THRESHOLD_RULES` maps the mode to its rule.
+    """The per-token thresholds of a training SAE: its buffers, registered on
+    ``owner`` (so state dicts keep their names), and the rule
+    ``THRESHOLD_RULES[cfg.threshold_mode]``.
 
     - ``running_threshold``: the thresholds, in the units of the owner's
       ``hidden_pre`` (exported as the inference SAE's ``threshold``);
@@ -412,16 +365,14 @@ class ThresholdState:
         data_parallel: GlobalBatch | None = None,
         firing_rates: Sequence[FiringRate] = (),
     ) -> torch.Tensor:
-        """Update from one training batch; returns the per-token fire rates.
+        """Update from one training batch; returns the per-token fire rates at the
+        thresholds before it.
 
-        ``hidden_pre`` ``[..., d_sae]`` in threshold units; ``selected`` and
-        ``smallest``: the batch rule's positive selections per feature and the
-        smallest selected value (``inf`` if none), over the batch of ``n_tokens``
-        tokens, which the owner's ``n_tokens_seen`` already counts. Under data
-        parallelism (``data_parallel``, a :class:`GlobalBatch`) these are global and
-        ``hidden_pre`` holds this rank's rows. The fire rates are taken at the
-        thresholds before this update. Each of ``firing_rates`` is moved as
-        :func:`update_firing_rate` would, along with the threshold state's own EMAs.
+        ``selected`` and ``smallest``: the batch rule's positive selections per
+        feature and the smallest selected value (``inf`` if none) over ``n_tokens``
+        (already in the owner's ``n_tokens_seen``); global under ``data_parallel``,
+        where ``hidden_pre`` holds this rank's rows. Each of ``firing_rates`` moves
+        along with the state's own EMAs.
         """
         cfg = self.owner.cfg
         threshold = self.running_threshold
@@ -491,11 +442,8 @@ class ThresholdState:
         self.tail_scale.mul_(factor)
 
     def metrics(self, fire_rates: torch.Tensor) -> dict[str, Any]:
-        """Training-log callables (evaluated on logging steps only, so no sync else).
-
-        ``l0_per_token``: the per-token L0 of the batch whose ``fire_rates`` (from
-        :meth:`update`) are given, at the thresholds it met.
-        """
+        """Training-log callables (evaluated on logging steps only, so no sync else);
+        ``l0_per_token`` of the batch whose ``fire_rates`` :meth:`update` returned."""
         threshold = self.running_threshold
         return {
             "threshold_mean": lambda: threshold[threshold.isfinite()].mean(),
@@ -503,12 +451,9 @@ class ThresholdState:
         }
 
     def record_metadata(self, metadata: SAEMetadata) -> None:
-        """Write the L0s of the end of training into SAELens ``metadata``.
-
-        ``l0_per_token`` (per-token rule, EMA over about ``1 / threshold_gain``
-        steps) and ``l0_batch_rule`` (EMA over ``1 / topk_threshold_lr`` steps), next
-        to the trainer's own ``l0``. One host sync; nothing before the first step.
-        """
+        """Write ``l0_per_token`` (EMA over about ``1 / threshold_gain`` steps) and
+        ``l0_batch_rule`` (over ``1 / topk_threshold_lr``) into SAELens ``metadata``.
+        One host sync; nothing before the first step."""
         if bool(self.selection_rate.any()):
             metadata.l0_per_token = float(self.token_rate.sum())
             metadata.l0_batch_rule = float(self.selection_rate.sum())
