@@ -79,14 +79,16 @@ def keep_top(
     counted in order.
     """
     with torch.no_grad():
-        positive = torch.nextafter(acts.new_zeros(()), acts.new_ones(()))
-        floor = torch.maximum(cutoffs, positive)
-        if ties is None:
-            keep = acts >= floor
-            ties = bool((keep.sum(dim=0) > capacities).any())
+        if not ties:  # None or False: every positive entry at or above the cut-off
+            positive = torch.nextafter(acts.new_zeros(()), acts.new_ones(()))
+            keep = acts >= torch.maximum(cutoffs, positive)
+            if ties is None:
+                ties = bool((keep.sum(dim=0) > capacities).any())
         if ties:
-            above = acts > floor
-            at = (acts == floor) & (cutoffs > 0)
+            # A cut-off that is not positive keeps every positive entry, the
+            # smallest subnormal included.
+            above = acts > cutoffs.clamp(min=0)
+            at = (acts == cutoffs) & (cutoffs > 0)
             room = capacities - above.sum(dim=0)
             # Counted along each column as a contiguous row: a scan along the inner
             # dimension is much faster than along the outer one.

@@ -11,6 +11,7 @@ data-dependent paths, whose reads cost nothing there); on CUDA the same step run
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -137,6 +138,22 @@ def test_fixed_shape_rules_select_what_the_cpu_rules_select(seed: int):
         )
     assert torch.equal(got[0], expected[0])
     assert torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rules_keep_the_smallest_subnormal_under_a_loose_budget(dtype, fixed):
+    # Fewer positive entries than the budget (or a capacity): every positive entry
+    # is kept, the smallest positive value of the dtype included, on both paths.
+    from sae_lens_sampled.selection import batch_topk, feature_choice_select
+
+    tiny = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))
+    acts = torch.zeros(4, 3, dtype=dtype)
+    acts[0, 0], acts[2, 0], acts[1, 2] = tiny, 0.5, tiny
+    capacities = torch.tensor([3, 1, 2])
+    with fixed_shape_selection() if fixed else contextlib.nullcontext():
+        assert torch.equal(batch_topk(acts, 6), acts)
+        assert torch.equal(feature_choice_select(acts, capacities, depth=3), acts)
 
 
 def test_capacity_depth_bounds_the_capacities_after_any_rerank():
