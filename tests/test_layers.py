@@ -72,3 +72,25 @@ def test_no_module_of_the_tools_imports_itself_back():
     tools = [name for name in graph if name.startswith(TOOLS)]
     assert "sae_lens_sampled.benchmark.compare" in tools  # the walk found the tools
     assert [m for m in tools if m in reachable(graph, m)] == []
+
+
+# Lines (as `wc -l` counts them) each layer may hold: docs/architecture.md, "Size".
+# A change that needs more raises its budget in the same commit and says why.
+LINE_BUDGETS = {"core": 4_900, "tools": 7_700}
+TOOL_FILES = ("cli.py", "calibration.py")
+
+
+def layer_lines(root: Path) -> dict[str, int]:
+    lines = dict.fromkeys(LINE_BUDGETS, 0)
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        is_tool = rel.parts[0] in ("benchmark", "distributed") or rel.name in TOOL_FILES
+        lines["tools" if is_tool else "core"] += len(path.read_text().splitlines())
+    return lines
+
+
+def test_each_layer_stays_within_its_line_budget():
+    lines = layer_lines(PACKAGE)
+    assert lines["core"] > 1_000 and lines["tools"] > 1_000  # the walk found both
+    over = {k: (n, LINE_BUDGETS[k]) for k, n in lines.items() if n > LINE_BUDGETS[k]}
+    assert over == {}, f"layer: (lines, budget) over budget: {over}"
