@@ -32,8 +32,13 @@ def check_range(
     high_inclusive: bool = True,
 ) -> None:
     """Raise a ValueError naming ``name``, ``value`` and the allowed range."""
-    too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if value is None:  # not a number at all
+        too_low, too_high = True, False
+    else:
+        too_low = low is not None and (value < low if low_inclusive else value <= low)
+        too_high = high is not None and (
+            value > high if high_inclusive else value >= high
+        )
     if too_low or too_high or value != value:  # value != value catches NaN
         left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low}"
         right = "inf)" if high is None else f"{high}" + ("]" if high_inclusive else ")")

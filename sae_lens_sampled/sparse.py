@@ -303,8 +303,9 @@ class DecoderNorms:
         return cls(of_entries, version)
 
     def current(self, decoder: torch.Tensor) -> bool:
-        """Whether ``decoder`` is unchanged since these were taken (in a compiled
-        step nothing edits it between encode and decode)."""
+        """Whether ``decoder`` is unchanged since these were taken (a compiled step
+        does not trace version counters; nothing edits it between encode and decode
+        there)."""
         return torch.compiler.is_compiling() or self.version == decoder._version
 
 

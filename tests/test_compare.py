@@ -102,6 +102,13 @@ def test_compare_config_rejects_bad_values():
         CompareConfig(data="zipf")
     with pytest.raises(ValueError, match="data='lottery' names a synthetic data set"):
         CompareConfig(data="lottery", activations="acts.npy")
+    # None means "the mode's default" only where a field offers one.
+    for name in ("d_sae", "steps", "batch_size", "seeds", "dead_feature_window"):
+        with pytest.raises(
+            ValueError, match=rf"{name} must be in \[1, inf\), got None"
+        ):
+            CompareConfig(**{name: None})
+    assert CompareConfig(eval_samples=None, threads=None).threads is None
 
 
 def test_lottery_data_makes_the_rare_features_the_strongest():

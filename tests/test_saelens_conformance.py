@@ -18,6 +18,7 @@ from sae_lens.registry import (
     SAE_CLASS_REGISTRY,
     SAE_TRAINING_CLASS_REGISTRY,
     get_sae_class,
+    get_sae_training_class,
 )
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
 
@@ -420,3 +421,17 @@ def test_inference_fold_w_dec_norm_keeps_encode_batch(arch):
     assert torch.equal(after != 0, before != 0)
     torch.testing.assert_close(after, before * norms, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae.decode(after), out_before, rtol=1e-5, atol=1e-5)
+
+
+def test_configs_name_their_key_and_the_shared_bases_keep_saelens_own():
+    from sae_lens_sampled.saes.base import (
+        BatchLevelSAEConfig,
+        BatchLevelTrainingSAEConfig,
+    )
+
+    for arch in ("sampled", "feature_choice", "mutual_choice"):
+        assert get_sae_training_class(arch)[1].architecture() == arch
+        assert get_sae_class(arch)[1].architecture() == arch
+    assert BatchLevelSAEConfig.architecture() == "jumprelu"  # JumpReLUSAEConfig's
+    with pytest.raises(TypeError, match="abstract"):
+        BatchLevelTrainingSAEConfig(d_in=4, d_sae=8)  # type: ignore[abstract]

@@ -19,7 +19,6 @@ import pytest
 import torch
 from sae_lens import SAE, LanguageModelSAETrainingRunner
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
-from typing_extensions import override
 
 from sae_lens_sampled import _registry
 from sae_lens_sampled._registry import Architecture, add_architecture
@@ -53,10 +52,7 @@ def row_top1(acts: torch.Tensor) -> torch.Tensor:
 class ToyTrainingSAEConfig(BatchLevelTrainingSAEConfig):
     """Configuration for training the toy SAE (``k`` should be 1)."""
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return KEY
+    architecture_key = KEY
 
 
 class ToyTrainingSAE(BatchLevelTrainingSAE):
@@ -65,10 +61,7 @@ class ToyTrainingSAE(BatchLevelTrainingSAE):
 
 @dataclass
 class ToySAEConfig(BatchLevelSAEConfig):
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return KEY
+    architecture_key = KEY
 
 
 class ToySAE(BatchLevelSAE):

@@ -125,8 +125,9 @@ class CompareConfig:
         check_range("k", self.k, low=0, high=self.d_sae, low_inclusive=False)
         check_range("lr", self.lr, low=0, low_inclusive=False)
         check_range("seed", self.seed, low=0)
-        counts = ("d_sae", "steps", "batch_size", "seeds", "eval_samples")
-        for name in (*counts, "dead_feature_window", "threads", "context_size"):
+        for name in ("d_sae", "steps", "batch_size", "seeds", "dead_feature_window"):
+            check_range(name, getattr(self, name), low=1)
+        for name in ("eval_samples", "threads", "context_size"):
             value = getattr(self, name)
             if value is not None:  # None: the mode's default
                 check_range(name, value, low=1)

@@ -354,6 +354,8 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
     ) -> dict[str, Any]:
         """SAELens's training log, with batch metrics over the global batch.
         Collective: every rank must call it."""
+        # Architecture metrics read the SAE's state, the same on every rank: rank
+        # 0's are logged. The batch metrics are replaced by the global batch's.
         log_dict = super().build_train_step_log_dict(output, n_training_samples)
         if self.comm.active:
             log_dict.update(global_batch_metrics(output, self.comm))
@@ -389,7 +391,8 @@ class DistributedSAETrainer(SAETrainer[TrainingSAE[Any], TrainingSAEConfig]):
 @torch.no_grad()
 def global_batch_metrics(output: TrainStepOutput, comm: Comm) -> dict[str, float]:
     """Loss, explained variance and L0 of the global batch (two small all-reduces).
-    With equal shards the mean of the ranks' loss means is the global mean."""
+    With equal shards the mean of the ranks' loss means is the global mean; explained
+    variance is measured against the global mean input (hence the second round)."""
     names = list(output.losses)
     sae_in = output.sae_in.double()
     errors = (output.sae_out.double() - sae_in).pow(2).sum(dim=-1)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -166,14 +166,22 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 
 class ArchitectureKey:
-    """``architecture()`` (SAELens's registry key) returns ``architecture_key``,
-    which each architecture's configs set."""
+    """A config class that sets ``architecture_key`` gets an ``architecture()`` (SAELens's
+    registry key) returning it; the shared bases keep SAELens's (abstract for
+    training, ``"jumprelu"`` for inference)."""
 
     architecture_key: ClassVar[str]
 
-    @classmethod
-    def architecture(cls) -> str:
-        return cls.architecture_key
+    if TYPE_CHECKING:  # what __init_subclass__ adds to the configs that set the key
+
+        @classmethod
+        def architecture(cls) -> str: ...
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "architecture_key" in vars(cls):
+            key = cls.architecture_key
+            setattr(cls, "architecture", classmethod(lambda _: key))  # noqa: B010
 
 
 @dataclass
