@@ -686,6 +686,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
                 self.data_parallel,
                 firing_rates=[firing_rate, *self.usage_rates(hidden_pre)],
             )
+        if "n_selection_steps" in self.training_buffers:
+            self.advance_step_count()
         self.update_rule_state(feature_acts, counts)
         return fire_rates
 
@@ -697,7 +699,8 @@ class BatchLevelTrainingSAE(TopKTrainingSAE):
     def update_rule_state(
         self, feature_acts: torch.Tensor, counts: torch.Tensor
     ) -> None:
-        """The batch rule's own state, after :meth:`update_state` (none here).
+        """The batch rule's own state, after :meth:`update_state` has counted the
+        step in ``n_selection_steps`` (for the rules that keep it; none here).
 
         ``counts``: each feature's positive selections in the (global) batch.
         """

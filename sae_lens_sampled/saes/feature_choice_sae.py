@@ -279,9 +279,8 @@ class FeatureChoiceTrainingSAE(BatchLevelTrainingSAE):
     def update_rule_state(
         self, feature_acts: torch.Tensor, counts: torch.Tensor
     ) -> None:
-        # Count the step and re-rank when one is due; the batch is already in
-        # firing_rate, demand_rate and n_tokens_seen.
-        self.advance_step_count()
+        # Re-rank when one is due; the batch is already in firing_rate, demand_rate,
+        # n_tokens_seen and n_selection_steps.
         if self.cfg.capacity_schedule != "zipf":
             return
         if torch.compiler.is_compiling():

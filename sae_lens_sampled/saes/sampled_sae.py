@@ -341,7 +341,6 @@ class SampledTrainingSAE(BatchLevelTrainingSAE):
     def update_rule_state(
         self, feature_acts: torch.Tensor, counts: torch.Tensor
     ) -> None:
-        self.advance_step_count()
         step_pool, self.step_pool = self.step_pool, None
         if step_pool is None:  # called outside a training step
             return
